@@ -1,0 +1,28 @@
+"""sparsedoctor_kernels: fused ops for contrastive LoRA mixture-of-experts fine-tuning (SparseDoctor).
+
+The public ops (contract: SPEC.md): `route`, `Routing`, `load_balance_loss`, `lora_moe`, `ExpertQueue`,
+`infonce_queue_loss`. Each takes `backend=` ("torch", "triton", "cuda" or None for automatic).
+"""
+
+from sparsedoctor_kernels._backend import BACKENDS
+from sparsedoctor_kernels.ops import (
+    ExpertQueue,
+    Routing,
+    infonce_queue_loss,
+    load_balance_loss,
+    lora_moe,
+    route,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "ExpertQueue",
+    "Routing",
+    "__version__",
+    "infonce_queue_loss",
+    "load_balance_loss",
+    "lora_moe",
+    "route",
+]

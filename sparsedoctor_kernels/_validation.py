@@ -1,0 +1,81 @@
+"""Argument checks shared by the ops. None of them reads tensor data (no host sync) except `check_ids_in_range`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INT_DTYPES = (torch.int32, torch.int64)
+
+
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def require_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def require_dtype(name: str, tensor: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
+    require_tensor(name, tensor)
+    if tensor.dtype not in allowed:
+        raise TypeError(f"{name} must have dtype {_dtype_names(allowed)}; got {tensor.dtype}")
+
+
+def require_float(name: str, tensor: torch.Tensor) -> None:
+    require_dtype(name, tensor, FLOAT_DTYPES)
+
+
+def require_int(name: str, tensor: torch.Tensor) -> None:
+    require_dtype(name, tensor, INT_DTYPES)
+
+
+def require_shape(name: str, tensor: torch.Tensor, expected: Sequence[int | None], described: str) -> None:
+    """`expected` holds a size per dim, None where any size is fine; `described` is the shape in the docs' letters."""
+    shape = tuple(tensor.shape)
+    if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
+        raise ValueError(f"{name} must have shape {described}, got {list(shape)}")
+
+
+def require_same_device(**tensors: torch.Tensor) -> torch.device:
+    names = list(tensors)
+    device = tensors[names[0]].device
+    for name in names[1:]:
+        if tensors[name].device != device:
+            raise ValueError(
+                f"{name} must be on the same device as {names[0]} ({device}), got {tensors[name].device}"
+            )
+    return device
+
+
+def require_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def require_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    return float(value)
+
+
+def check_ids_in_range(name: str, ids: torch.Tensor, num_experts: int) -> None:
+    """Raise ValueError for expert ids outside [0, E). Reads the data: only under validate=True."""
+    if ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= num_experts:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} holds expert id {bad}, outside [0, {num_experts}) for E={num_experts}")
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float32 accumulation for float32/16-bit inputs; float64 stays float64 (used by gradcheck)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32

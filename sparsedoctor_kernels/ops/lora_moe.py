@@ -1,0 +1,134 @@
+"""`lora_moe`: grouped top-k LoRA experts, y[t] = s * sum_j w[t,j] * B[e_tj] @ (A[e_tj] @ x[t])."""
+
+from __future__ import annotations
+
+import torch
+
+from sparsedoctor_kernels import reference
+from sparsedoctor_kernels._backend import default_validate, resolve_backend
+from sparsedoctor_kernels._validation import (
+    check_ids_in_range,
+    compute_dtype,
+    require_dtype,
+    require_float,
+    require_int,
+    require_real,
+    require_same_device,
+    require_shape,
+)
+
+IMPLEMENTATIONS = {"torch": reference.lora_moe}
+
+
+def _fake_intermediate(x, lora_a, experts):
+    """The rank-r intermediate h = A[e] @ x kept for the backward: [T, k, r] in the compute dtype."""
+    return x.new_empty((*experts.shape, lora_a.shape[1]), dtype=compute_dtype(x.dtype, lora_a.dtype))
+
+
+@torch.library.custom_op("sparsedoctor::lora_moe_forward", mutates_args=())
+def _lora_moe_forward(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+    scaling: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return IMPLEMENTATIONS[backend].forward(x, lora_a, lora_b, weights, experts, scaling)
+
+
+@_lora_moe_forward.register_fake
+def _(x, lora_a, lora_b, weights, experts, scaling, backend):
+    return x.new_empty((x.shape[0], lora_b.shape[1])), _fake_intermediate(x, lora_a, experts)
+
+
+@torch.library.custom_op("sparsedoctor::lora_moe_forward_into", mutates_args=("out",))
+def _lora_moe_forward_into(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+    scaling: float, out: torch.Tensor, backend: str,
+) -> torch.Tensor:
+    return IMPLEMENTATIONS[backend].forward_into(x, lora_a, lora_b, weights, experts, scaling, out)
+
+
+@_lora_moe_forward_into.register_fake
+def _(x, lora_a, lora_b, weights, experts, scaling, out, backend):
+    return _fake_intermediate(x, lora_a, experts)
+
+
+@torch.library.custom_op("sparsedoctor::lora_moe_backward", mutates_args=())
+def _lora_moe_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weights: torch.Tensor,
+    experts: torch.Tensor, h: torch.Tensor, scaling: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return IMPLEMENTATIONS[backend].backward(grad_y, x, lora_a, lora_b, weights, experts, h, scaling)
+
+
+@_lora_moe_backward.register_fake
+def _(grad_y, x, lora_a, lora_b, weights, experts, h, scaling, backend):
+    return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(weights)
+
+
+class _LoraMoEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, weights, experts, scaling, out, backend):
+        if out is None:
+            y, h = _lora_moe_forward(x, lora_a, lora_b, weights, experts, scaling, backend)
+        else:
+            h = _lora_moe_forward_into(x, lora_a, lora_b, weights, experts, scaling, out, backend)
+            ctx.mark_dirty(out)
+            y = out
+        ctx.save_for_backward(x, lora_a, lora_b, weights, experts, h)
+        ctx.scaling, ctx.backend, ctx.has_out = scaling, backend, out is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, lora_a, lora_b, weights, experts, h = ctx.saved_tensors
+        grad_x, grad_a, grad_b, grad_w = _lora_moe_backward(
+            grad_y.contiguous(), x, lora_a, lora_b, weights, experts, h, ctx.scaling, ctx.backend
+        )
+        grad_out = grad_y if ctx.has_out else None  # out + delta: out's producers see grad_y unchanged
+        return grad_x, grad_a, grad_b, grad_w, None, None, grad_out, None
+
+
+def _check_arguments(x, lora_a, lora_b, weights, experts, scaling, out):
+    require_float("x", x)
+    require_shape("x", x, (None, None), "[T, d_in]")
+    num_tokens, d_in = x.shape
+    require_dtype("lora_a", lora_a, (x.dtype,))
+    require_shape("lora_a", lora_a, (None, None, d_in), f"[E, r, d_in={d_in}]")
+    num_experts, rank, _ = lora_a.shape
+    if num_experts < 1 or rank < 1:
+        raise ValueError(f"lora_a must have E >= 1 experts and rank r >= 1, got shape {list(lora_a.shape)}")
+    require_dtype("lora_b", lora_b, (x.dtype,))
+    require_shape("lora_b", lora_b, (num_experts, None, rank), f"[E={num_experts}, d_out, r={rank}]")
+    require_int("experts", experts)
+    require_shape("experts", experts, (num_tokens, None), f"[T={num_tokens}, k]")
+    top_k = experts.shape[1]
+    require_dtype("weights", weights, tuple(dict.fromkeys((torch.float32, x.dtype))))
+    require_shape("weights", weights, (num_tokens, top_k), f"[T={num_tokens}, k={top_k}]")
+    require_real("scaling", scaling)
+    tensors = {"x": x, "lora_a": lora_a, "lora_b": lora_b, "weights": weights, "experts": experts}
+    if out is not None:
+        require_dtype("out", out, (x.dtype,))
+        require_shape("out", out, (num_tokens, lora_b.shape[1]), f"[T={num_tokens}, d_out={lora_b.shape[1]}]")
+        tensors["out"] = out
+    return require_same_device(**tensors)
+
+
+def lora_moe(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weights: torch.Tensor,
+             experts: torch.Tensor, *, scaling: float = 1.0, out: torch.Tensor | None = None,
+             backend: str | None = None, validate: bool | None = None) -> torch.Tensor:
+    """Apply each token's top-k LoRA experts.
+
+    `x` [T, d_in], `lora_a` [E, r, d_in], `lora_b` [E, d_out, r] (one float dtype), `weights` [T, k]
+    (float32 or x's dtype), `experts` [T, k] int32/int64. Returns
+    `y[t] = scaling * sum_j weights[t, j] * lora_b[experts[t, j]] @ (lora_a[experts[t, j]] @ x[t])`
+    in x's dtype, or adds it into `out` ([T, d_out], typically the frozen base output) in place and returns
+    `out`. Differentiable w.r.t. x, lora_a, lora_b, weights (and whatever produced `out`).
+    """
+    device = _check_arguments(x, lora_a, lora_b, weights, experts, scaling, out)
+    backend = resolve_backend("lora_moe", backend, device, tuple(IMPLEMENTATIONS))
+    if default_validate(validate, device):
+        check_ids_in_range("experts", experts, lora_a.shape[0])
+    return _LoraMoEFunction.apply(
+        x.contiguous(), lora_a.contiguous(), lora_b.contiguous(), weights.contiguous(), experts.contiguous(),
+        float(scaling), out, backend,
+    )

@@ -1,0 +1,108 @@
+"""`route`: softmax over experts + top-k + renormalisation + per-expert counts and mean probabilities."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from sparsedoctor_kernels import reference
+from sparsedoctor_kernels._backend import resolve_backend
+from sparsedoctor_kernels._validation import compute_dtype, require_float, require_positive_int
+
+# Backends in order of preference on the GPU; the reference last.
+IMPLEMENTATIONS = {"torch": reference.routing}
+
+
+class Routing(NamedTuple):
+    weights: torch.Tensor  # [T, k] float32, differentiable
+    experts: torch.Tensor  # [T, k] int32, descending probability, ties to the lower id
+    counts: torch.Tensor  # [E] int32, (token, slot) pairs per expert
+    probs_mean: torch.Tensor  # [E] float32, softmax probabilities averaged over tokens, differentiable
+
+
+@torch.library.custom_op("sparsedoctor::route_forward", mutates_args=())
+def _route_forward(
+    logits: torch.Tensor, top_k: int, renormalize: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return IMPLEMENTATIONS[backend].forward(logits, top_k, renormalize)
+
+
+@_route_forward.register_fake
+def _(logits, top_k, renormalize, backend):
+    num_tokens, num_experts = logits.shape
+    dtype = compute_dtype(logits.dtype)
+    return (
+        logits.new_empty((num_tokens, top_k), dtype=dtype),
+        logits.new_empty((num_tokens, top_k), dtype=torch.int32),
+        logits.new_empty((num_experts,), dtype=torch.int32),
+        logits.new_empty((num_experts,), dtype=dtype),
+    )
+
+
+@torch.library.custom_op("sparsedoctor::route_backward", mutates_args=())
+def _route_backward(
+    grad_weights: torch.Tensor, grad_probs_mean: torch.Tensor, logits: torch.Tensor, experts: torch.Tensor,
+    renormalize: bool, backend: str,
+) -> torch.Tensor:
+    return IMPLEMENTATIONS[backend].backward(grad_weights, grad_probs_mean, logits, experts, renormalize)
+
+
+@_route_backward.register_fake
+def _(grad_weights, grad_probs_mean, logits, experts, renormalize, backend):
+    return torch.empty_like(logits)
+
+
+class _RouteFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, top_k, renormalize, backend):
+        weights, experts, counts, probs_mean = _route_forward(logits, top_k, renormalize, backend)
+        ctx.save_for_backward(logits, experts)
+        ctx.renormalize, ctx.backend = renormalize, backend
+        ctx.mark_non_differentiable(experts, counts)
+        return weights, experts, counts, probs_mean
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_weights, grad_experts, grad_counts, grad_probs_mean):
+        logits, experts = ctx.saved_tensors
+        dtype = compute_dtype(logits.dtype)
+        if grad_weights is None:
+            grad_weights = experts.new_zeros(experts.shape, dtype=dtype)
+        if grad_probs_mean is None:
+            grad_probs_mean = logits.new_zeros(logits.shape[1], dtype=dtype)
+        grad_logits = _route_backward(
+            grad_weights.contiguous(), grad_probs_mean.contiguous(), logits, experts, ctx.renormalize, ctx.backend
+        )
+        return grad_logits, None, None, None
+
+
+def route(logits: torch.Tensor, top_k: int, *, renormalize: bool = True, backend: str | None = None,
+          validate: bool | None = None) -> Routing:
+    """Route each token to its `top_k` most probable experts.
+
+    `logits` [T, E] (float32, bfloat16 or float16; float64 computes in float64) gives
+    `Routing(weights [T, k], experts [T, k] int32, counts [E] int32, probs_mean [E])` with
+    `p = softmax(logits.float())`, `weights[t, j] = p[t, experts[t, j]]` (divided by their sum when
+    `renormalize`), `counts` the (token, slot) pairs per expert and `probs_mean = p.mean(0)`.
+    `validate` is accepted like every op's; routing reads no ids, so it has nothing data-dependent to check.
+    """
+    require_float("logits", logits)
+    if logits.dim() != 2 or logits.shape[1] < 1:
+        raise ValueError(f"logits must have shape [T, E] with E >= 1, got {list(logits.shape)}")
+    num_experts = logits.shape[1]
+    require_positive_int("top_k", top_k)
+    if top_k > num_experts:
+        raise ValueError(f"top_k must be in [1, E] = [1, {num_experts}], got {top_k}")
+    backend = resolve_backend("route", backend, logits.device, tuple(IMPLEMENTATIONS))
+    return Routing(*_RouteFunction.apply(logits.contiguous(), top_k, bool(renormalize), backend))
+
+
+def load_balance_loss(routing: Routing) -> torch.Tensor:
+    """Switch/Mixtral load-balancing loss `E * sum_e (counts[e] / (T * k)) * probs_mean[e]` (0 when T = 0)."""
+    if not isinstance(routing, tuple) or len(routing) != 4:
+        raise TypeError(f"routing must be the sdk.Routing returned by route(), got {type(routing).__name__}")
+    num_tokens, top_k = routing.weights.shape
+    num_experts = routing.counts.shape[0]
+    fraction = routing.counts.to(routing.probs_mean.dtype) / max(num_tokens * top_k, 1)
+    return num_experts * (fraction * routing.probs_mean).sum()

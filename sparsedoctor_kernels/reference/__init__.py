@@ -1,0 +1,7 @@
+"""Readable pure-PyTorch implementations of the four ops: the `backend="torch"` path and the oracle every other
+backend is tested against. Forward and backward are written out explicitly (no autograd inside) so that the
+same autograd.Function serves every backend. No function here synchronises with the host."""
+
+from sparsedoctor_kernels.reference import infonce, lora_moe, queue, routing
+
+__all__ = ["infonce", "lora_moe", "queue", "routing"]

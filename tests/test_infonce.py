@@ -1,0 +1,211 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.checkpoint import checkpoint
+
+import sparsedoctor_kernels as sdk
+
+import brute
+from conftest import assert_close
+
+
+def make_queue(gen, num_experts, capacity, dim, sizes=None, dtype=torch.float32):
+    queue = sdk.ExpertQueue(num_experts, capacity, dim, dtype=dtype)
+    keys = torch.nn.functional.normalize(torch.randn(num_experts, capacity, dim, generator=gen), dim=-1)
+    queue.keys.copy_(keys)
+    if sizes is None:
+        sizes = torch.randint(0, capacity + 1, (num_experts,), generator=gen)
+    queue.size.copy_(torch.as_tensor(sizes))
+    return queue
+
+
+def run_and_compare(gen, num_rows, dim, queue, *, reduction="mean", normalize=True, temperature=0.1,
+                    dtype=torch.float32, query_experts=None, scale=1.0):
+    query = torch.randn(num_rows, dim, generator=gen, dtype=torch.float64).to(dtype)
+    positive = (query.double() + 0.5 * torch.randn(num_rows, dim, generator=gen, dtype=torch.float64)).to(dtype)
+    if query_experts is None:
+        query_experts = torch.randint(0, queue.num_experts, (num_rows,), generator=gen)
+    leaves = query.clone().requires_grad_(), positive.clone().requires_grad_()
+    oracle = query.double().requires_grad_(), positive.double().requires_grad_()
+    loss = sdk.infonce_queue_loss(*leaves, queue, query_experts, temperature=temperature, normalize=normalize,
+                                  reduction=reduction, validate=False)
+    rows = brute.infonce_rows(*oracle, queue.keys, queue.size, query_experts, temperature, normalize)
+    expected = {"none": rows, "sum": rows.sum(), "mean": rows.mean() if num_rows else rows.sum()}[reduction]
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == expected_dtype and loss.shape == expected.shape
+    compute = expected_dtype
+    assert_close(loss, expected, dtype if dtype != torch.float32 else compute, scale=scale, name="loss")
+    upstream = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    (loss.double() * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    for name, leaf, ref in zip(("query", "positive"), leaves, oracle):
+        assert leaf.grad.dtype == dtype
+        assert_close(leaf.grad, ref.grad, dtype, scale=scale, name=f"grad {name}")
+    return loss, leaves
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_infonce_matches_brute_force(reduction, normalize, dtype, gen):
+    queue = make_queue(gen, 5, 9, 12, sizes=[9, 3, 0, 6, 1])
+    scale = 10.0 if not normalize else 1.0  # unnormalised scores are ~10x larger
+    run_and_compare(gen, 23, 12, queue, reduction=reduction, normalize=normalize, dtype=dtype, scale=scale)
+
+
+def test_empty_queue_gives_zero_loss_and_gradient(gen):
+    queue = make_queue(gen, 3, 4, 6, sizes=[0, 0, 0])
+    loss, leaves = run_and_compare(gen, 7, 6, queue, reduction="none")
+    assert torch.all(loss.abs() < 1e-6)
+    assert torch.all(leaves[0].grad.abs() < 1e-6)
+
+
+def test_only_own_expert_filled_means_no_negatives(gen):
+    queue = make_queue(gen, 3, 4, 6, sizes=[4, 0, 0])
+    loss, _ = run_and_compare(gen, 5, 6, queue, reduction="none", query_experts=torch.zeros(5, dtype=torch.long))
+    assert torch.all(loss.abs() < 1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch(reduction, gen):
+    queue = make_queue(gen, 3, 4, 6)
+    loss, leaves = run_and_compare(gen, 0, 6, queue, reduction=reduction)
+    assert loss.shape == ((0,) if reduction == "none" else ())
+    if reduction != "none":
+        assert loss.item() == 0.0
+    assert leaves[0].grad.shape == (0, 6)
+
+
+def test_zero_vector_query_uses_the_eps_clamp(gen):
+    """At ||q|| = 0 the normaliser is the 1e-12 clamp (as in F.normalize): finite, huge gradients."""
+    queue = make_queue(gen, 2, 3, 4, sizes=[3, 3])
+    query = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
+    positive = torch.randn(2, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    experts = torch.tensor([0, 1])
+    loss = sdk.infonce_queue_loss(query, positive, queue, experts, reduction="sum")
+    oracle = query.detach().clone().requires_grad_()
+    expected = brute.infonce_rows(oracle, positive.detach(), queue.keys, queue.size, experts).sum()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    assert torch.isfinite(query.grad).all()
+    torch.testing.assert_close(query.grad, oracle.grad, rtol=1e-9, atol=0)
+
+
+def test_tuple_queue_and_ids_outside_range(gen):
+    queue = make_queue(gen, 3, 5, 4, sizes=[5, 2, 4])
+    ids = torch.tensor([0, 3, -1, 2])  # 3 and -1 name no expert: every stored key is a negative
+    run_and_compare(gen, 4, 4, queue, query_experts=ids, reduction="none")
+    q = torch.randn(4, 4, generator=gen)
+    as_tuple = sdk.infonce_queue_loss(q, q, (queue.keys, queue.size), ids, validate=False)
+    assert_close(as_tuple, sdk.infonce_queue_loss(q, q, queue, ids, validate=False), torch.float32)
+    with pytest.raises(ValueError, match=r"query_experts holds expert id -1, outside \[0, 3\)"):
+        sdk.infonce_queue_loss(q, q, queue, ids)
+
+
+def test_infonce_gradcheck(gen):
+    queue = make_queue(gen, 3, 4, 5, sizes=[4, 2, 3], dtype=torch.float64)
+    query = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    positive = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    experts = torch.randint(0, 3, (6,), generator=gen)
+    for normalize in (True, False):
+        assert torch.autograd.gradcheck(
+            lambda q, k, n=normalize: sdk.infonce_queue_loss(q, k, queue, experts, temperature=0.3, normalize=n,
+                                                             reduction="none"), (query, positive))
+
+
+def test_in_place_enqueue_does_not_change_gradients_against_oracle(gen):
+    queue = make_queue(gen, 4, 6, 8, sizes=[6, 6, 2, 4])
+    snapshot = queue.keys.clone(), queue.size.clone()
+    query = torch.randn(10, 8, generator=gen)
+    positive = torch.randn(10, 8, generator=gen)
+    experts = torch.randint(0, 4, (10,), generator=gen)
+    q, k = query.clone().requires_grad_(), positive.clone().requires_grad_()
+    loss = sdk.infonce_queue_loss(q, k, queue, experts)
+    queue.enqueue(torch.randn(30, 8, generator=gen), torch.randint(0, 4, (30,), generator=gen))
+    assert not torch.equal(queue.keys, snapshot[0])
+    loss.backward()
+    oq, ok = query.double().requires_grad_(), positive.double().requires_grad_()
+    brute.infonce_rows(oq, ok, *snapshot, experts, 0.07).mean().backward()
+    assert_close(q.grad, oq.grad, torch.float32, name="grad query")
+    assert_close(k.grad, ok.grad, torch.float32, name="grad positive")
+
+
+def test_saved_for_backward_does_not_grow_with_the_queue(gen):
+    def saved_bytes(capacity):
+        queue = make_queue(gen, 8, capacity, 16, sizes=[capacity] * 8)
+        q = torch.randn(32, 16, generator=gen, requires_grad=True)
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            sdk.infonce_queue_loss(q, q * 1.0, queue, torch.randint(0, 8, (32,), generator=gen))
+        return total
+
+    small, large = saved_bytes(16), saved_bytes(1024)
+    assert small == large
+    assert small <= 3 * 32 * 16 * 4  # O(N * p): the two per-row gradients (and nothing of [N, E*Q])
+
+
+def test_non_reentrant_checkpoint(gen):
+    queue = make_queue(gen, 3, 5, 6, sizes=[5, 5, 5])
+    experts = torch.randint(0, 3, (9,), generator=gen)
+    weight = torch.randn(6, 6, generator=gen, requires_grad=True)
+    x = torch.randn(9, 6, generator=gen)
+
+    def block(w):
+        h = x @ w
+        return sdk.infonce_queue_loss(h, h.tanh(), queue, experts)
+
+    checkpoint(block, weight, use_reentrant=False).backward()
+    grad_checkpointed = weight.grad.clone()
+    weight.grad = None
+    block(weight).backward()
+    torch.testing.assert_close(grad_checkpointed, weight.grad)
+
+
+@settings(max_examples=30, deadline=None)
+@given(num_rows=st.integers(0, 10), dim=st.integers(1, 8), num_experts=st.integers(1, 5),
+       capacity=st.integers(0, 6), normalize=st.booleans(), reduction=st.sampled_from(["mean", "sum", "none"]),
+       seed=st.integers(0, 2**31 - 1))
+def test_infonce_property(num_rows, dim, num_experts, capacity, normalize, reduction, seed):
+    gen = torch.Generator().manual_seed(seed)
+    queue = make_queue(gen, num_experts, capacity, dim)
+    run_and_compare(gen, num_rows, dim, queue, reduction=reduction, normalize=normalize, temperature=0.5,
+                    scale=1.0 if normalize else 10.0)
+
+
+def _bad_call(**overrides):
+    args = dict(query=torch.zeros(4, 6), positive=torch.zeros(4, 6), queue=sdk.ExpertQueue(3, 5, 6),
+                query_experts=torch.zeros(4, dtype=torch.int64))
+    args.update(overrides)
+    sdk.infonce_queue_loss(**args)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(query=torch.zeros(4, 6, dtype=torch.int32)), TypeError, "query must have dtype"),
+        (dict(query=torch.zeros(4)), ValueError, r"query must have shape \[N, p\]"),
+        (dict(positive=torch.zeros(4, 5)), ValueError, r"positive must have shape \[N=4, p=6\]"),
+        (dict(queue=sdk.ExpertQueue(3, 5, 7)), ValueError, r"queue keys must have shape \[E, Q, p=6\]"),
+        (dict(queue=(torch.zeros(3, 5, 6), torch.zeros(2, dtype=torch.int64))), ValueError,
+         r"queue size must have shape \[E=3\]"),
+        (dict(queue=(torch.zeros(3, 5, 6), torch.zeros(3))), TypeError, "queue size must have dtype"),
+        (dict(queue=torch.zeros(3, 5, 6)), TypeError, "queue must be an sdk.ExpertQueue"),
+        (dict(query_experts=torch.zeros(4)), TypeError, "query_experts must have dtype"),
+        (dict(query_experts=torch.zeros(3, dtype=torch.int64)), ValueError, r"query_experts must have shape \[N=4\]"),
+        (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+        (dict(temperature="hot"), TypeError, "temperature must be a Python float"),
+        (dict(reduction="max"), ValueError, "reduction must be one of"),
+        (dict(positive=torch.zeros(4, 6, device="meta")), ValueError, "same device"),
+    ],
+)
+def test_infonce_rejects_bad_input(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _bad_call(**overrides)

@@ -1,0 +1,170 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsedoctor_kernels as sdk
+
+import brute
+from conftest import TOLERANCES, assert_close
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def make_inputs(gen, num_tokens, d_in, d_out, num_experts, rank, top_k, dtype=torch.float32,
+                weights_dtype=torch.float32, ids_dtype=torch.int32, unused_expert=True):
+    """Random inputs; with `unused_expert` the last expert gets no token (when E > k)."""
+    pool = num_experts - 1 if unused_expert and num_experts > top_k else num_experts
+    experts = torch.stack([torch.randperm(pool, generator=gen)[:top_k] for _ in range(num_tokens)]) \
+        if num_tokens else torch.zeros(0, top_k, dtype=torch.long)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    return dict(
+        x=torch.randn(num_tokens, d_in, **f64).to(dtype),
+        lora_a=(torch.randn(num_experts, rank, d_in, **f64) / d_in**0.5).to(dtype),
+        lora_b=(torch.randn(num_experts, d_out, rank, **f64) / rank**0.5).to(dtype),
+        weights=torch.rand(num_tokens, top_k, **f64).to(weights_dtype),
+        experts=experts.to(ids_dtype),
+    )
+
+
+def run_and_compare(inputs, gen, scaling=1.5, with_out=False):
+    names = ("x", "lora_a", "lora_b", "weights")
+    leaves = {n: inputs[n].clone().requires_grad_() for n in names}
+    oracle = {n: inputs[n].double().requires_grad_() for n in names}
+    num_tokens, d_out = inputs["x"].shape[0], inputs["lora_b"].shape[1]
+    dtype = inputs["x"].dtype
+    if with_out:
+        base_in = torch.randn(num_tokens, d_out, generator=gen, dtype=torch.float64)
+        base_leaf = base_in.to(dtype).requires_grad_()
+        out = base_leaf * 2  # produced by an op, as a frozen layer's output would be
+        result = sdk.lora_moe(**leaves, experts=inputs["experts"], scaling=scaling, out=out)
+        assert result is out
+        oracle["base"] = base_leaf.detach().double().requires_grad_()
+        expected = brute.lora_moe(**{n: oracle[n] for n in names}, experts=inputs["experts"], scaling=scaling)
+        expected = expected + 2 * oracle["base"]
+    else:
+        result = sdk.lora_moe(**leaves, experts=inputs["experts"], scaling=scaling)
+        expected = brute.lora_moe(**oracle, experts=inputs["experts"], scaling=scaling)
+    assert result.dtype == dtype and result.shape == (num_tokens, d_out)
+    assert_close(result, expected, dtype, name="y")
+
+    grad_y = torch.randn(num_tokens, d_out, generator=gen, dtype=torch.float64)
+    (result.double() * grad_y).sum().backward()
+    (expected * grad_y).sum().backward()
+    for n in names:
+        assert leaves[n].grad.dtype == leaves[n].dtype, n
+        # The upstream gradient enters in x's dtype and each gradient leaves in its input's: the coarser rules.
+        coarser = max((dtype, leaves[n].dtype), key=lambda d: TOLERANCES[d][0])
+        assert_close(leaves[n].grad, oracle[n].grad, coarser, scale=2.0, name=f"grad {n}")
+    if with_out:
+        assert_close(base_leaf.grad, oracle["base"].grad, dtype, name="grad through out")
+    return leaves
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_out", [False, True])
+@pytest.mark.parametrize("shape", [(29, 24, 19, 5, 3, 2), (1, 1, 1, 1, 1, 1), (17, 33, 7, 4, 1, 4),
+                                   (40, 16, 48, 64, 8, 8)])
+def test_lora_moe_matches_brute_force(shape, with_out, dtype, gen):
+    inputs = make_inputs(gen, *shape, dtype=dtype)
+    run_and_compare(inputs, gen, with_out=with_out)
+
+
+def test_expert_without_tokens_gets_exactly_zero_gradient(gen):
+    inputs = make_inputs(gen, 21, 10, 9, 6, 4, 2, unused_expert=True)
+    leaves = run_and_compare(inputs, gen)
+    assert not (inputs["experts"] == 5).any()
+    assert torch.count_nonzero(leaves["lora_a"].grad[5]) == 0
+    assert torch.count_nonzero(leaves["lora_b"].grad[5]) == 0
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("weights_in_x_dtype", [False, True])
+def test_lora_moe_accepts_id_and_weight_dtypes(ids_dtype, weights_in_x_dtype, gen):
+    dtype = torch.bfloat16
+    inputs = make_inputs(gen, 11, 8, 6, 3, 2, 2, dtype=dtype, ids_dtype=ids_dtype,
+                         weights_dtype=dtype if weights_in_x_dtype else torch.float32)
+    run_and_compare(inputs, gen)
+
+
+@pytest.mark.parametrize("with_out", [False, True])
+def test_lora_moe_empty_input(with_out, gen):
+    inputs = make_inputs(gen, 0, 8, 6, 3, 2, 2)
+    leaves = run_and_compare(inputs, gen, with_out=with_out)
+    assert leaves["x"].grad.shape == (0, 8)
+    assert torch.count_nonzero(leaves["lora_a"].grad) == 0
+
+
+def test_lora_moe_gradcheck(gen):
+    inputs = make_inputs(gen, 5, 4, 3, 3, 2, 2, dtype=torch.float64, weights_dtype=torch.float64)
+    tensors = tuple(inputs[n].requires_grad_() for n in ("x", "lora_a", "lora_b", "weights"))
+    assert torch.autograd.gradcheck(lambda *t: sdk.lora_moe(*t, inputs["experts"], scaling=0.7), tensors)
+    base = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda b, *t: sdk.lora_moe(*t, inputs["experts"], scaling=0.7, out=b * 1.0), (base, *tensors))
+
+
+def test_lora_moe_duplicate_expert_in_one_token_adds_up(gen):
+    inputs = make_inputs(gen, 6, 5, 4, 3, 2, 3)
+    inputs["experts"][:, 1] = inputs["experts"][:, 0]
+    run_and_compare(inputs, gen)
+
+
+def test_out_of_range_ids_contribute_nothing_without_validation(gen):
+    inputs = make_inputs(gen, 9, 6, 5, 4, 2, 2)
+    inputs["experts"][0, 0] = -1
+    inputs["experts"][3, 1] = 4
+    inputs["experts"][5, 0] = 1000
+    leaves = {n: inputs[n].clone().requires_grad_() for n in ("x", "lora_a", "lora_b", "weights")}
+    y = sdk.lora_moe(**leaves, experts=inputs["experts"], validate=False)
+    assert_close(y, brute.lora_moe(**inputs), torch.float32)
+    y.sum().backward()
+    assert leaves["weights"].grad[0, 0] == 0 and leaves["weights"].grad[3, 1] == 0
+    with pytest.raises(ValueError, match=r"experts holds expert id -1, outside \[0, 4\)"):
+        sdk.lora_moe(**inputs, validate=True)
+    with pytest.raises(ValueError, match="outside"):
+        sdk.lora_moe(**inputs)  # validate defaults to True on CPU
+
+
+@settings(max_examples=30, deadline=None)
+@given(num_tokens=st.integers(0, 12), d_in=st.integers(1, 9), d_out=st.integers(1, 9),
+       num_experts=st.integers(1, 6), rank=st.integers(1, 5), data=st.data(), seed=st.integers(0, 2**31 - 1),
+       with_out=st.booleans())
+def test_lora_moe_property(num_tokens, d_in, d_out, num_experts, rank, data, seed, with_out):
+    top_k = data.draw(st.integers(1, num_experts))
+    gen = torch.Generator().manual_seed(seed)
+    inputs = make_inputs(gen, num_tokens, d_in, d_out, num_experts, rank, top_k,
+                         unused_expert=data.draw(st.booleans()))
+    run_and_compare(inputs, gen, scaling=data.draw(st.floats(0.1, 4.0)), with_out=with_out)
+
+
+def _bad(**overrides):
+    args = dict(x=torch.zeros(4, 6), lora_a=torch.zeros(3, 2, 6), lora_b=torch.zeros(3, 5, 2),
+                weights=torch.zeros(4, 2), experts=torch.zeros(4, 2, dtype=torch.int32))
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(x=torch.zeros(4, 6, dtype=torch.int32)), TypeError, "x must have dtype"),
+        (dict(x=torch.zeros(4)), ValueError, r"x must have shape \[T, d_in\]"),
+        (dict(lora_a=torch.zeros(3, 2, 7)), ValueError, r"lora_a must have shape \[E, r, d_in=6\]"),
+        (dict(lora_a=torch.zeros(3, 2, 6, dtype=torch.float64)), TypeError, "lora_a must have dtype float32"),
+        (dict(lora_b=torch.zeros(3, 5, 3)), ValueError, r"lora_b must have shape \[E=3, d_out, r=2\]"),
+        (dict(lora_b=torch.zeros(2, 5, 2)), ValueError, r"lora_b must have shape \[E=3, d_out, r=2\]"),
+        (dict(experts=torch.zeros(4, 2)), TypeError, "experts must have dtype int32, int64"),
+        (dict(experts=torch.zeros(5, 2, dtype=torch.int64)), ValueError, r"experts must have shape \[T=4, k\]"),
+        (dict(weights=torch.zeros(4, 3)), ValueError, r"weights must have shape \[T=4, k=2\]"),
+        (dict(weights=torch.zeros(4, 2, dtype=torch.float16)), TypeError, "weights must have dtype float32"),
+        (dict(scaling="2"), TypeError, "scaling must be a Python float"),
+        (dict(out=torch.zeros(4, 4)), ValueError, r"out must have shape \[T=4, d_out=5\]"),
+        (dict(out=torch.zeros(4, 5, dtype=torch.float64)), TypeError, "out must have dtype float32"),
+        (dict(lora_a=torch.zeros(3, 0, 6), lora_b=torch.zeros(3, 5, 0)), ValueError, "rank r >= 1"),
+        (dict(x=torch.zeros(4, 6, device="meta")), ValueError, "must be on the same device as x"),
+    ],
+)
+def test_lora_moe_rejects_bad_input(overrides, error, match):
+    with pytest.raises(error, match=match):
+        sdk.lora_moe(**_bad(**overrides))

@@ -1,0 +1,152 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsedoctor_kernels as sdk
+
+import brute
+
+
+def poisoned_queue(gen, num_experts, capacity, dim, dtype=torch.float32):
+    """A queue whose every slot, pointer and size starts at random values: untouched state must survive."""
+    queue = sdk.ExpertQueue(num_experts, capacity, dim, dtype=dtype)
+    queue.keys.copy_(torch.randn(queue.keys.shape, generator=gen))
+    if capacity:
+        queue.ptr.copy_(torch.randint(0, capacity, (num_experts,), generator=gen))
+        queue.size.copy_(torch.randint(0, capacity + 1, (num_experts,), generator=gen))
+    return queue
+
+
+def enqueue_and_compare(queue, keys, experts, **kwargs):
+    expected = brute.enqueue(queue.keys, queue.ptr, queue.size, keys.to(queue.keys.dtype), experts)
+    queue.enqueue(keys, experts, **kwargs)
+    torch.testing.assert_close(queue.keys.double(), expected[0], rtol=0, atol=0)  # a copy: bit exact
+    torch.testing.assert_close(queue.ptr, expected[1], rtol=0, atol=0)
+    torch.testing.assert_close(queue.size, expected[2], rtol=0, atol=0)
+
+
+def test_fresh_queue_state():
+    queue = sdk.ExpertQueue(3, 5, 4)
+    assert queue.keys.shape == (3, 5, 4) and queue.keys.dtype == torch.float32
+    assert queue.ptr.dtype == torch.int64 and queue.size.dtype == torch.int64
+    assert not queue.keys.any() and not queue.ptr.any() and not queue.size.any()
+    assert set(queue.state_dict()) == {"keys", "ptr", "size"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sequential_semantics_over_many_calls(dtype, gen):
+    queue = poisoned_queue(gen, 5, 7, 3, dtype=dtype)
+    for rows in (0, 3, 12, 30, 1, 9):  # includes > Q rows of one expert in one call, and wrap-around
+        experts = torch.randint(-2, 6, (rows,), generator=gen)  # -2, -1 and 5 are out of range: dropped
+        enqueue_and_compare(queue, torch.randn(rows, 3, generator=gen), experts, validate=False)
+
+
+def test_more_than_capacity_rows_of_one_expert_keep_the_last_ones(gen):
+    queue = sdk.ExpertQueue(2, 4, 1)
+    keys = torch.arange(11, dtype=torch.float32)[:, None]
+    queue.enqueue(keys, torch.zeros(11, dtype=torch.int64))
+    # Sequential writes: rows 8, 9, 10 land in slots 0, 1, 2 and row 7 in slot 3.
+    assert queue.keys[0, :, 0].tolist() == [8.0, 9.0, 10.0, 7.0]
+    assert queue.ptr.tolist() == [3, 0] and queue.size.tolist() == [4, 0]
+    assert not queue.keys[1].any()
+
+
+def test_wrap_around_across_calls():
+    queue = sdk.ExpertQueue(1, 3, 1)
+    queue.enqueue(torch.tensor([[1.0], [2.0]]), torch.tensor([0, 0]))
+    queue.enqueue(torch.tensor([[3.0], [4.0]]), torch.tensor([0, 0]))
+    assert queue.keys[0, :, 0].tolist() == [4.0, 2.0, 3.0]
+    assert queue.ptr.tolist() == [1] and queue.size.tolist() == [3]
+
+
+def test_out_of_range_ids_are_dropped_or_rejected(gen):
+    queue = poisoned_queue(gen, 3, 4, 2)
+    before = queue.state_dict()
+    before = {k: v.clone() for k, v in before.items()}
+    queue.enqueue(torch.randn(3, 2, generator=gen), torch.tensor([-1, 3, 100]), validate=False)
+    for name, value in queue.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    with pytest.raises(ValueError, match=r"experts holds expert id 3, outside \[0, 3\)"):
+        queue.enqueue(torch.randn(2, 2), torch.tensor([0, 3]))  # validate defaults to True on CPU
+
+
+def test_zero_capacity_queue_stores_nothing(gen):
+    queue = sdk.ExpertQueue(2, 0, 3)
+    queue.enqueue(torch.randn(4, 3, generator=gen), torch.tensor([0, 1, 1, 0]))
+    assert queue.keys.shape == (2, 0, 3) and queue.size.tolist() == [0, 0]
+
+
+def test_keys_are_detached_and_cast(gen):
+    queue = sdk.ExpertQueue(2, 3, 2, dtype=torch.bfloat16)
+    keys = torch.randn(2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    queue.enqueue(keys * 2, torch.tensor([1, 1], dtype=torch.int32))
+    assert not queue.keys.requires_grad
+    torch.testing.assert_close(queue.keys[1, :2], (keys * 2).detach().bfloat16(), rtol=0, atol=0)
+
+
+def test_state_dict_round_trip(gen):
+    queue = sdk.ExpertQueue(3, 5, 4)
+    queue.enqueue(torch.randn(9, 4, generator=gen), torch.randint(0, 3, (9,), generator=gen))
+    restored = sdk.ExpertQueue(3, 5, 4)
+    restored.load_state_dict(queue.state_dict())
+    for name in ("keys", "ptr", "size"):
+        assert torch.equal(getattr(restored, name), getattr(queue, name))
+    keys, experts = torch.randn(6, 4, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+    queue.enqueue(keys, experts)
+    restored.enqueue(keys, experts)
+    assert torch.equal(restored.keys, queue.keys) and torch.equal(restored.ptr, queue.ptr)
+
+
+def test_reset_and_repr():
+    queue = sdk.ExpertQueue(2, 3, 4)
+    queue.enqueue(torch.ones(2, 4), torch.tensor([0, 1]))
+    queue.reset()
+    assert not queue.keys.any() and not queue.size.any() and not queue.ptr.any()
+    assert "num_experts=2, capacity=3, dim=4" in repr(queue)
+
+
+def test_gather_without_process_group_is_a_plain_enqueue(gen):
+    queue = poisoned_queue(gen, 3, 4, 2)
+    enqueue_and_compare(queue, torch.randn(5, 2, generator=gen), torch.tensor([0, 2, 2, 1, 0]), gather=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(num_experts=st.integers(1, 6), capacity=st.integers(0, 9), dim=st.integers(1, 5),
+       batches=st.lists(st.integers(0, 25), min_size=1, max_size=4), seed=st.integers(0, 2**31 - 1))
+def test_enqueue_property(num_experts, capacity, dim, batches, seed):
+    gen = torch.Generator().manual_seed(seed)
+    queue = poisoned_queue(gen, num_experts, capacity, dim)
+    for rows in batches:
+        experts = torch.randint(-1, num_experts + 1, (rows,), generator=gen)
+        enqueue_and_compare(queue, torch.randn(rows, dim, generator=gen), experts, validate=False)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((0, 4, 2), {}, ValueError, "num_experts must be >= 1"),
+        ((2, -1, 2), {}, ValueError, "capacity must be >= 0"),
+        ((2, 4, 0), {}, ValueError, "dim must be >= 1"),
+        ((2, 4.0, 2), {}, TypeError, "capacity must be an int"),
+        ((2, 4, 2), {"dtype": torch.int32}, TypeError, "dtype must be a floating-point dtype"),
+    ],
+)
+def test_queue_constructor_rejects_bad_input(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        sdk.ExpertQueue(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "keys, experts, error, match",
+    [
+        (torch.zeros(3, 5), torch.zeros(3, dtype=torch.int64), ValueError, r"keys must have shape \[N, dim=4\]"),
+        (torch.zeros(3, 4, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), TypeError, "keys must have dtype"),
+        (torch.zeros(3, 4), torch.zeros(3), TypeError, "experts must have dtype int32, int64"),
+        (torch.zeros(3, 4), torch.zeros(2, dtype=torch.int64), ValueError, r"experts must have shape \[N=3\]"),
+        (torch.zeros(3, 4, device="meta"), torch.zeros(3, dtype=torch.int64), ValueError, "same device"),
+    ],
+)
+def test_enqueue_rejects_bad_input(keys, experts, error, match):
+    with pytest.raises(error, match=match):
+        sdk.ExpertQueue(2, 3, 4).enqueue(keys, experts)

@@ -1,0 +1,137 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsedoctor_kernels as sdk
+
+import brute
+from conftest import assert_close
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _check_against_brute(logits, top_k, renormalize, gen):
+    leaf = logits.clone().requires_grad_()
+    routing = sdk.route(leaf, top_k, renormalize=renormalize)
+    assert isinstance(routing, sdk.Routing)
+    assert routing._fields == ("weights", "experts", "counts", "probs_mean")
+    expected_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    assert routing.weights.dtype == expected_dtype and routing.probs_mean.dtype == expected_dtype
+    assert routing.experts.dtype == torch.int32 and routing.counts.dtype == torch.int32
+
+    oracle_leaf = logits.detach().double().requires_grad_()
+    weights, experts, counts, probs_mean = brute.route(oracle_leaf, top_k, renormalize)
+    torch.testing.assert_close(routing.experts, experts, rtol=0, atol=0)
+    torch.testing.assert_close(routing.counts, counts, rtol=0, atol=0)
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    assert_close(routing.weights, weights, compute, name="weights")
+    assert_close(routing.probs_mean, probs_mean, compute, name="probs_mean")
+
+    grad_w = torch.randn(weights.shape, generator=gen, dtype=torch.float64)
+    grad_p = torch.randn(probs_mean.shape, generator=gen, dtype=torch.float64)
+    ((routing.weights.double() * grad_w).sum() + (routing.probs_mean.double() * grad_p).sum()).backward()
+    ((weights * grad_w).sum() + (probs_mean * grad_p).sum()).backward()
+    assert leaf.grad.dtype == logits.dtype
+    assert_close(leaf.grad, oracle_leaf.grad, logits.dtype if logits.dtype != torch.float32 else compute,
+                 name="grad logits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("shape", [(37, 11, 3), (1, 1, 1), (13, 7, 7), (64, 8, 2), (5, 256, 8)])
+def test_route_matches_brute_force(shape, renormalize, dtype, gen):
+    num_tokens, num_experts, top_k = shape
+    logits = (torch.randn(num_tokens, num_experts, generator=gen, dtype=torch.float64) * 2).to(dtype)
+    _check_against_brute(logits, top_k, renormalize, gen)
+
+
+def test_route_empty_input():
+    logits = torch.zeros(0, 6, requires_grad=True)
+    routing = sdk.route(logits, 2)
+    assert routing.weights.shape == (0, 2) and routing.experts.shape == (0, 2)
+    assert torch.equal(routing.counts, torch.zeros(6, dtype=torch.int32))
+    assert torch.equal(routing.probs_mean, torch.zeros(6))
+    assert sdk.load_balance_loss(routing).item() == 0.0
+    (routing.weights.sum() + routing.probs_mean.sum()).backward()
+    assert logits.grad.shape == (0, 6)
+
+
+def test_route_ties_go_to_the_lower_expert_id():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    routing = sdk.route(logits, 4)
+    assert routing.experts.tolist() == [[1, 2, 4, 0], [0, 1, 2, 3]]
+
+
+def test_route_gradcheck():
+    logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    for renormalize in (True, False):
+        def fn(z, renormalize=renormalize):
+            r = sdk.route(z, 3, renormalize=renormalize)
+            return r.weights, r.probs_mean, sdk.load_balance_loss(r)
+        assert torch.autograd.gradcheck(fn, (logits,))
+
+
+def test_route_gradient_of_weights_alone_and_probs_mean_alone(gen):
+    logits = torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    for pick in (lambda r: r.weights.sum() * 3, lambda r: (r.probs_mean ** 2).sum()):
+        leaf = logits.clone().requires_grad_()
+        pick(sdk.route(leaf, 2)).backward()
+        oracle = logits.clone().requires_grad_()
+        w, _, _, pm = brute.route(oracle, 2)
+        pick(sdk.Routing(w, None, None, pm)).backward()
+        assert_close(leaf.grad, oracle.grad, torch.float64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(num_tokens=st.integers(0, 20), num_experts=st.integers(1, 40), data=st.data(),
+       renormalize=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_route_property(num_tokens, num_experts, data, renormalize, seed):
+    top_k = data.draw(st.integers(1, num_experts))
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts, generator=gen)
+    _check_against_brute(logits, top_k, renormalize, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_balance_loss_matches_formula(dtype, gen):
+    logits = torch.randn(23, 6, generator=gen).to(dtype)
+    leaf = logits.clone().requires_grad_()
+    routing = sdk.route(leaf, 2)
+    loss = sdk.load_balance_loss(routing)
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    oracle = logits.double().requires_grad_()
+    _, _, counts, probs_mean = brute.route(oracle, 2)
+    expected = brute.load_balance_loss(counts, probs_mean, 23, 2)
+    assert_close(loss, expected, torch.float32)
+    loss.backward()
+    expected.backward()
+    assert_close(leaf.grad, oracle.grad, dtype)
+
+
+def test_load_balance_loss_is_one_for_perfect_balance():
+    routing = sdk.route(torch.zeros(8, 4), 1)  # uniform probabilities, all ties -> expert 0
+    assert sdk.load_balance_loss(routing).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "logits, top_k, error, match",
+    [
+        (torch.zeros(4, 3, dtype=torch.int64), 1, TypeError, "logits must have dtype"),
+        (torch.zeros(4), 1, ValueError, r"logits must have shape \[T, E\]"),
+        (torch.zeros(4, 3, 2), 1, ValueError, r"logits must have shape \[T, E\]"),
+        (torch.zeros(4, 0), 1, ValueError, "E >= 1"),
+        (torch.zeros(4, 3), 0, ValueError, "top_k must be >= 1"),
+        (torch.zeros(4, 3), 4, ValueError, r"top_k must be in \[1, E\] = \[1, 3\]"),
+        (torch.zeros(4, 3), 2.0, TypeError, "top_k must be an int"),
+        ("logits", 1, TypeError, "logits must be a torch.Tensor"),
+    ],
+)
+def test_route_rejects_bad_input(logits, top_k, error, match):
+    with pytest.raises(error, match=match):
+        sdk.route(logits, top_k)
+
+
+def test_load_balance_loss_rejects_non_routing():
+    with pytest.raises(TypeError, match="routing must be the sdk.Routing"):
+        sdk.load_balance_loss(torch.zeros(3))
