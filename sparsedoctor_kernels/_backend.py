@@ -91,3 +91,17 @@ def default_validate(validate: bool | None, device: torch.device) -> bool:
         validate = device.type != "cuda"
     # Data-dependent checks would break a torch.compile graph; the kernels never index out of bounds anyway.
     return bool(validate) and not torch.compiler.is_compiling()
+
+
+class LazyImplementation:
+    """A backend module imported on first use: Triton reads TRITON_INTERPRET when it defines kernels, and
+    importing the package should not pay for compiling toolchains it may never use."""
+
+    def __init__(self, module_name: str):
+        self.module_name = module_name
+
+    def __getattr__(self, name: str):
+        return getattr(importlib.import_module(self.module_name), name)
+
+    def __repr__(self) -> str:
+        return f"LazyImplementation({self.module_name!r})"

@@ -1,13 +1,33 @@
+import os
 import pathlib
 import sys
 import zlib
 
-import pytest
 import torch
+
+# Without a GPU the Triton kernels run under the interpreter; Triton reads this when kernels are defined,
+# which the ops do lazily, so setting it here (before any test runs) is early enough.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
+import sparsedoctor_kernels._alloc  # noqa: E402
+from sparsedoctor_kernels._backend import why_backend_cannot_run  # noqa: E402
 from sparsedoctor_kernels.check import TOLERANCES  # noqa: E402
+from sparsedoctor_kernels.ops import IMPLEMENTATIONS  # noqa: E402
+
+
+def cpu_backends(op: str) -> list[str]:
+    """The op's backends that run on CPU tensors here (the Triton ones under the interpreter)."""
+    return [b for b in IMPLEMENTATIONS[op] if why_backend_cannot_run(b, torch.device("cpu")) is None]
+
+
+def backend_supports(backend: str, dtype: torch.dtype) -> bool:
+    """The Triton interpreter computes with numpy: no bfloat16, and float16 is not worth its time."""
+    return backend != "triton" or dtype in (torch.float32, torch.float64)
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -29,3 +49,9 @@ def gen(request) -> torch.Generator:
 @pytest.fixture(autouse=True)
 def _no_backend_env(monkeypatch):
     monkeypatch.delenv("SPARSEDOCTOR_BACKEND", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(monkeypatch):
+    """Kernel outputs start as NaN / a sentinel, so an element a kernel fails to write fails the test."""
+    monkeypatch.setattr(sparsedoctor_kernels._alloc, "poison_outputs", True)

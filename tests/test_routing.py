@@ -6,14 +6,16 @@ from hypothesis import strategies as st
 import sparsedoctor_kernels as sdk
 
 import brute
-from conftest import assert_close
+from conftest import assert_close, backend_supports, cpu_backends
+
+BACKENDS = cpu_backends("route")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
-def _check_against_brute(logits, top_k, renormalize, gen):
+def _check_against_brute(logits, top_k, renormalize, gen, backend="torch"):
     leaf = logits.clone().requires_grad_()
-    routing = sdk.route(leaf, top_k, renormalize=renormalize)
+    routing = sdk.route(leaf, top_k, renormalize=renormalize, backend=backend)
     assert isinstance(routing, sdk.Routing)
     assert routing._fields == ("weights", "experts", "counts", "probs_mean")
     expected_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -37,18 +39,22 @@ def _check_against_brute(logits, top_k, renormalize, gen):
                  name="grad logits")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("renormalize", [True, False])
-@pytest.mark.parametrize("shape", [(37, 11, 3), (1, 1, 1), (13, 7, 7), (64, 8, 2), (5, 256, 8)])
-def test_route_matches_brute_force(shape, renormalize, dtype, gen):
+@pytest.mark.parametrize("shape", [(37, 11, 3), (1, 1, 1), (13, 7, 7), (64, 8, 2), (5, 256, 8), (150, 3, 2)])
+def test_route_matches_brute_force(shape, renormalize, dtype, backend, gen):
+    if not backend_supports(backend, dtype):
+        pytest.skip(f"{backend} on CPU does not run {dtype}")
     num_tokens, num_experts, top_k = shape
     logits = (torch.randn(num_tokens, num_experts, generator=gen, dtype=torch.float64) * 2).to(dtype)
-    _check_against_brute(logits, top_k, renormalize, gen)
+    _check_against_brute(logits, top_k, renormalize, gen, backend)
 
 
-def test_route_empty_input():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_route_empty_input(backend):
     logits = torch.zeros(0, 6, requires_grad=True)
-    routing = sdk.route(logits, 2)
+    routing = sdk.route(logits, 2, backend=backend)
     assert routing.weights.shape == (0, 2) and routing.experts.shape == (0, 2)
     assert torch.equal(routing.counts, torch.zeros(6, dtype=torch.int32))
     assert torch.equal(routing.probs_mean, torch.zeros(6))
@@ -57,17 +63,19 @@ def test_route_empty_input():
     assert logits.grad.shape == (0, 6)
 
 
-def test_route_ties_go_to_the_lower_expert_id():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_route_ties_go_to_the_lower_expert_id(backend):
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
-    routing = sdk.route(logits, 4)
+    routing = sdk.route(logits, 4, backend=backend)
     assert routing.experts.tolist() == [[1, 2, 4, 0], [0, 1, 2, 3]]
 
 
-def test_route_gradcheck():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_route_gradcheck(backend):
     logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     for renormalize in (True, False):
         def fn(z, renormalize=renormalize):
-            r = sdk.route(z, 3, renormalize=renormalize)
+            r = sdk.route(z, 3, renormalize=renormalize, backend=backend)
             return r.weights, r.probs_mean, sdk.load_balance_loss(r)
         assert torch.autograd.gradcheck(fn, (logits,))
 
@@ -85,12 +93,12 @@ def test_route_gradient_of_weights_alone_and_probs_mean_alone(gen):
 
 @settings(max_examples=40, deadline=None)
 @given(num_tokens=st.integers(0, 20), num_experts=st.integers(1, 40), data=st.data(),
-       renormalize=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_route_property(num_tokens, num_experts, data, renormalize, seed):
-    top_k = data.draw(st.integers(1, num_experts))
+       renormalize=st.booleans(), seed=st.integers(0, 2**31 - 1), backend=st.sampled_from(BACKENDS))
+def test_route_property(num_tokens, num_experts, data, renormalize, seed, backend):
+    top_k = data.draw(st.integers(1, min(num_experts, 8)))
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(num_tokens, num_experts, generator=gen)
-    _check_against_brute(logits, top_k, renormalize, gen)
+    _check_against_brute(logits, top_k, renormalize, gen, backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -7,11 +7,11 @@ from typing import NamedTuple
 import torch
 
 from sparsedoctor_kernels import reference
-from sparsedoctor_kernels._backend import resolve_backend
+from sparsedoctor_kernels._backend import LazyImplementation, resolve_backend
 from sparsedoctor_kernels._validation import compute_dtype, require_float, require_positive_int
 
 # Backends in order of preference on the GPU; the reference last.
-IMPLEMENTATIONS = {"torch": reference.routing}
+IMPLEMENTATIONS = {"triton": LazyImplementation("sparsedoctor_kernels.triton.routing"), "torch": reference.routing}
 
 
 class Routing(NamedTuple):

@@ -1,0 +1,150 @@
+"""Fused routing: softmax (fp32) + top-k (ties to the lower id) + renormalisation + counts + probability sums
+in one pass over the logits; the backward recomputes the softmax from the logits instead of storing it."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sparsedoctor_kernels._alloc import empty
+from sparsedoctor_kernels._validation import compute_dtype
+
+# Tokens per program: a [BLOCK_T, BLOCK_E] tile of about this many elements stays in registers.
+TILE_ELEMENTS = 4096
+
+
+@triton.jit
+def _softmax_rows(logits_ptr, stride_t, rows, cols, row_ok, col_ok, COMPUTE: tl.constexpr):
+    """Softmax of a [BLOCK_T, BLOCK_E] tile; padding columns come out 0, padding rows all 0."""
+    mask = row_ok[:, None] & col_ok[None, :]
+    z = tl.load(logits_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=float("-inf"))
+    z = z.to(COMPUTE)
+    z_max = tl.where(row_ok, tl.max(z, axis=1), 0.0)
+    e = tl.where(mask, tl.exp(z - z_max[:, None]), 0.0)
+    denom = tl.where(row_ok, tl.sum(e, axis=1), 1.0)
+    return e / denom[:, None]
+
+
+@triton.jit
+def _route_forward_kernel(
+    logits_ptr, stride_t,
+    weights_ptr, experts_ptr, counts_ptr, partial_probs_ptr,
+    num_tokens, num_experts,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    slots = tl.arange(0, K_PAD)
+    row_ok = rows < num_tokens
+    col_ok = cols < num_experts
+    probs = _softmax_rows(logits_ptr, stride_t, rows, cols, row_ok, col_ok, COMPUTE)
+    # Per-program column sums, reduced on the host side of the launch in a fixed order (deterministic).
+    tl.store(partial_probs_ptr + pid * num_experts + cols, tl.sum(probs, axis=0), mask=col_ok)
+
+    # Top-k by k rounds of argmax; padding columns sit at -1, below any probability, chosen ones at -2.
+    candidates = tl.where(row_ok[:, None] & col_ok[None, :], probs, -1.0)
+    top = tl.zeros([BLOCK_T, K_PAD], dtype=COMPUTE)
+    chosen_ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(candidates, axis=1)
+        # Lowest column holding the maximum: ties go to the lower expert id.
+        chosen = tl.min(tl.where(candidates == best[:, None], cols[None, :], BLOCK_E), axis=1)
+        top = tl.where(slots[None, :] == j, best[:, None], top)
+        chosen_ids = tl.where(slots[None, :] == j, chosen[:, None], chosen_ids)
+        tl.atomic_add(counts_ptr + chosen, 1, mask=row_ok)  # integer adds: the result is order-independent
+        candidates = tl.where(cols[None, :] == chosen[:, None], -2.0, candidates)
+    if RENORMALIZE:
+        top = top / tl.sum(top, axis=1)[:, None]
+    out_mask = row_ok[:, None] & (slots[None, :] < TOP_K)
+    offsets = rows[:, None] * TOP_K + slots[None, :]
+    tl.store(weights_ptr + offsets, top, mask=out_mask)
+    tl.store(experts_ptr + offsets, chosen_ids, mask=out_mask)
+
+
+@triton.jit
+def _route_backward_kernel(
+    grad_weights_ptr, grad_probs_mean_ptr, logits_ptr, stride_t, experts_ptr, grad_logits_ptr, stride_grad_t,
+    num_tokens, num_experts, inv_num_tokens,
+    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < num_tokens
+    col_ok = cols < num_experts
+    probs = _softmax_rows(logits_ptr, stride_t, rows, cols, row_ok, col_ok, COMPUTE)
+
+    # d probs_mean / d probs[t, e] = 1 / T for every token.
+    grad_mean = tl.load(grad_probs_mean_ptr + cols, mask=col_ok, other=0.0).to(COMPUTE)
+    grad_probs = tl.zeros([BLOCK_T, BLOCK_E], dtype=COMPUTE) + grad_mean[None, :] * inv_num_tokens
+
+    total = tl.zeros([BLOCK_T], dtype=COMPUTE)
+    weighted = tl.zeros([BLOCK_T], dtype=COMPUTE)
+    if RENORMALIZE:  # weights = top / sum(top): d/d top_j = (g_j - sum_i g_i w_i) / sum(top)
+        for j in tl.static_range(TOP_K):
+            expert = tl.load(experts_ptr + rows * TOP_K + j, mask=row_ok, other=0)
+            grad_w = tl.load(grad_weights_ptr + rows * TOP_K + j, mask=row_ok, other=0.0).to(COMPUTE)
+            top = tl.sum(tl.where(cols[None, :] == expert[:, None], probs, 0.0), axis=1)
+            total += top
+            weighted += grad_w * top
+        total = tl.where(row_ok, total, 1.0)
+    for j in tl.static_range(TOP_K):
+        expert = tl.load(experts_ptr + rows * TOP_K + j, mask=row_ok, other=0)
+        grad_top = tl.load(grad_weights_ptr + rows * TOP_K + j, mask=row_ok, other=0.0).to(COMPUTE)
+        if RENORMALIZE:
+            grad_top = (grad_top - weighted / total) / total
+        grad_probs += tl.where(cols[None, :] == expert[:, None], grad_top[:, None], 0.0)
+
+    # Softmax backward: dz = p * (dp - <p, dp>).
+    grad_logits = probs * (grad_probs - tl.sum(grad_probs * probs, axis=1)[:, None])
+    mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(grad_logits_ptr + rows[:, None] * stride_grad_t + cols[None, :],
+             grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _blocks(num_experts: int) -> tuple[int, int]:
+    block_e = triton.next_power_of_2(num_experts)
+    block_t = max(1, min(128, TILE_ELEMENTS // block_e))
+    return block_t, block_e
+
+
+def _triton_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def forward(logits: torch.Tensor, top_k: int, renormalize: bool):
+    num_tokens, num_experts = logits.shape
+    dtype = compute_dtype(logits.dtype)
+    block_t, block_e = _blocks(num_experts)
+    num_programs = triton.cdiv(num_tokens, block_t)
+    weights = empty((num_tokens, top_k), dtype, logits.device)
+    experts = empty((num_tokens, top_k), torch.int32, logits.device)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=logits.device)
+    partial_probs = empty((num_programs, num_experts), dtype, logits.device)
+    if num_tokens > 0:
+        _route_forward_kernel[(num_programs,)](
+            logits, logits.stride(0), weights, experts, counts, partial_probs, num_tokens, num_experts,
+            TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
+            BLOCK_T=block_t, BLOCK_E=block_e, COMPUTE=_triton_dtype(dtype),
+        )
+    probs_mean = partial_probs.sum(0) / max(num_tokens, 1)
+    return weights, experts, counts, probs_mean
+
+
+def backward(grad_weights, grad_probs_mean, logits, experts, renormalize: bool) -> torch.Tensor:
+    num_tokens, num_experts = logits.shape
+    top_k = experts.shape[1]
+    block_t, block_e = _blocks(num_experts)
+    grad_logits = empty((num_tokens, num_experts), logits.dtype, logits.device)
+    if num_tokens > 0:
+        _route_backward_kernel[(triton.cdiv(num_tokens, block_t),)](
+            grad_weights, grad_probs_mean, logits, logits.stride(0), experts, grad_logits, grad_logits.stride(0),
+            num_tokens, num_experts, 1.0 / num_tokens,
+            TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
+            COMPUTE=_triton_dtype(compute_dtype(logits.dtype)),
+        )
+    return grad_logits
