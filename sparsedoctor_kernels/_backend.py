@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Sequence
-from functools import cache
 
 import torch
 
@@ -23,21 +22,27 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@cache
+# Probed once per process; plain dicts rather than functools.cache, which torch.compile warns about.
+_probed: dict[str, str | None] = {}
+
+
 def triton_import_error() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "the `triton` package is not installed (pip install triton)"
-    return None
+    if "triton" not in _probed:
+        missing = importlib.util.find_spec("triton") is None
+        _probed["triton"] = "the `triton` package is not installed (pip install triton)" if missing else None
+    return _probed["triton"]
 
 
-@cache
 def cuda_extension_error() -> str | None:
-    try:
-        from sparsedoctor_kernels import _C  # noqa: F401
-    except ImportError as error:
-        return (f"the CUDA extension sparsedoctor_kernels._C is not built ({error}); reinstall with "
+    if "cuda" not in _probed:
+        try:
+            from sparsedoctor_kernels import _C  # noqa: F401
+            _probed["cuda"] = None
+        except ImportError as error:
+            _probed["cuda"] = (
+                f"the CUDA extension sparsedoctor_kernels._C is not built ({error}); reinstall with "
                 "`SPARSEDOCTOR_BUILD_CUDA=1 pip install --no-build-isolation -v .` to build it or see why not")
-    return None
+    return _probed["cuda"]
 
 
 def why_backend_cannot_run(backend: str, device: torch.device) -> str | None:

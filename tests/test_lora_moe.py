@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -6,8 +8,9 @@ from hypothesis import strategies as st
 import sparsedoctor_kernels as sdk
 
 import brute
-from conftest import TOLERANCES, assert_close
+from conftest import TOLERANCES, assert_close, backend_supports, cpu_backends
 
+BACKENDS = cpu_backends("lora_moe")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
@@ -27,7 +30,7 @@ def make_inputs(gen, num_tokens, d_in, d_out, num_experts, rank, top_k, dtype=to
     )
 
 
-def run_and_compare(inputs, gen, scaling=1.5, with_out=False):
+def run_and_compare(inputs, gen, scaling=1.5, with_out=False, backend="torch"):
     names = ("x", "lora_a", "lora_b", "weights")
     leaves = {n: inputs[n].clone().requires_grad_() for n in names}
     oracle = {n: inputs[n].double().requires_grad_() for n in names}
@@ -37,18 +40,19 @@ def run_and_compare(inputs, gen, scaling=1.5, with_out=False):
         base_in = torch.randn(num_tokens, d_out, generator=gen, dtype=torch.float64)
         base_leaf = base_in.to(dtype).requires_grad_()
         out = base_leaf * 2  # produced by an op, as a frozen layer's output would be
-        result = sdk.lora_moe(**leaves, experts=inputs["experts"], scaling=scaling, out=out)
+        result = sdk.lora_moe(**leaves, experts=inputs["experts"], scaling=scaling, out=out, backend=backend)
         assert result is out
         oracle["base"] = base_leaf.detach().double().requires_grad_()
         expected = brute.lora_moe(**{n: oracle[n] for n in names}, experts=inputs["experts"], scaling=scaling)
         expected = expected + 2 * oracle["base"]
     else:
-        result = sdk.lora_moe(**leaves, experts=inputs["experts"], scaling=scaling)
+        result = sdk.lora_moe(**leaves, experts=inputs["experts"], scaling=scaling, backend=backend)
         expected = brute.lora_moe(**oracle, experts=inputs["experts"], scaling=scaling)
     assert result.dtype == dtype and result.shape == (num_tokens, d_out)
     assert_close(result, expected, dtype, name="y")
 
-    grad_y = torch.randn(num_tokens, d_out, generator=gen, dtype=torch.float64)
+    # Representable in x's dtype: the gradient enters the backward exactly, the oracle sees the same one.
+    grad_y = torch.randn(num_tokens, d_out, generator=gen, dtype=torch.float64).to(dtype).double()
     (result.double() * grad_y).sum().backward()
     (expected * grad_y).sum().backward()
     for n in names:
@@ -61,18 +65,24 @@ def run_and_compare(inputs, gen, scaling=1.5, with_out=False):
     return leaves
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_out", [False, True])
+# (T, d_in, d_out, E, r, k): odd sizes, 1s everywhere, k = E, E = 64 with k = 8, and sizes that cross the
+# Triton kernels' tiles (more than 64 pairs of one expert, d_in and d_out over 64, r over 64).
 @pytest.mark.parametrize("shape", [(29, 24, 19, 5, 3, 2), (1, 1, 1, 1, 1, 1), (17, 33, 7, 4, 1, 4),
-                                   (40, 16, 48, 64, 8, 8)])
-def test_lora_moe_matches_brute_force(shape, with_out, dtype, gen):
+                                   (40, 16, 48, 64, 8, 8), (150, 70, 67, 3, 5, 2), (9, 13, 11, 2, 67, 1)])
+def test_lora_moe_matches_brute_force(shape, with_out, dtype, backend, gen):
+    if not backend_supports(backend, dtype):
+        pytest.skip(f"{backend} on CPU does not run {dtype}")
     inputs = make_inputs(gen, *shape, dtype=dtype)
-    run_and_compare(inputs, gen, with_out=with_out)
+    run_and_compare(inputs, gen, with_out=with_out, backend=backend)
 
 
-def test_expert_without_tokens_gets_exactly_zero_gradient(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expert_without_tokens_gets_exactly_zero_gradient(backend, gen):
     inputs = make_inputs(gen, 21, 10, 9, 6, 4, 2, unused_expert=True)
-    leaves = run_and_compare(inputs, gen)
+    leaves = run_and_compare(inputs, gen, backend=backend)
     assert not (inputs["experts"] == 5).any()
     assert torch.count_nonzero(leaves["lora_a"].grad[5]) == 0
     assert torch.count_nonzero(leaves["lora_b"].grad[5]) == 0
@@ -87,55 +97,79 @@ def test_lora_moe_accepts_id_and_weight_dtypes(ids_dtype, weights_in_x_dtype, ge
     run_and_compare(inputs, gen)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_out", [False, True])
-def test_lora_moe_empty_input(with_out, gen):
+def test_lora_moe_empty_input(with_out, backend, gen):
     inputs = make_inputs(gen, 0, 8, 6, 3, 2, 2)
-    leaves = run_and_compare(inputs, gen, with_out=with_out)
+    leaves = run_and_compare(inputs, gen, with_out=with_out, backend=backend)
     assert leaves["x"].grad.shape == (0, 8)
     assert torch.count_nonzero(leaves["lora_a"].grad) == 0
 
 
-def test_lora_moe_gradcheck(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_moe_gradcheck(backend, gen):
     inputs = make_inputs(gen, 5, 4, 3, 3, 2, 2, dtype=torch.float64, weights_dtype=torch.float64)
     tensors = tuple(inputs[n].requires_grad_() for n in ("x", "lora_a", "lora_b", "weights"))
-    assert torch.autograd.gradcheck(lambda *t: sdk.lora_moe(*t, inputs["experts"], scaling=0.7), tensors)
+    options = dict(scaling=0.7, backend=backend)
+    fast = backend == "triton"  # the interpreter pays per launch: random projections instead of every column
+    assert torch.autograd.gradcheck(lambda *t: sdk.lora_moe(*t, inputs["experts"], **options), tensors,
+                                    fast_mode=fast)
     base = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda b, *t: sdk.lora_moe(*t, inputs["experts"], scaling=0.7, out=b * 1.0), (base, *tensors))
+        lambda b, *t: sdk.lora_moe(*t, inputs["experts"], out=b * 1.0, **options), (base, *tensors), fast_mode=fast)
 
 
-def test_lora_moe_duplicate_expert_in_one_token_adds_up(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_moe_duplicate_expert_in_one_token_adds_up(backend, gen):
     inputs = make_inputs(gen, 6, 5, 4, 3, 2, 3)
     inputs["experts"][:, 1] = inputs["experts"][:, 0]
-    run_and_compare(inputs, gen)
+    run_and_compare(inputs, gen, backend=backend)
 
 
-def test_out_of_range_ids_contribute_nothing_without_validation(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_moe_is_bitwise_deterministic(backend, gen):
+    """Same inputs, same bits: output and every gradient (no float atomics in any backend)."""
+    inputs = make_inputs(gen, 131, 20, 18, 4, 6, 3)
+    runs = []
+    for _ in range(2):
+        leaves = {n: inputs[n].clone().requires_grad_() for n in ("x", "lora_a", "lora_b", "weights")}
+        y = sdk.lora_moe(**leaves, experts=inputs["experts"], scaling=0.5, backend=backend)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        runs.append([y.detach()] + [leaves[n].grad for n in leaves])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_ids_contribute_nothing_without_validation(backend, gen):
     inputs = make_inputs(gen, 9, 6, 5, 4, 2, 2)
     inputs["experts"][0, 0] = -1
     inputs["experts"][3, 1] = 4
     inputs["experts"][5, 0] = 1000
+    inputs["experts"][7, :] = -5  # a token with no valid expert at all
     leaves = {n: inputs[n].clone().requires_grad_() for n in ("x", "lora_a", "lora_b", "weights")}
-    y = sdk.lora_moe(**leaves, experts=inputs["experts"], validate=False)
+    y = sdk.lora_moe(**leaves, experts=inputs["experts"], validate=False, backend=backend)
     assert_close(y, brute.lora_moe(**inputs), torch.float32)
+    assert torch.count_nonzero(y[7]) == 0
     y.sum().backward()
     assert leaves["weights"].grad[0, 0] == 0 and leaves["weights"].grad[3, 1] == 0
-    with pytest.raises(ValueError, match=r"experts holds expert id -1, outside \[0, 4\)"):
-        sdk.lora_moe(**inputs, validate=True)
+    assert torch.count_nonzero(leaves["x"].grad[7]) == 0 and torch.count_nonzero(leaves["weights"].grad[7]) == 0
+    with pytest.raises(ValueError, match=r"experts holds expert id -5, outside \[0, 4\)"):
+        sdk.lora_moe(**inputs, validate=True, backend=backend)
     with pytest.raises(ValueError, match="outside"):
-        sdk.lora_moe(**inputs)  # validate defaults to True on CPU
+        sdk.lora_moe(**inputs, backend=backend)  # validate defaults to True on CPU
 
 
 @settings(max_examples=30, deadline=None)
 @given(num_tokens=st.integers(0, 12), d_in=st.integers(1, 9), d_out=st.integers(1, 9),
        num_experts=st.integers(1, 6), rank=st.integers(1, 5), data=st.data(), seed=st.integers(0, 2**31 - 1),
-       with_out=st.booleans())
-def test_lora_moe_property(num_tokens, d_in, d_out, num_experts, rank, data, seed, with_out):
+       with_out=st.booleans(), backend=st.sampled_from(BACKENDS))
+def test_lora_moe_property(num_tokens, d_in, d_out, num_experts, rank, data, seed, with_out, backend):
     top_k = data.draw(st.integers(1, num_experts))
     gen = torch.Generator().manual_seed(seed)
     inputs = make_inputs(gen, num_tokens, d_in, d_out, num_experts, rank, top_k,
                          unused_expert=data.draw(st.booleans()))
-    run_and_compare(inputs, gen, scaling=data.draw(st.floats(0.1, 4.0)), with_out=with_out)
+    run_and_compare(inputs, gen, scaling=data.draw(st.floats(0.1, 4.0)), with_out=with_out, backend=backend)
 
 
 def _bad(**overrides):
@@ -168,3 +202,20 @@ def _bad(**overrides):
 def test_lora_moe_rejects_bad_input(overrides, error, match):
     with pytest.raises(error, match=match):
         sdk.lora_moe(**_bad(**overrides))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_moe_custom_ops_pass_opcheck(backend, gen):
+    """Schema, fake (meta) implementations and autograd registration agree with the real kernels."""
+    module = importlib.import_module("sparsedoctor_kernels.ops.lora_moe")  # the package re-exports the function
+
+    inputs = make_inputs(gen, 7, 5, 4, 3, 2, 2)
+    args = (inputs["x"], inputs["lora_a"], inputs["lora_b"], inputs["weights"], inputs["experts"], 0.5)
+    torch.library.opcheck(module._lora_moe_forward, (*args, backend), test_utils=("test_schema", "test_faketensor"))
+    out = torch.randn(7, 4, generator=gen)
+    torch.library.opcheck(module._lora_moe_forward_into, (*args, out, backend),
+                          test_utils=("test_schema", "test_faketensor"))
+    _, h, plan = module._lora_moe_forward(*args, backend)
+    grad_y = torch.randn(7, 4, generator=gen)
+    torch.library.opcheck(module._lora_moe_backward, (grad_y, *args[:5], h, plan, 0.5, backend),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sparsedoctor_kernels import reference
-from sparsedoctor_kernels._backend import default_validate, resolve_backend
+from sparsedoctor_kernels._backend import LazyImplementation, default_validate, resolve_backend
 from sparsedoctor_kernels._validation import (
     check_ids_in_range,
     compute_dtype,
@@ -17,50 +17,55 @@ from sparsedoctor_kernels._validation import (
     require_shape,
 )
 
-IMPLEMENTATIONS = {"torch": reference.lora_moe}
+# Each implementation provides forward -> (y, h, plan), forward_into -> (h, plan), backward and plan_numel:
+# h = A[e] @ x per pair is kept so the backward never recomputes the shrink, and `plan` (int32, possibly
+# empty) is whatever routing order the implementation built in the forward and reuses in the backward.
+IMPLEMENTATIONS = {"triton": LazyImplementation("sparsedoctor_kernels.triton.lora_moe"), "torch": reference.lora_moe}
 
 
-def _fake_intermediate(x, lora_a, experts):
-    """The rank-r intermediate h = A[e] @ x kept for the backward: [T, k, r] in the compute dtype."""
-    return x.new_empty((*experts.shape, lora_a.shape[1]), dtype=compute_dtype(x.dtype, lora_a.dtype))
+def _fake_saved(x, lora_a, experts, backend):
+    """The rank-r intermediate h ([T, k, r] in the compute dtype) and the plan kept for the backward."""
+    h = x.new_empty((*experts.shape, lora_a.shape[1]), dtype=compute_dtype(x.dtype, lora_a.dtype))
+    numel = IMPLEMENTATIONS[backend].plan_numel(experts.shape[0], experts.shape[1], lora_a.shape[0])
+    return h, x.new_empty((numel,), dtype=torch.int32)
 
 
 @torch.library.custom_op("sparsedoctor::lora_moe_forward", mutates_args=())
 def _lora_moe_forward(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     scaling: float, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return IMPLEMENTATIONS[backend].forward(x, lora_a, lora_b, weights, experts, scaling)
 
 
 @_lora_moe_forward.register_fake
 def _(x, lora_a, lora_b, weights, experts, scaling, backend):
-    return x.new_empty((x.shape[0], lora_b.shape[1])), _fake_intermediate(x, lora_a, experts)
+    return x.new_empty((x.shape[0], lora_b.shape[1])), *_fake_saved(x, lora_a, experts, backend)
 
 
 @torch.library.custom_op("sparsedoctor::lora_moe_forward_into", mutates_args=("out",))
 def _lora_moe_forward_into(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     scaling: float, out: torch.Tensor, backend: str,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     return IMPLEMENTATIONS[backend].forward_into(x, lora_a, lora_b, weights, experts, scaling, out)
 
 
 @_lora_moe_forward_into.register_fake
 def _(x, lora_a, lora_b, weights, experts, scaling, out, backend):
-    return _fake_intermediate(x, lora_a, experts)
+    return _fake_saved(x, lora_a, experts, backend)
 
 
 @torch.library.custom_op("sparsedoctor::lora_moe_backward", mutates_args=())
 def _lora_moe_backward(
     grad_y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weights: torch.Tensor,
-    experts: torch.Tensor, h: torch.Tensor, scaling: float, backend: str,
+    experts: torch.Tensor, h: torch.Tensor, plan: torch.Tensor, scaling: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return IMPLEMENTATIONS[backend].backward(grad_y, x, lora_a, lora_b, weights, experts, h, scaling)
+    return IMPLEMENTATIONS[backend].backward(grad_y, x, lora_a, lora_b, weights, experts, h, plan, scaling)
 
 
 @_lora_moe_backward.register_fake
-def _(grad_y, x, lora_a, lora_b, weights, experts, h, scaling, backend):
+def _(grad_y, x, lora_a, lora_b, weights, experts, h, plan, scaling, backend):
     return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(weights)
 
 
@@ -68,21 +73,21 @@ class _LoraMoEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, weights, experts, scaling, out, backend):
         if out is None:
-            y, h = _lora_moe_forward(x, lora_a, lora_b, weights, experts, scaling, backend)
+            y, h, plan = _lora_moe_forward(x, lora_a, lora_b, weights, experts, scaling, backend)
         else:
-            h = _lora_moe_forward_into(x, lora_a, lora_b, weights, experts, scaling, out, backend)
+            h, plan = _lora_moe_forward_into(x, lora_a, lora_b, weights, experts, scaling, out, backend)
             ctx.mark_dirty(out)
             y = out
-        ctx.save_for_backward(x, lora_a, lora_b, weights, experts, h)
+        ctx.save_for_backward(x, lora_a, lora_b, weights, experts, h, plan)
         ctx.scaling, ctx.backend, ctx.has_out = scaling, backend, out is not None
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, lora_a, lora_b, weights, experts, h = ctx.saved_tensors
+        x, lora_a, lora_b, weights, experts, h, plan = ctx.saved_tensors
         grad_x, grad_a, grad_b, grad_w = _lora_moe_backward(
-            grad_y.contiguous(), x, lora_a, lora_b, weights, experts, h, ctx.scaling, ctx.backend
+            grad_y.contiguous(), x, lora_a, lora_b, weights, experts, h, plan, ctx.scaling, ctx.backend
         )
         grad_out = grad_y if ctx.has_out else None  # out + delta: out's producers see grad_y unchanged
         return grad_x, grad_a, grad_b, grad_w, None, None, grad_out, None

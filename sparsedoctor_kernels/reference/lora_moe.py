@@ -30,8 +30,18 @@ def _scatter_to_experts(pairs: torch.Tensor, ids: torch.Tensor, num_experts: int
     return dense.scatter_add_(1, ids[..., None].expand(num_tokens, top_k, rank), pairs)
 
 
+def plan_numel(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """The reference needs no routing plan (sorted order, tiles) between forward and backward."""
+    return 0
+
+
+def _no_plan(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.int32, device=x.device)
+
+
 def forward(x, lora_a, lora_b, weights, experts, scaling: float):
-    """Returns (y [T, d_out] in x's dtype, h [T, k, r] = A[e] @ x in the compute dtype, kept for backward)."""
+    """Returns (y [T, d_out] in x's dtype, h [T, k, r] = A[e] @ x in the compute dtype, plan), h and the
+    (empty) plan kept for the backward."""
     dtype = compute_dtype(x.dtype, lora_a.dtype)
     num_tokens, top_k = experts.shape
     num_experts, rank, _ = lora_a.shape
@@ -42,17 +52,17 @@ def forward(x, lora_a, lora_b, weights, experts, scaling: float):
     gated = _scatter_to_experts(coef[..., None] * h, ids, num_experts)
     lora_b_rows = _as_expert_rows(lora_b.transpose(1, 2), dtype)  # [E*r, d_out]
     y = gated.view(num_tokens, num_experts * rank) @ lora_b_rows
-    return y.to(x.dtype), h
+    return y.to(x.dtype), h, _no_plan(x)
 
 
 def forward_into(x, lora_a, lora_b, weights, experts, scaling: float, out: torch.Tensor) -> torch.Tensor:
-    """Adds y into `out` in place; returns h."""
-    y, h = forward(x, lora_a, lora_b, weights, experts, scaling)
+    """Adds y into `out` in place; returns (h, plan)."""
+    y, h, plan = forward(x, lora_a, lora_b, weights, experts, scaling)
     out.add_(y)
-    return h
+    return h, plan
 
 
-def backward(grad_y, x, lora_a, lora_b, weights, experts, h, scaling: float):
+def backward(grad_y, x, lora_a, lora_b, weights, experts, h, plan, scaling: float):
     """Returns (grad_x, grad_lora_a, grad_lora_b, grad_weights), each in its input's dtype."""
     dtype = h.dtype
     num_tokens, top_k = experts.shape

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: install, check, test, benchmark; logs and CSVs into $OUT (or ./gpu-run).
+#   bash benchmarks/gpu_run.sh [all|test|bench-route|bench-lora [bench_lora_moe.py args...]]
+# The machine has torch/triton but no package registry: the project installs without build isolation or deps.
+set -uo pipefail
+stage="${1:-all}"; shift || true
+out="${OUT:-$PWD/gpu-run}"; mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+status=0
+
+if [[ ! -f "$out/install.log" ]]; then
+  SPARSEDOCTOR_BUILD_CUDA=0 python3 -m pip install --no-build-isolation --no-deps -e . >"$out/install.log" 2>&1 \
+    || { tail -20 "$out/install.log"; exit 1; }
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+
+if [[ "$stage" == all || "$stage" == test ]]; then
+  sparsedoctor check --device cuda 2>&1 | tee "$out/check.log" || status=1
+  python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tee "$out/test_gpu.log" || status=1
+  python3 -m pytest -q tests -p no:cacheprovider --deselect tests/test_gpu.py 2>&1 | tail -30 | tee "$out/tests.log" || status=1
+fi
+if [[ "$stage" == all || "$stage" == bench-route ]]; then
+  (cd benchmarks && python3 bench_route.py "$@") 2>&1 | tee "$out/bench_route.log" || status=1
+fi
+if [[ "$stage" == all || "$stage" == bench-lora ]]; then
+  (cd benchmarks && python3 bench_lora_moe.py "$@") 2>&1 | tee "$out/bench_lora_moe.log" || status=1
+fi
+cp benchmarks/results/*.csv "$out/" 2>/dev/null || true
+exit $status

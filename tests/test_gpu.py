@@ -1,0 +1,183 @@
+"""The GPU backends on CUDA tensors: 16-bit dtypes, larger shapes, bitwise determinism and CUDA-graph capture
+(which fails on any host synchronisation). Skipped without a GPU.
+
+The oracle here is the torch reference run in float64 on the CPU (it is itself tested against the brute-force
+loops); tolerances scale with the largest expected magnitude, because these outputs are long reductions."""
+
+import pytest
+import torch
+
+import sparsedoctor_kernels as sdk
+
+from conftest import TOLERANCES
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def assert_close_scaled(actual, expected, dtype, name):
+    atol, rtol = TOLERANCES[dtype]
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.detach().double().cpu(), expected.detach().double().cpu(), atol=atol * scale,
+                               rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def _route_case(num_tokens, num_experts, top_k, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts, generator=gen, dtype=torch.float64) * 2
+    grad_w = torch.randn(num_tokens, top_k, generator=gen, dtype=torch.float64)
+    grad_p = torch.randn(num_experts, generator=gen, dtype=torch.float64)
+    return logits.to(dtype), grad_w, grad_p
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", [(4099, 8, 2), (1000, 60, 4), (777, 256, 8), (3, 1, 1)])
+def test_triton_route_on_gpu(shape, dtype):
+    logits, grad_w, grad_p = _route_case(*shape, dtype, seed=sum(shape))
+    leaf = logits.cuda().requires_grad_()
+    got = sdk.route(leaf, shape[2], backend="triton")
+    ((got.weights.double() * grad_w.cuda()).sum() + (got.probs_mean.double() * grad_p.cuda()).sum()).backward()
+    oracle = logits.double().requires_grad_()  # the same rounded logits, in float64
+    want = sdk.route(oracle, shape[2], backend="torch")
+    ((want.weights * grad_w).sum() + (want.probs_mean * grad_p).sum()).backward()
+    torch.testing.assert_close(got.experts.cpu(), want.experts, rtol=0, atol=0)
+    torch.testing.assert_close(got.counts.cpu(), want.counts, rtol=0, atol=0)
+    assert_close_scaled(got.weights, want.weights, torch.float32, "weights")
+    assert_close_scaled(got.probs_mean, want.probs_mean, torch.float32, "probs_mean")
+    assert_close_scaled(leaf.grad, oracle.grad, dtype if dtype != torch.float32 else torch.float32, "grad logits")
+
+
+def _lora_case(num_tokens, d_in, d_out, num_experts, rank, top_k, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    pool = max(top_k, num_experts - 1)  # the last expert gets no token when E > k
+    experts = torch.stack([torch.randperm(pool, generator=gen)[:top_k] for _ in range(num_tokens)]).int()
+    tensors = dict(
+        x=torch.randn(num_tokens, d_in, **f64), lora_a=torch.randn(num_experts, rank, d_in, **f64) / d_in**0.5,
+        lora_b=torch.randn(num_experts, d_out, rank, **f64) / rank**0.5, weights=torch.rand(num_tokens, top_k, **f64),
+        base=torch.randn(num_tokens, d_out, **f64), grad_y=torch.randn(num_tokens, d_out, **f64),
+    )
+    # Round once to the dtype under test so that kernel and oracle see the same numbers.
+    rounded = {n: t.to(dtype if n not in ("weights",) else torch.float32).double() for n, t in tensors.items()}
+    return rounded, experts
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("with_out", [False, True])
+@pytest.mark.parametrize("shape", [(1000, 256, 384, 8, 16, 2), (777, 200, 130, 64, 8, 4), (513, 96, 70, 5, 67, 3),
+                                   (64, 2560, 9728, 8, 16, 2)])
+def test_triton_lora_moe_on_gpu(shape, with_out, dtype):
+    rounded, experts = _lora_case(*shape, dtype, seed=sum(shape))
+    names = ("x", "lora_a", "lora_b", "weights")
+    leaves = {n: rounded[n].to("cuda", dtype if n != "weights" else torch.float32).requires_grad_() for n in names}
+    oracle = {n: rounded[n].clone().requires_grad_() for n in names}
+    out = rounded["base"].to("cuda", dtype) if with_out else None
+    got = sdk.lora_moe(**leaves, experts=experts.cuda(), scaling=2.0, out=out, backend="triton")
+    want = sdk.lora_moe(**oracle, experts=experts, scaling=2.0, backend="torch")
+    if with_out:
+        assert got is out
+        want = want + rounded["base"]
+    assert_close_scaled(got, want, dtype, "y")
+    (got.double() * rounded["grad_y"].cuda()).sum().backward()
+    (want * rounded["grad_y"]).sum().backward()
+    for n in names:
+        assert_close_scaled(leaves[n].grad, oracle[n].grad, dtype, f"grad {n}")
+    unused = shape[3] - 1
+    if shape[3] > shape[5]:
+        assert torch.count_nonzero(leaves["lora_a"].grad[unused]) == 0
+        assert torch.count_nonzero(leaves["lora_b"].grad[unused]) == 0
+
+
+def test_triton_lora_moe_is_bitwise_deterministic_on_gpu():
+    rounded, experts = _lora_case(4097, 512, 768, 8, 16, 2, torch.bfloat16, seed=3)
+    runs = []
+    for _ in range(3):
+        leaves = {n: rounded[n].to("cuda", torch.bfloat16).requires_grad_() for n in ("x", "lora_a", "lora_b")}
+        weights = rounded["weights"].float().cuda().requires_grad_()
+        y = sdk.lora_moe(**leaves, weights=weights, experts=experts.cuda(), backend="triton")
+        y.backward(rounded["grad_y"].to("cuda", torch.bfloat16))
+        runs.append([y.detach()] + [t.grad for t in (*leaves.values(), weights)])
+    for later in runs[1:]:
+        for first, again in zip(runs[0], later):
+            assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("with_out", [False, True])
+def test_triton_lora_moe_empty_and_out_of_range_on_gpu(with_out):
+    x = torch.zeros(0, 8, device="cuda", requires_grad=True)
+    lora_a = torch.randn(3, 2, 8, device="cuda", requires_grad=True)
+    lora_b = torch.randn(3, 5, 2, device="cuda", requires_grad=True)
+    weights = torch.zeros(0, 2, device="cuda", requires_grad=True)
+    experts = torch.zeros(0, 2, dtype=torch.int32, device="cuda")
+    out = torch.zeros(0, 5, device="cuda") if with_out else None
+    y = sdk.lora_moe(x, lora_a, lora_b, weights, experts, out=out, backend="triton")
+    y.sum().backward()
+    assert y.shape == (0, 5) and torch.count_nonzero(lora_a.grad) == 0 and torch.count_nonzero(lora_b.grad) == 0
+
+    x = torch.randn(6, 8, device="cuda", requires_grad=True)
+    weights = torch.rand(6, 2, device="cuda", requires_grad=True)
+    experts = torch.tensor([[0, 1], [-1, 2], [3, 1], [7, -9], [2, 2], [1, 100]], dtype=torch.int32, device="cuda")
+    y = sdk.lora_moe(x, lora_a, lora_b, weights, experts, backend="triton", validate=False)
+    want = sdk.lora_moe(x.detach().cpu(), lora_a.detach().cpu(), lora_b.detach().cpu(), weights.detach().cpu(),
+                        experts.cpu(), backend="torch", validate=False)
+    assert_close_scaled(y, want, torch.float32, "y")
+    y.sum().backward()
+    assert torch.count_nonzero(y[3]) == 0 and torch.count_nonzero(x.grad[3]) == 0
+    assert weights.grad[1, 0] == 0 and weights.grad[5, 1] == 0
+
+
+def test_route_and_lora_moe_capture_in_a_cuda_graph():
+    """Capture fails on any host synchronisation: forward and backward of both ops must be sync-free."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(300, 64, device="cuda", generator=gen, requires_grad=True)
+    router = torch.randn(8, 64, device="cuda", generator=gen, requires_grad=True)
+    lora_a = torch.randn(8, 4, 64, device="cuda", generator=gen, requires_grad=True)
+    lora_b = torch.randn(8, 48, 4, device="cuda", generator=gen, requires_grad=True)
+    params = (x, router, lora_a, lora_b)
+
+    def step():
+        routing = sdk.route(x @ router.T, 2, backend="triton", validate=False)
+        y = sdk.lora_moe(x, lora_a, lora_b, routing.weights, routing.experts, backend="triton", validate=False)
+        loss = y.square().mean() + sdk.load_balance_loss(routing)
+        return loss, torch.autograd.grad(loss, params)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up: compile the kernels outside the capture
+            eager_loss, eager_grads = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_loss, graph_grads = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(graph_loss, eager_loss)
+    for got, want in zip(graph_grads, eager_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_fullgraph_compile_with_triton_on_gpu():
+    torch._dynamo.reset()
+    x = torch.randn(129, 32, device="cuda")
+    router = torch.randn(6, 32, device="cuda", requires_grad=True)
+    lora_a = torch.randn(6, 4, 32, device="cuda", requires_grad=True)
+    lora_b = torch.randn(6, 40, 4, device="cuda", requires_grad=True)
+    base = torch.randn(40, 32, device="cuda")
+
+    def layer(x, router, lora_a, lora_b):
+        routing = sdk.route(x @ router.T, 2)
+        y = sdk.lora_moe(x, lora_a, lora_b, routing.weights, routing.experts, out=x @ base.T)
+        return y.square().mean() + sdk.load_balance_loss(routing)
+
+    params = (router, lora_a, lora_b)
+    eager = layer(x, *params)
+    eager_grads = torch.autograd.grad(eager, params)
+    compiled = torch.compile(layer, fullgraph=True)(x, *params)
+    torch.testing.assert_close(compiled, eager)
+    for got, want in zip(torch.autograd.grad(compiled, params), eager_grads):
+        torch.testing.assert_close(got, want)
