@@ -198,6 +198,15 @@ def argument_parser(description: str, gpu_tokens: list[int], cpu_tokens: list[in
     return parser
 
 
+def script_main(argv, description: str, gpu_tokens: list[int], cpu_tokens: list[int], run: Callable,
+                summarize: Callable, add_arguments: Callable | None = None) -> int:
+    """A benchmark script's main: common arguments (plus the script's own), then `run_script`."""
+    parser = argument_parser(description, gpu_tokens, cpu_tokens)
+    if add_arguments is not None:
+        add_arguments(parser)
+    return run_script(parser.parse_args(argv), run, summarize)
+
+
 def run_script(args, run: Callable, summarize: Callable) -> int:
     """Measure (rows echoed as CSV while they come), update the results CSV, print the summary table last."""
     device = torch.device(args.device)

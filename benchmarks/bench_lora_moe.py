@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import sys
 
-import _harness as harness
 import torch
 import torch.nn.functional as F
 
 import sparsedoctor_kernels as sdk
 from sparsedoctor_kernels import baselines
+
+import _harness as harness
 
 # Qwen3-4B: hidden 2560, intermediate 9728, 32 query heads and 8 key/value heads of 128.
 QWEN3_4B_SHAPES = {"q_proj": (2560, 4096), "k_proj": (2560, 1024), "v_proj": (2560, 1024), "o_proj": (4096, 2560),
@@ -152,17 +153,15 @@ def summarize(rows: list[dict], copy_gbps: float) -> None:
                          "layer/base", "GB/s", "% copy"], table)
 
 
-def parse_args(argv=None):
-    parser = harness.argument_parser(__doc__, GPU_TOKENS, CPU_TOKENS)
+def add_arguments(parser) -> None:
     parser.add_argument("--shapes", nargs="+", choices=list(QWEN3_4B_SHAPES), default=list(QWEN3_4B_SHAPES))
     parser.add_argument("--configs", nargs="+", type=lambda s: tuple(int(v) for v in s.split(",")),
                         default=CONFIGS, help="E,k,r triples")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=IMPLS)
-    return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    return harness.run_script(parse_args(argv), run, summarize)
+    return harness.script_main(argv, __doc__, GPU_TOKENS, CPU_TOKENS, run, summarize, add_arguments)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import sys
 
-import _harness as harness
 import torch
 
 import sparsedoctor_kernels as sdk
+
+import _harness as harness
 
 GPU_TOKENS = [4096, 16384]
 CPU_TOKENS = [1024]
@@ -72,13 +73,8 @@ def summarize(rows: list[dict], copy_gbps: float) -> None:
     harness.print_table(["T", "E", "k", "mode", "triton ms", "eager ms", "x eager", "GB/s", "% copy"], table)
 
 
-def parse_args(argv=None):
-    parser = harness.argument_parser(__doc__, GPU_TOKENS, CPU_TOKENS)
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    return harness.run_script(parse_args(argv), run, summarize)
+    return harness.script_main(argv, __doc__, GPU_TOKENS, CPU_TOKENS, run, summarize)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, check, test, benchmark; logs and CSVs into $OUT (or ./gpu-run).
-#   bash benchmarks/gpu_run.sh [all|test|bench-route|bench-lora [bench_lora_moe.py args...]]
+#   bash benchmarks/gpu_run.sh [all|build|test|bench-route|bench-queue|bench-infonce|bench-lora [script args...]]
 # The machine has torch/triton but no package registry: the project installs without build isolation or deps.
 set -uo pipefail
 stage="${1:-all}"; shift || true
@@ -8,10 +8,11 @@ out="${OUT:-$PWD/gpu-run}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
 
-if [[ ! -f "$out/install.log" ]]; then
-  SPARSEDOCTOR_BUILD_CUDA=0 python3 -m pip install --no-build-isolation --no-deps -e . >"$out/install.log" 2>&1 \
-    || { tail -20 "$out/install.log"; exit 1; }
-fi
+# The CUDA extension is built in place (the editable install); a build failure is fatal here, with its log.
+TORCH_CUDA_ARCH_LIST="9.0" SPARSEDOCTOR_BUILD_CUDA=1 MAX_JOBS=16 \
+  python3 -m pip install --no-build-isolation --no-deps -v -e . >"$out/install.log" 2>&1 \
+  || { grep -E "error|Error" "$out/install.log" | head -40; tail -20 "$out/install.log"; exit 1; }
+python3 -c "from sparsedoctor_kernels import _C; print(_C.build_info())" | tee "$out/build.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 
@@ -23,6 +24,11 @@ fi
 if [[ "$stage" == all || "$stage" == bench-route ]]; then
   (cd benchmarks && python3 bench_route.py "$@") 2>&1 | tee "$out/bench_route.log" || status=1
 fi
+for op in queue infonce; do
+  if [[ "$stage" == all || "$stage" == "bench-$op" ]]; then
+    (cd benchmarks && python3 "bench_$op.py" "$@") 2>&1 | tee "$out/bench_$op.log" || status=1
+  fi
+done
 if [[ "$stage" == all || "$stage" == bench-lora ]]; then
   (cd benchmarks && python3 bench_lora_moe.py "$@") 2>&1 | tee "$out/bench_lora_moe.log" || status=1
 fi

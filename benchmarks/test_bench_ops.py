@@ -3,11 +3,12 @@
 Small shapes on CPU (torch paths only), the issue's gate_proj and routing shapes on a GPU. The scripts beside
 this file are the full suite and write the results CSV; this is the quick, comparable-run-to-run view."""
 
+import pytest
+import torch
+
 import _harness as harness
 import bench_lora_moe
 import bench_route
-import pytest
-import torch
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

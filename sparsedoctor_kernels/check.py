@@ -163,7 +163,7 @@ def run_checks(devices: list[str] | None = None, seed: int = 0) -> list[CheckRes
             dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
             for backend in BACKENDS:
                 if backend not in IMPLEMENTATIONS[case.op]:
-                    results.append(CheckResult(case.op, backend, device_name, "-", None, None, "not implemented yet"))
+                    results.append(CheckResult(case.op, backend, device_name, "-", None, None, "no such backend"))
                     continue
                 reason = why_backend_cannot_run(backend, device)
                 if reason is not None:

@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -70,3 +72,18 @@ def test_default_validate():
     assert default_validate(None, torch.device("cuda")) is False
     assert default_validate(False, CPU) is False
     assert default_validate(True, torch.device("cuda")) is True
+
+
+@pytest.mark.parametrize("op", ["route", "ExpertQueue.enqueue"])
+def test_cuda_backend_on_cpu_tensors_says_why(op):
+    with pytest.raises(RuntimeError, match=f"{op}: backend 'cuda' cannot run: the CUDA extension needs CUDA"):
+        CALLS[op]("cuda")
+
+
+def test_missing_cuda_extension_is_explained(monkeypatch):
+    import sparsedoctor_kernels._backend as backend
+
+    monkeypatch.setattr(backend, "_probed", {})
+    monkeypatch.setitem(sys.modules, "sparsedoctor_kernels._C", None)  # as if it was never built
+    reason = backend.why_backend_cannot_run("cuda", torch.device("cuda"))
+    assert "sparsedoctor_kernels._C is not built" in reason and "SPARSEDOCTOR_BUILD_CUDA=1" in reason

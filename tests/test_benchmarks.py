@@ -66,3 +66,21 @@ def test_ideal_bytes_grow_with_work(quantity):
     small = bench_lora_moe.ideal_bytes("triton", quantity, 10, 8, 8, 2, 1, 2, 2, False)
     large = bench_lora_moe.ideal_bytes("triton", quantity, 20, 8, 8, 2, 1, 2, 2, False)
     assert large > small > 0
+
+
+def test_queue_and_infonce_benchmark_scripts_write_rows(tmp_path):
+    import bench_infonce
+    import bench_queue
+
+    out = tmp_path / "cpu.csv"
+    assert bench_queue.main(["--device", "cpu", "--tokens", "40", "--rep-ms", "1", "--out", str(out)]) == 0
+    assert bench_infonce.main(["--device", "cpu", "--tokens", "9", "--modes", "fwd", "full", "--rep-ms", "1",
+                               "--out", str(out)]) == 0
+    rows = _rows(out)
+    queue_rows = [r for r in rows if r["op"] == "queue"]
+    assert {r["impl"] for r in queue_rows} == {"torch", "naive"} and {r["mode"] for r in queue_rows} == {"fwd"}
+    assert len(queue_rows) == 2 * len(bench_queue.EXPERTS) * len(bench_queue.CPU_CAPACITIES)
+    infonce_rows = [r for r in rows if r["op"] == "infonce"]
+    expected = {(impl, mode) for impl in ("torch", "naive") for mode in ("fwd", "full")}
+    assert {(r["impl"], r["mode"]) for r in infonce_rows} == expected
+    assert all(r["shape"].startswith("Q=") and r["T"] in ("40", "9") for r in queue_rows + infonce_rows)

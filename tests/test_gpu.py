@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import sparsedoctor_kernels as sdk
+from sparsedoctor_kernels._backend import why_backend_cannot_run
 
+import brute
 from conftest import TOLERANCES
 
 pytestmark = [
@@ -17,6 +19,14 @@ pytestmark = [
 ]
 
 GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def gpu_backends(op):
+    """The op's non-reference backends that can run on this GPU (`cuda` only when the extension is built)."""
+    cuda = torch.device("cuda")
+    return [pytest.param(b, marks=pytest.mark.skipif(why_backend_cannot_run(b, cuda) is not None,
+                                                     reason=str(why_backend_cannot_run(b, cuda))))
+            for b in sdk.ops.IMPLEMENTATIONS[op] if b != "torch"] if torch.cuda.is_available() else ["triton"]
 
 
 def assert_close_scaled(actual, expected, dtype, name):
@@ -34,12 +44,13 @@ def _route_case(num_tokens, num_experts, top_k, dtype, seed):
     return logits.to(dtype), grad_w, grad_p
 
 
+@pytest.mark.parametrize("backend", gpu_backends("route"))
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("shape", [(4099, 8, 2), (1000, 60, 4), (777, 256, 8), (3, 1, 1)])
-def test_triton_route_on_gpu(shape, dtype):
+@pytest.mark.parametrize("shape", [(4099, 8, 2), (1000, 60, 4), (777, 256, 8), (3, 1, 1), (0, 5, 2)])
+def test_route_on_gpu(shape, dtype, backend):
     logits, grad_w, grad_p = _route_case(*shape, dtype, seed=sum(shape))
     leaf = logits.cuda().requires_grad_()
-    got = sdk.route(leaf, shape[2], backend="triton")
+    got = sdk.route(leaf, shape[2], backend=backend)
     ((got.weights.double() * grad_w.cuda()).sum() + (got.probs_mean.double() * grad_p.cuda()).sum()).backward()
     oracle = logits.double().requires_grad_()  # the same rounded logits, in float64
     want = sdk.route(oracle, shape[2], backend="torch")
@@ -181,3 +192,88 @@ def test_fullgraph_compile_with_triton_on_gpu():
     torch.testing.assert_close(compiled, eager)
     for got, want in zip(torch.autograd.grad(compiled, params), eager_grads):
         torch.testing.assert_close(got, want)
+
+
+def _queue_case(num_experts, capacity, dim, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    queue = sdk.ExpertQueue(num_experts, capacity, dim, dtype=dtype)
+    queue.keys.copy_(torch.randn(queue.keys.shape, generator=gen))
+    queue.ptr.copy_(torch.randint(0, capacity, (num_experts,), generator=gen))
+    queue.size.copy_(torch.randint(0, capacity + 1, (num_experts,), generator=gen))
+    return queue, gen
+
+
+@pytest.mark.parametrize("backend", gpu_backends("ExpertQueue.enqueue"))
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("num_experts, capacity, rows", [(8, 1024, 16384), (64, 37, 5000), (3, 5, 4000), (1, 7, 0)])
+def test_enqueue_on_gpu(num_experts, capacity, rows, dtype, backend):
+    """Bit-exact against the row-by-row oracle; many more rows than slots, so racing writers would show."""
+    queue, gen = _queue_case(num_experts, capacity, 16, dtype, seed=rows + num_experts)
+    on_gpu = _on_gpu(queue)
+    for _ in range(3):
+        keys = torch.randn(rows, 16, generator=gen)
+        experts = torch.randint(-1, num_experts + 1, (rows,), generator=gen, dtype=torch.int32)
+        expected = brute.enqueue(queue.keys, queue.ptr, queue.size, keys.to(dtype), experts)
+        queue.keys.copy_(expected[0].to(dtype)), queue.ptr.copy_(expected[1]), queue.size.copy_(expected[2])
+        on_gpu.enqueue(keys.cuda(), experts.cuda(), backend=backend, validate=False)
+        for name in ("keys", "ptr", "size"):
+            assert torch.equal(getattr(on_gpu, name).cpu(), getattr(queue, name)), name
+
+
+@pytest.mark.parametrize("backend", gpu_backends("infonce_queue_loss"))
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("num_rows, num_experts, capacity, dim", [(1000, 8, 300, 128), (77, 64, 33, 50), (0, 2, 4, 8)])
+def test_infonce_on_gpu(num_rows, num_experts, capacity, dim, normalize, dtype, backend):
+    queue, gen = _queue_case(num_experts, capacity, dim, torch.float32, seed=num_rows + dim)
+    queue.keys.copy_(torch.nn.functional.normalize(queue.keys, dim=-1))
+    query = torch.randn(num_rows, dim, generator=gen, dtype=torch.float64).to(dtype).double()
+    positive = (query + torch.randn(num_rows, dim, generator=gen, dtype=torch.float64)).to(dtype).double()
+    experts = torch.randint(0, num_experts, (num_rows,), generator=gen)
+    upstream = torch.randn(num_rows, generator=gen, dtype=torch.float64)
+    leaves = [t.to("cuda", dtype).requires_grad_() for t in (query, positive)]
+    oracle = [t.clone().requires_grad_() for t in (query, positive)]
+    got = sdk.infonce_queue_loss(*leaves, _on_gpu(queue), experts.cuda(),
+                                 normalize=normalize, reduction="none", backend=backend)
+    want = sdk.infonce_queue_loss(*oracle, (queue.keys.double(), queue.size), experts, normalize=normalize,
+                                  reduction="none", backend="torch")
+    assert_close_scaled(got, want, torch.float32, "loss")
+    (got.double() * upstream.cuda()).sum().backward()
+    (want * upstream).sum().backward()
+    for leaf, ref, name in zip(leaves, oracle, ("query", "positive")):
+        assert_close_scaled(leaf.grad, ref.grad, dtype, f"grad {name}")
+
+
+def _on_gpu(queue):
+    copy = sdk.ExpertQueue(queue.num_experts, queue.capacity, queue.dim, dtype=queue.keys.dtype, device="cuda")
+    copy.load_state_dict(queue.state_dict())
+    return copy
+
+
+def test_queue_and_infonce_capture_in_a_cuda_graph():
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    queue = sdk.ExpertQueue(8, 64, 32, device="cuda")
+    query = torch.randn(500, 32, device="cuda", generator=gen, requires_grad=True)
+    experts = torch.randint(0, 8, (500,), device="cuda", generator=gen)
+
+    def step():
+        loss = sdk.infonce_queue_loss(query, query.tanh(), queue, experts, backend="triton", validate=False)
+        queue.enqueue(query.detach(), experts, backend="triton", validate=False)
+        return loss, torch.autograd.grad(loss, query)[0]
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    queue.reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_loss, graph_grad = step()
+    queue.reset()
+    eager_loss, eager_grad = step()
+    queue.reset()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(graph_loss, eager_loss)
+    torch.testing.assert_close(graph_grad, eager_grad)

@@ -7,7 +7,9 @@ from torch.utils.checkpoint import checkpoint
 import sparsedoctor_kernels as sdk
 
 import brute
-from conftest import assert_close
+from conftest import assert_close, backend_supports, cpu_backends
+
+BACKENDS = cpu_backends("infonce_queue_loss")
 
 
 def make_queue(gen, num_experts, capacity, dim, sizes=None, dtype=torch.float32):
@@ -21,15 +23,16 @@ def make_queue(gen, num_experts, capacity, dim, sizes=None, dtype=torch.float32)
 
 
 def run_and_compare(gen, num_rows, dim, queue, *, reduction="mean", normalize=True, temperature=0.1,
-                    dtype=torch.float32, query_experts=None, scale=1.0):
+                    dtype=torch.float32, query_experts=None, scale=1.0, backend="torch", positive_noise=0.5):
     query = torch.randn(num_rows, dim, generator=gen, dtype=torch.float64).to(dtype)
-    positive = (query.double() + 0.5 * torch.randn(num_rows, dim, generator=gen, dtype=torch.float64)).to(dtype)
+    noise = positive_noise * torch.randn(num_rows, dim, generator=gen, dtype=torch.float64)
+    positive = (query.double() + noise).to(dtype)
     if query_experts is None:
         query_experts = torch.randint(0, queue.num_experts, (num_rows,), generator=gen)
     leaves = query.clone().requires_grad_(), positive.clone().requires_grad_()
     oracle = query.double().requires_grad_(), positive.double().requires_grad_()
     loss = sdk.infonce_queue_loss(*leaves, queue, query_experts, temperature=temperature, normalize=normalize,
-                                  reduction=reduction, validate=False)
+                                  reduction=reduction, validate=False, backend=backend)
     rows = brute.infonce_rows(*oracle, queue.keys, queue.size, query_experts, temperature, normalize)
     expected = {"none": rows, "sum": rows.sum(), "mean": rows.mean() if num_rows else rows.sum()}[reduction]
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -48,42 +51,62 @@ def run_and_compare(gen, num_rows, dim, queue, *, reduction="mean", normalize=Tr
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_infonce_matches_brute_force(reduction, normalize, dtype, gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infonce_matches_brute_force(reduction, normalize, dtype, backend, gen):
+    if not backend_supports(backend, dtype):
+        pytest.skip(f"{backend} on CPU does not run {dtype}")
     queue = make_queue(gen, 5, 9, 12, sizes=[9, 3, 0, 6, 1])
     scale = 10.0 if not normalize else 1.0  # unnormalised scores are ~10x larger
-    run_and_compare(gen, 23, 12, queue, reduction=reduction, normalize=normalize, dtype=dtype, scale=scale)
+    run_and_compare(gen, 23, 12, queue, reduction=reduction, normalize=normalize, dtype=dtype, scale=scale,
+                    backend=backend)
 
 
-def test_empty_queue_gives_zero_loss_and_gradient(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("queue_dtype", [torch.float32, torch.float16])
+def test_infonce_over_tiles_of_a_long_queue(backend, queue_dtype, gen):
+    """More query rows than one program holds, queues longer than one tile of slots, p not a power of two,
+    and a queue stored in another dtype than the queries."""
+    queue = make_queue(gen, 4, 150, 20, sizes=[150, 70, 0, 129], dtype=queue_dtype)
+    run_and_compare(gen, 83, 20, queue, reduction="none", backend=backend)
+    # A positive unrelated to its query: negatives often beat it, so the running maximum moves between tiles.
+    run_and_compare(gen, 83, 20, queue, reduction="none", backend=backend, positive_noise=100.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_queue_gives_zero_loss_and_gradient(backend, gen):
     queue = make_queue(gen, 3, 4, 6, sizes=[0, 0, 0])
-    loss, leaves = run_and_compare(gen, 7, 6, queue, reduction="none")
+    loss, leaves = run_and_compare(gen, 7, 6, queue, reduction="none", backend=backend)
     assert torch.all(loss.abs() < 1e-6)
     assert torch.all(leaves[0].grad.abs() < 1e-6)
 
 
-def test_only_own_expert_filled_means_no_negatives(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_own_expert_filled_means_no_negatives(backend, gen):
     queue = make_queue(gen, 3, 4, 6, sizes=[4, 0, 0])
-    loss, _ = run_and_compare(gen, 5, 6, queue, reduction="none", query_experts=torch.zeros(5, dtype=torch.long))
+    loss, _ = run_and_compare(gen, 5, 6, queue, reduction="none", query_experts=torch.zeros(5, dtype=torch.long),
+                              backend=backend)
     assert torch.all(loss.abs() < 1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_empty_batch(reduction, gen):
+def test_empty_batch(reduction, backend, gen):
     queue = make_queue(gen, 3, 4, 6)
-    loss, leaves = run_and_compare(gen, 0, 6, queue, reduction=reduction)
+    loss, leaves = run_and_compare(gen, 0, 6, queue, reduction=reduction, backend=backend)
     assert loss.shape == ((0,) if reduction == "none" else ())
     if reduction != "none":
         assert loss.item() == 0.0
     assert leaves[0].grad.shape == (0, 6)
 
 
-def test_zero_vector_query_uses_the_eps_clamp(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_vector_query_uses_the_eps_clamp(backend, gen):
     """At ||q|| = 0 the normaliser is the 1e-12 clamp (as in F.normalize): finite, huge gradients."""
     queue = make_queue(gen, 2, 3, 4, sizes=[3, 3])
     query = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
     positive = torch.randn(2, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     experts = torch.tensor([0, 1])
-    loss = sdk.infonce_queue_loss(query, positive, queue, experts, reduction="sum")
+    loss = sdk.infonce_queue_loss(query, positive, queue, experts, reduction="sum", backend=backend)
     oracle = query.detach().clone().requires_grad_()
     expected = brute.infonce_rows(oracle, positive.detach(), queue.keys, queue.size, experts).sum()
     torch.testing.assert_close(loss, expected)
@@ -93,10 +116,11 @@ def test_zero_vector_query_uses_the_eps_clamp(gen):
     torch.testing.assert_close(query.grad, oracle.grad, rtol=1e-9, atol=0)
 
 
-def test_tuple_queue_and_ids_outside_range(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tuple_queue_and_ids_outside_range(backend, gen):
     queue = make_queue(gen, 3, 5, 4, sizes=[5, 2, 4])
     ids = torch.tensor([0, 3, -1, 2])  # 3 and -1 name no expert: every stored key is a negative
-    run_and_compare(gen, 4, 4, queue, query_experts=ids, reduction="none")
+    run_and_compare(gen, 4, 4, queue, query_experts=ids, reduction="none", backend=backend)
     q = torch.randn(4, 4, generator=gen)
     as_tuple = sdk.infonce_queue_loss(q, q, (queue.keys, queue.size), ids, validate=False)
     assert_close(as_tuple, sdk.infonce_queue_loss(q, q, queue, ids, validate=False), torch.float32)
@@ -104,7 +128,8 @@ def test_tuple_queue_and_ids_outside_range(gen):
         sdk.infonce_queue_loss(q, q, queue, ids)
 
 
-def test_infonce_gradcheck(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infonce_gradcheck(backend, gen):
     queue = make_queue(gen, 3, 4, 5, sizes=[4, 2, 3], dtype=torch.float64)
     query = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     positive = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -112,18 +137,19 @@ def test_infonce_gradcheck(gen):
     for normalize in (True, False):
         assert torch.autograd.gradcheck(
             lambda q, k, n=normalize: sdk.infonce_queue_loss(q, k, queue, experts, temperature=0.3, normalize=n,
-                                                             reduction="none"), (query, positive))
+                                                             reduction="none", backend=backend), (query, positive))
 
 
-def test_in_place_enqueue_does_not_change_gradients_against_oracle(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_place_enqueue_does_not_change_gradients_against_oracle(backend, gen):
     queue = make_queue(gen, 4, 6, 8, sizes=[6, 6, 2, 4])
     snapshot = queue.keys.clone(), queue.size.clone()
     query = torch.randn(10, 8, generator=gen)
     positive = torch.randn(10, 8, generator=gen)
     experts = torch.randint(0, 4, (10,), generator=gen)
     q, k = query.clone().requires_grad_(), positive.clone().requires_grad_()
-    loss = sdk.infonce_queue_loss(q, k, queue, experts)
-    queue.enqueue(torch.randn(30, 8, generator=gen), torch.randint(0, 4, (30,), generator=gen))
+    loss = sdk.infonce_queue_loss(q, k, queue, experts, backend=backend)
+    queue.enqueue(torch.randn(30, 8, generator=gen), torch.randint(0, 4, (30,), generator=gen), backend=backend)
     assert not torch.equal(queue.keys, snapshot[0])
     loss.backward()
     oq, ok = query.double().requires_grad_(), positive.double().requires_grad_()
@@ -132,7 +158,8 @@ def test_in_place_enqueue_does_not_change_gradients_against_oracle(gen):
     assert_close(k.grad, ok.grad, torch.float32, name="grad positive")
 
 
-def test_saved_for_backward_does_not_grow_with_the_queue(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saved_for_backward_does_not_grow_with_the_queue(backend, gen):
     def saved_bytes(capacity):
         queue = make_queue(gen, 8, capacity, 16, sizes=[capacity] * 8)
         q = torch.randn(32, 16, generator=gen, requires_grad=True)
@@ -144,7 +171,7 @@ def test_saved_for_backward_does_not_grow_with_the_queue(gen):
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            sdk.infonce_queue_loss(q, q * 1.0, queue, torch.randint(0, 8, (32,), generator=gen))
+            sdk.infonce_queue_loss(q, q * 1.0, queue, torch.randint(0, 8, (32,), generator=gen), backend=backend)
         return total
 
     small, large = saved_bytes(16), saved_bytes(1024)
@@ -172,12 +199,12 @@ def test_non_reentrant_checkpoint(gen):
 @settings(max_examples=30, deadline=None)
 @given(num_rows=st.integers(0, 10), dim=st.integers(1, 8), num_experts=st.integers(1, 5),
        capacity=st.integers(0, 6), normalize=st.booleans(), reduction=st.sampled_from(["mean", "sum", "none"]),
-       seed=st.integers(0, 2**31 - 1))
-def test_infonce_property(num_rows, dim, num_experts, capacity, normalize, reduction, seed):
+       seed=st.integers(0, 2**31 - 1), backend=st.sampled_from(BACKENDS))
+def test_infonce_property(num_rows, dim, num_experts, capacity, normalize, reduction, seed, backend):
     gen = torch.Generator().manual_seed(seed)
     queue = make_queue(gen, num_experts, capacity, dim)
     run_and_compare(gen, num_rows, dim, queue, reduction=reduction, normalize=normalize, temperature=0.5,
-                    scale=1.0 if normalize else 10.0)
+                    scale=1.0 if normalize else 10.0, backend=backend)
 
 
 def _bad_call(**overrides):

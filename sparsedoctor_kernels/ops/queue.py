@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from sparsedoctor_kernels import reference
-from sparsedoctor_kernels._backend import default_validate, resolve_backend
+from sparsedoctor_kernels._backend import LazyImplementation, default_validate, resolve_backend
 from sparsedoctor_kernels._validation import (
     FLOAT_DTYPES,
     check_ids_in_range,
@@ -17,7 +17,11 @@ from sparsedoctor_kernels._validation import (
     require_shape,
 )
 
-IMPLEMENTATIONS = {"torch": reference.queue}
+IMPLEMENTATIONS = {
+    "triton": LazyImplementation("sparsedoctor_kernels.triton.queue"),
+    "cuda": LazyImplementation("sparsedoctor_kernels.cuda.queue"),
+    "torch": reference.queue,
+}
 
 
 @torch.library.custom_op("sparsedoctor::queue_enqueue", mutates_args=("queue_keys", "ptr", "size"))

@@ -11,7 +11,11 @@ from sparsedoctor_kernels._backend import LazyImplementation, resolve_backend
 from sparsedoctor_kernels._validation import compute_dtype, require_float, require_positive_int
 
 # Backends in order of preference on the GPU; the reference last.
-IMPLEMENTATIONS = {"triton": LazyImplementation("sparsedoctor_kernels.triton.routing"), "torch": reference.routing}
+IMPLEMENTATIONS = {
+    "triton": LazyImplementation("sparsedoctor_kernels.triton.routing"),
+    "cuda": LazyImplementation("sparsedoctor_kernels.cuda.routing"),
+    "torch": reference.routing,
+}
 
 
 class Routing(NamedTuple):

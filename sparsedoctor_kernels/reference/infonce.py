@@ -17,26 +17,36 @@ NORM_EPS = 1e-12
 MAX_SCORES_PER_BLOCK = 1 << 24
 
 
-def _normalize(u: torch.Tensor):
+def normalize_rows(u: torch.Tensor):
     norm = u.norm(dim=-1, keepdim=True)
     denom = norm.clamp_min(NORM_EPS)
     return u / denom, norm, denom
 
 
-def _normalize_backward(grad_v, v, norm, denom):
+def normalize_rows_backward(grad_v, v, norm, denom):
     """Gradient through v = u / max(||u||, eps); below eps the denominator is a constant."""
     projected = (grad_v - v * (v * grad_v).sum(-1, keepdim=True)) / denom
     return torch.where(norm > NORM_EPS, projected, grad_v / denom)
 
 
+def normalized_views(query, positive, normalize: bool):
+    """(q, k, to_inputs) in the compute dtype, normalised when asked; `to_inputs(grad_q, grad_k)` carries
+    gradients w.r.t. q and k back to query and positive."""
+    dtype = compute_dtype(query.dtype, positive.dtype)
+    q, k = query.to(dtype), positive.to(dtype)
+    if not normalize:
+        return q, k, lambda grad_q, grad_k: (grad_q, grad_k)
+    q, q_norm, q_denom = normalize_rows(q)
+    k, k_norm, k_denom = normalize_rows(k)
+    return q, k, lambda grad_q, grad_k: (normalize_rows_backward(grad_q, q, q_norm, q_denom),
+                                         normalize_rows_backward(grad_k, k, k_norm, k_denom))
+
+
 def forward(query, positive, queue_keys, queue_size, query_experts, temperature: float, normalize: bool):
     """Returns (loss [N], d loss_i / d query_i [N, p], d loss_i / d positive_i [N, p]) in the compute dtype."""
-    dtype = compute_dtype(query.dtype, positive.dtype)
     num_experts, capacity, dim = queue_keys.shape
-    q, k = query.to(dtype), positive.to(dtype)
-    if normalize:
-        q, q_norm, q_denom = _normalize(q)
-        k, k_norm, k_denom = _normalize(k)
+    q, k, to_inputs = normalized_views(query, positive, normalize)
+    dtype = q.dtype
 
     keys = queue_keys.to(dtype).reshape(num_experts * capacity, dim)
     key_expert = torch.arange(num_experts, device=keys.device).repeat_interleave(capacity)
@@ -60,7 +70,4 @@ def forward(query, positive, queue_keys, queue_size, query_experts, temperature:
         grad_q[rows] = ((p_pos - 1)[:, None] * kb + p_neg @ keys) / temperature
         grad_k[rows] = (p_pos - 1)[:, None] * qb / temperature
 
-    if normalize:
-        grad_q = _normalize_backward(grad_q, q, q_norm, q_denom)
-        grad_k = _normalize_backward(grad_k, k, k_norm, k_denom)
-    return loss, grad_q, grad_k
+    return loss, *to_inputs(grad_q, grad_k)

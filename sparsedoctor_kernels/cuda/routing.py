@@ -1,0 +1,31 @@
+"""`route` on the CUDA extension: one warp per token (E <= 256). The backward recomputes the softmax from the
+logits with the reference's expressions (no kernel of its own: it is one fused elementwise pass in torch)."""
+
+from __future__ import annotations
+
+import torch
+
+from sparsedoctor_kernels import _C
+from sparsedoctor_kernels._alloc import empty
+from sparsedoctor_kernels.reference.routing import backward  # noqa: F401 - this backend's backward
+
+MAX_EXPERTS = 256
+
+
+def forward(logits: torch.Tensor, top_k: int, renormalize: bool):
+    num_tokens, num_experts = logits.shape
+    if num_experts > MAX_EXPERTS:
+        raise ValueError(f"backend='cuda' routes at most {MAX_EXPERTS} experts, got E={num_experts}; "
+                         "use backend='triton'")
+    device = logits.device
+    weights = empty((num_tokens, top_k), torch.float32, device)
+    experts = empty((num_tokens, top_k), torch.int32, device)
+    counts = empty((num_experts,), torch.int32, device)
+    partial = empty((_C.route_partial_rows(num_tokens), num_experts), torch.float32, device)
+    if num_tokens > 0:
+        torch.ops.sparsedoctor_cuda.route_forward(logits.contiguous(), top_k, renormalize, weights, experts, counts,
+                                                  partial)
+    else:
+        counts.zero_()
+    probs_mean = partial.sum(0) / max(num_tokens, 1)
+    return weights, experts, counts, probs_mean
