@@ -1,0 +1,62 @@
+"""SparseDoctorConfig: the adapter's hyper-parameters (the defaults are the ones the method documents)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+QWEN3_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class SparseDoctorConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    r: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = QWEN3_PROJECTIONS
+    proj_dim: int = 64
+    queue_size: int = 1024
+    temperature: float = 0.07
+    balance_coef: float = 0.01
+    contrastive_coef: float = 0.1
+    contrastive_tokens: int = 256
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        for name in ("num_experts", "top_k", "r", "proj_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SparseDoctorConfig.{name} must be an int >= 1, got {value!r}")
+        for name in ("queue_size", "contrastive_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"SparseDoctorConfig.{name} must be an int >= 0, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"SparseDoctorConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"SparseDoctorConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.temperature <= 0:
+            raise ValueError(f"SparseDoctorConfig.temperature must be > 0, got {self.temperature}")
+        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+            raise ValueError(f"SparseDoctorConfig.target_modules must name at least one module, "
+                             f"got {self.target_modules!r}")
+
+    @property
+    def scaling(self) -> float:
+        """s = lora_alpha / r, as in LoRA."""
+        return self.lora_alpha / self.r
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SparseDoctorConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SparseDoctorConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**data)

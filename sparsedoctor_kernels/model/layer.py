@@ -1,0 +1,148 @@
+"""LoraMoELinear: a frozen nn.Linear plus E LoRA experts behind a router, a projection head and an expert queue.
+
+    y = W x + s * sum_j g_j B_ej A_ej dropout(x)      (route + lora_moe, the delta added into W x in place)
+
+In training it also computes the contrastive term on a random subset of at most `contrastive_tokens` real
+(non-padding) tokens: the routed view (the top-1 expert's own LoRA output) against the fused view (the gate-
+weighted top-k output), both through the projection head, with the other experts' queued routed views as
+negatives. Only public ops are used here; the backends are the ops' business.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import sparsedoctor_kernels as sdk
+from sparsedoctor_kernels.model.config import SparseDoctorConfig
+
+ROUTER_INIT_STD = 0.02
+
+
+class ForwardContext:
+    """What one wrapper forward shares with its layers. `recording` is on during the wrapper's own forward
+    and off during a gradient-checkpointing recomputation, which must compute the same tensors but must not
+    record losses or stage queue rows a second time."""
+
+    def __init__(self):
+        self.token_mask: torch.Tensor | None = None  # [batch * seq] bool: True for real tokens
+        self.recording = False
+        self.balance_terms: list[torch.Tensor] = []
+        self.contrastive_terms: list[torch.Tensor] = []
+
+    def start(self, token_mask: torch.Tensor | None) -> None:
+        self.token_mask, self.recording = token_mask, True
+        self.balance_terms, self.contrastive_terms = [], []
+
+    def stop(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        self.recording = False
+        terms = self.balance_terms, self.contrastive_terms
+        self.balance_terms, self.contrastive_terms = [], []
+        return terms
+
+
+class LoraMoELinear(nn.Module):
+    def __init__(self, base: nn.Linear, config: SparseDoctorConfig, context: ForwardContext):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.config = config
+        self.context = context
+        num_experts, rank = config.num_experts, config.r
+        d_in, d_out = base.in_features, base.out_features
+        device = base.weight.device
+        # Adapter parameters stay float32 (mixed-precision training casts them at use).
+        self.router = nn.Parameter(torch.randn(num_experts, d_in, device=device) * ROUTER_INIT_STD)
+        self.lora_a = nn.Parameter(torch.empty(num_experts, rank, d_in, device=device))
+        for expert in range(num_experts):  # PEFT's LoRA A initialisation, per expert
+            nn.init.kaiming_uniform_(self.lora_a.data[expert], a=math.sqrt(5))
+        self.lora_b = nn.Parameter(torch.zeros(num_experts, d_out, rank, device=device))  # delta = 0 at init
+        self.head = nn.Linear(d_out, config.proj_dim, device=device)
+        self.queue = sdk.ExpertQueue(num_experts, config.queue_size, config.proj_dim, device=device)
+        self.dropout = nn.Dropout(config.lora_dropout)
+        self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.last_load: torch.Tensor | None = None  # [E] pairs routed to each expert in the last forward
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"in_features={self.base.in_features}, out_features={self.base.out_features}, "
+                f"num_experts={c.num_experts}, top_k={c.top_k}, r={c.r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1])
+        out = self.base(flat)
+        dtype = out.dtype  # under autocast the frozen layer decides the compute dtype
+        flat = flat.to(dtype)
+        router_logits = flat @ self.router.to(dtype).T
+        routing = sdk.route(router_logits, self.config.top_k)
+        adapter_in = self.dropout(flat)
+        lora_a, lora_b = self.lora_a.to(dtype), self.lora_b.to(dtype)
+        out = sdk.lora_moe(adapter_in, lora_a, lora_b, routing.weights, routing.experts,
+                           scaling=self.config.scaling, out=out)
+        mask = self._token_mask(flat.shape[0])
+        balance = self._balance(router_logits, routing, mask)
+        contrastive = None
+        if self.training and self.config.contrastive_tokens > 0:
+            contrastive = self._contrastive(adapter_in, lora_a, lora_b, routing, mask)
+        if self.context.recording:
+            self.last_load = routing.counts.detach()
+            self.context.balance_terms.append(balance)
+            if contrastive is not None:
+                self.context.contrastive_terms.append(contrastive)
+        return out.reshape(*lead, out.shape[-1])
+
+    def _token_mask(self, num_tokens: int) -> torch.Tensor | None:
+        mask = self.context.token_mask
+        return mask if mask is not None and mask.numel() == num_tokens else None
+
+    def _balance(self, router_logits, routing, mask) -> torch.Tensor:
+        """The load-balancing loss over real tokens only (padding excluded from counts and probabilities)."""
+        if mask is None:
+            return sdk.load_balance_loss(routing)
+        num_experts, top_k = self.config.num_experts, self.config.top_k
+        valid = mask.to(torch.float32)
+        num_valid = valid.sum().clamp_min(1.0)
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        probs_mean = (probs * valid[:, None]).sum(0) / num_valid
+        counts = torch.zeros(num_experts, device=probs.device).index_add_(
+            0, routing.experts.reshape(-1).long(), valid.repeat_interleave(top_k))
+        return num_experts * ((counts / (num_valid * top_k)) * probs_mean).sum()
+
+    def _contrastive(self, adapter_in, lora_a, lora_b, routing, mask) -> torch.Tensor:
+        num_tokens = adapter_in.shape[0]
+        picked_count = min(self.config.contrastive_tokens, num_tokens)
+        if picked_count == 0:
+            return adapter_in.new_zeros((), dtype=torch.float32)
+        # A uniform random subset of the real tokens, without a host sync: padding scores -1 and sorts last.
+        scores = torch.rand(num_tokens, device=adapter_in.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, -1.0)
+        picked = scores.topk(picked_count).indices
+        picked_real = scores[picked] >= 0
+        tokens = adapter_in[picked]
+        top1 = routing.experts[picked, :1]
+        scaling = self.config.scaling
+        routed = sdk.lora_moe(tokens, lora_a, lora_b, torch.ones_like(routing.weights[picked, :1]), top1,
+                              scaling=scaling)
+        fused = sdk.lora_moe(tokens, lora_a, lora_b, routing.weights[picked], routing.experts[picked],
+                             scaling=scaling)
+        query, positive = self.head(routed.float()), self.head(fused.float())
+        query_experts = torch.where(picked_real, top1[:, 0].long(), -1)  # -1: padding, never enqueued
+        rows = sdk.infonce_queue_loss(query, positive, self.queue, query_experts,
+                                      temperature=self.config.temperature, reduction="none", validate=False)
+        if self.context.recording:
+            self._staged.append((F.normalize(query.detach(), dim=-1), query_experts))
+        weight = picked_real.to(rows.dtype)
+        return (rows * weight).sum() / weight.sum().clamp_min(1.0)
+
+    @torch.no_grad()
+    def commit_queue(self) -> None:
+        """Write the routed views staged by earlier forwards into the queue (all ranks' under distributed)."""
+        gather = dist.is_available() and dist.is_initialized()
+        for keys, experts in self._staged:
+            self.queue.enqueue(keys, experts, gather=gather, validate=False)
+        self._staged.clear()
