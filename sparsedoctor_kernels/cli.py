@@ -22,6 +22,55 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _settings_from(args: argparse.Namespace):
+    import dataclasses
+
+    from sparsedoctor_kernels.model import SparseDoctorConfig
+    from sparsedoctor_kernels.training import TrainSettings
+
+    adapter = SparseDoctorConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SparseDoctorConfig)})
+    return TrainSettings(
+        output_dir=args.output_dir, model=args.model, data=args.data or [], steps=args.steps,
+        batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup_steps,
+        max_length=args.max_length, seed=args.seed, device=args.device, bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every, resume=args.resume,
+        progress=not args.no_progress, adapter=adapter,
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sparsedoctor_kernels.training import train
+
+    result = train(_settings_from(args))
+    last = result.history[-1] if result.history else None
+    if last:
+        print("final step: " + ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "lm", "balance", "contrastive")))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sparsedoctor_kernels.demo import run_demo
+
+    return run_demo(args.output_dir, steps=args.steps, device=args.device, progress=not args.no_progress)
+
+
+def _add_adapter_flags(parser: argparse.ArgumentParser) -> None:
+    """Every SparseDoctorConfig field as a flag, with the config's default."""
+    import dataclasses
+
+    from sparsedoctor_kernels.model import SparseDoctorConfig
+
+    group = parser.add_argument_group("adapter (SparseDoctorConfig)")
+    defaults = SparseDoctorConfig()
+    for f in dataclasses.fields(SparseDoctorConfig):
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, tuple):
+            group.add_argument(flag, nargs="+", default=default, help=f"default: {' '.join(default)}")
+        else:
+            group.add_argument(flag, type=type(default), default=default, help=f"default: {default}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsedoctor", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -30,6 +79,33 @@ def build_parser() -> argparse.ArgumentParser:
                        help="device to check (repeatable; default: cpu, and cuda when available)")
     check.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     check.set_defaults(handler=_check)
+
+    train = commands.add_parser("train", help="train a SparseDoctor adapter on a causal LM")
+    train.add_argument("--model", default="tiny", help="'tiny' (a small random Qwen3) or a local HF model directory")
+    train.add_argument("--data", nargs="+", help="JSONL files of instruction or multiple-choice records "
+                       "(default: the bundled demo set)")
+    train.add_argument("--output-dir", default="sparsedoctor-run")
+    train.add_argument("--steps", type=int, default=100)
+    train.add_argument("--batch-size", type=int, default=8, help="per process")
+    train.add_argument("--lr", type=float, default=5e-3)
+    train.add_argument("--warmup-steps", type=int, default=10)
+    train.add_argument("--max-length", type=int, default=512)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    train.add_argument("--bf16", action="store_true", help="bf16 autocast (and a bf16 base model)")
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: never)")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_adapter_flags(train)
+    train.set_defaults(handler=_train)
+
+    demo = commands.add_parser("demo", help="train, save, reload and plot on a tiny Qwen3 (a few minutes on CPU)")
+    demo.add_argument("--output-dir", default="sparsedoctor-demo")
+    demo.add_argument("--steps", type=int, default=100)
+    demo.add_argument("--device", default=None)
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(handler=_demo)
     return parser
 
 

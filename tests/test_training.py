@@ -1,0 +1,175 @@
+"""Data, tokenizer, the training loop (checkpoints, resume, plots, metrics), DDP, and the train/demo commands."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from sparsedoctor_kernels import cli  # noqa: E402
+from sparsedoctor_kernels.data import (  # noqa: E402
+    DataError,
+    build_tokenizer,
+    corpus,
+    demo_records,
+    format_example,
+    load_jsonl,
+    write_jsonl,
+)
+from sparsedoctor_kernels.demo import run_demo  # noqa: E402
+from sparsedoctor_kernels.model import SparseDoctorConfig  # noqa: E402
+from sparsedoctor_kernels.training import TrainSettings, encode, train  # noqa: E402
+
+from conftest import SHARED  # noqa: E402
+
+SMALL = SparseDoctorConfig(num_experts=4, top_k=2, r=4, lora_alpha=8, proj_dim=16, queue_size=32,
+                           contrastive_tokens=16)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def settings(tmp_path, name="run", **overrides):
+    values = dict(output_dir=str(tmp_path / name), steps=4, batch_size=4, max_length=48, save_every=0,
+                  progress=False, tiny_vocab_size=600, adapter=SMALL)
+    values.update(overrides)
+    return TrainSettings(**values)
+
+
+def test_demo_records_are_valid_and_answers_point_at_the_truth():
+    records = demo_records()
+    assert len(records) == 300 and records == demo_records()  # deterministic
+    multiple_choice = [r for r in records if "question" in r]
+    assert len(multiple_choice) == 100
+    for record in multiple_choice:
+        prompt, response = format_example(record)
+        assert response.startswith(record["answer"] + ". ")
+        assert len(set(record["options"].values())) == 4  # distinct options
+    prompt, response = format_example(records[0])
+    assert prompt.startswith("问题：") and prompt.endswith("回答：") and "缺铁性贫血" in response
+
+
+def test_load_jsonl_names_the_bad_line(tmp_path):
+    path = write_jsonl(demo_records()[:3], tmp_path / "ok.jsonl")
+    assert len(load_jsonl(path)) == 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "x", "response": "y"}) + "\n" + json.dumps({"text": "z"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: a record needs"):
+        load_jsonl(bad)
+    bad.write_text(json.dumps({"question": "q", "options": ["a", "b"], "answer": "C"}) + "\n")
+    with pytest.raises(DataError, match=r"answer 'C' is not one of the options \['A', 'B'\]"):
+        load_jsonl(bad)
+
+
+def test_tokenizer_round_trips_and_labels_cover_only_the_response():
+    records = demo_records()
+    tokenizer = build_tokenizer(corpus(records), vocab_size=600)
+    text = "".join(format_example(records[5]))
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    (ids, labels), = encode(records[5:6], tokenizer, max_length=512)
+    prompt, response = format_example(records[5])
+    supervised = [t for t, label in zip(ids, labels) if label != -100]
+    assert tokenizer.decode(supervised) == response + "<eos>"
+    assert labels[: len(tokenizer(prompt)["input_ids"])] == [-100] * len(tokenizer(prompt)["input_ids"])
+
+
+@pytest.mark.skipif(not (SHARED / "tokenizers" / "qwen2").is_dir(), reason="../shared/tokenizers/qwen2 not present")
+def test_prompts_with_the_real_qwen_tokenizer():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "qwen2")
+    if tokenizer.eos_token_id is None:
+        tokenizer.eos_token = "<|endoftext|>"
+    records = demo_records()
+    examples = encode(records[:10], tokenizer, max_length=512)
+    for record, (ids, labels) in zip(records[:10], examples):
+        prompt, response = format_example(record)
+        assert tokenizer.decode(ids, skip_special_tokens=True) == prompt + response
+        supervised = [t for t, label in zip(ids, labels) if label != -100]
+        assert tokenizer.decode(supervised, skip_special_tokens=True) == response
+
+
+def test_training_writes_metrics_plots_checkpoints_and_adapter(tmp_path):
+    run = settings(tmp_path, steps=6, save_every=3)
+    result = train(run, log=lambda *_: None)
+    out = tmp_path / "run"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert set(rows[0]) >= {"loss", "lm", "balance", "contrastive", "lr", "seconds"}
+    for png in ("loss.png", "expert_load.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+    for directory in ("checkpoint-3/adapter", "checkpoint-6/adapter", "adapter"):
+        assert (out / directory / "adapter_model.safetensors").is_file()
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.bin"))  # no pickle anywhere
+    assert (out / "latest").read_text().strip() == "checkpoint-6"
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert set(result.expert_load) == {"layer 0", "layer 1"}
+    assert all(abs(sum(shares) - 1) < 1e-6 for shares in result.expert_load.values())
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
+    straight = train(settings(tmp_path, "straight", steps=6, save_every=3), log=lambda *_: None)
+    train(settings(tmp_path, "resumed", steps=3, save_every=3), log=lambda *_: None)
+    resumed = train(settings(tmp_path, "resumed", steps=6, save_every=3, resume=True), log=lambda *_: None)
+    assert [r["step"] for r in resumed.history] == [4, 5, 6]
+    for got, want in zip(resumed.history, straight.history[3:]):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    straight_params = dict(straight.model.named_parameters())
+    for name, param in resumed.model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param, straight_params[name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(settings(tmp_path, "empty", resume=True), log=lambda *_: None)
+
+
+def _ddp_worker(rank, world, port, base_dir, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        result = train(TrainSettings(output_dir=f"{base_dir}/ddp", steps=3, batch_size=2, max_length=48,
+                                     save_every=0, progress=False, tiny_vocab_size=600, adapter=SMALL, device="cpu"),
+                       log=lambda *_: None)
+        result.model.commit_queues()
+        results[rank] = {name: t.detach().clone() for name, t in result.model.state_dict().items()
+                         if any(key in name for key in ("router", "lora_", "head.", "queue."))}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_process_ddp_keeps_parameters_and_queues_identical(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), results), nprocs=2, join=True)
+        states = [dict(results[r]) for r in range(2)]
+    assert states[0] and set(states[0]) == set(states[1])
+    assert any(k.endswith("queue.size") and v.sum() > 0 for k, v in states[0].items())
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name
+
+
+def test_train_command(tmp_path, capsys):
+    code = cli.main(["train", "--output-dir", str(tmp_path / "cli"), "--steps", "2", "--batch-size", "2",
+                     "--max-length", "40", "--no-progress", "--num-experts", "3", "--r", "2", "--proj-dim", "8",
+                     "--queue-size", "16", "--target-modules", "q_proj", "down_proj"])
+    assert code == 0
+    assert "final step: loss" in capsys.readouterr().out
+    config = json.loads((tmp_path / "cli" / "adapter" / "adapter_config.json").read_text())
+    assert config["sparsedoctor"]["num_experts"] == 3 and config["sparsedoctor"]["target_modules"] == ["q_proj",
+                                                                                                      "down_proj"]
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    lines = []
+    assert run_demo(str(tmp_path / "demo"), steps=4, progress=False, log=lines.append) == 0
+    text = "\n".join(lines)
+    assert "logits identical" in text and "expert load" in text
+    assert (tmp_path / "demo" / "loss.png").read_bytes()[:8] == PNG
