@@ -54,6 +54,17 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.output_dir, steps=args.steps, device=args.device, progress=not args.no_progress)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from sparsedoctor_kernels.eval.command import run_eval, run_score
+    from sparsedoctor_kernels.eval.items import EvalDataError
+
+    try:
+        return run_score(args) if args.score else run_eval(args)
+    except (EvalDataError, FileNotFoundError) as error:
+        print(f"sparsedoctor eval: error: {error}", file=sys.stderr)
+        return 2
+
+
 def _add_adapter_flags(parser: argparse.ArgumentParser) -> None:
     """Every SparseDoctorConfig field as a flag, with the config's default."""
     import dataclasses
@@ -106,6 +117,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None)
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(handler=_demo)
+
+    evaluate = commands.add_parser("eval", help="evaluate on CMMLU-Med, CMB or CMExam, or score predictions")
+    evaluate.add_argument("--benchmark", required=True, choices=["cmmlu-med", "cmb", "cmexam"])
+    evaluate.add_argument("--data", help="CMMLU root (dev/, test/), CMB question JSON or CMExam CSV")
+    evaluate.add_argument("--answers", help="CMB: the official answer key JSON (CMB-test-choice-answer.json)")
+    evaluate.add_argument("--split", default="test", choices=["test", "dev"], help="CMMLU-Med split")
+    evaluate.add_argument("--subjects", nargs="+", help="CMMLU subjects (default: the seven medical ones)")
+    evaluate.add_argument("--model", default="tiny", help="'tiny' or a local Hugging Face model directory")
+    evaluate.add_argument("--adapter", help="a SparseDoctor adapter directory (save_adapter's output)")
+    evaluate.add_argument("--tokenizer", help="tokenizer directory (default: the model's, or the run's)")
+    evaluate.add_argument("--shots", type=int, default=0, choices=[0, 1, 2, 3, 4, 5])
+    evaluate.add_argument("--mode", default="logits", choices=["logits", "generate"],
+                          help="logits: option-letter log-probs (multi-answer items are generated anyway)")
+    evaluate.add_argument("--limit", type=int, help="only the first N items")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the tiny model")
+    evaluate.add_argument("--output-dir", default="sparsedoctor-eval")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.add_argument("--score", action="store_true", help="score --predictions instead of running a model")
+    evaluate.add_argument("--predictions", help="with --score: a predictions JSONL ({\"id\", \"prediction\"} lines)")
+    evaluate.set_defaults(handler=_eval)
     return parser
 
 

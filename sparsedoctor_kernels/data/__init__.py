@@ -51,19 +51,27 @@ def format_example(record: dict) -> tuple[str, str]:
                     f"{sorted(record)}")
 
 
-def load_jsonl(path: str | pathlib.Path) -> list[dict]:
+def iter_jsonl(path: str | pathlib.Path):
+    """(line number, object) for every non-empty line; malformed JSON raises DataError naming file and line."""
     path = pathlib.Path(path)
-    records = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-                format_example(record)
-            except (json.JSONDecodeError, DataError) as error:
-                raise DataError(f"{path}:{number}: {error}") from None
-            records.append(record)
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: malformed JSON ({error.msg})") from None
+
+
+def load_jsonl(path: str | pathlib.Path) -> list[dict]:
+    records = []
+    for number, record in iter_jsonl(path):
+        try:
+            format_example(record)
+        except DataError as error:
+            raise DataError(f"{path}:{number}: {error}") from None
+        records.append(record)
     if not records:
         raise DataError(f"{path} holds no records")
     return records
