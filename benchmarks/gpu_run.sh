@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, check, test, benchmark; logs and CSVs into $OUT (or ./gpu-run).
-#   bash benchmarks/gpu_run.sh [all|build|test|bench-route|bench-queue|bench-infonce|bench-lora [script args...]]
+#   bash benchmarks/gpu_run.sh [all|test|bench-route|bench-queue|bench-infonce|bench-step|bench-lora [script args...]]
 # The machine has torch/triton but no package registry: the project installs without build isolation or deps.
 set -uo pipefail
 stage="${1:-all}"; shift || true
@@ -24,7 +24,7 @@ fi
 if [[ "$stage" == all || "$stage" == bench-route ]]; then
   (cd benchmarks && python3 bench_route.py "$@") 2>&1 | tee "$out/bench_route.log" || status=1
 fi
-for op in queue infonce; do
+for op in queue infonce step; do
   if [[ "$stage" == all || "$stage" == "bench-$op" ]]; then
     (cd benchmarks && python3 "bench_$op.py" "$@") 2>&1 | tee "$out/bench_$op.log" || status=1
   fi

@@ -6,9 +6,10 @@ this file are the full suite and write the results CSV; this is the quick, compa
 import pytest
 import torch
 
-import _harness as harness
-import bench_lora_moe
-import bench_route
+import sparsedoctor_kernels as sdk
+from sparsedoctor_kernels.bench import harness
+from sparsedoctor_kernels.bench import lora_moe as bench_lora_moe
+from sparsedoctor_kernels.bench import route as bench_route
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -44,3 +45,30 @@ def test_route(benchmark, backend, num_experts, top_k, mode):
     num_tokens = 16384 if CUDA else 1024
     logits = torch.randn(num_tokens, num_experts, device=DEVICE).to(DTYPE).requires_grad_()
     _run(benchmark, harness.gradient_modes(bench_route.forward_fn(logits, top_k, backend), [logits])[mode])
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch", "naive"] if CUDA else ["torch", "naive"])
+def test_queue(benchmark, impl):
+    from sparsedoctor_kernels.bench import queue as bench_queue
+
+    num_rows, num_experts, capacity = (16384, 8, 4096) if CUDA else (1024, 8, 256)
+    queue = sdk.ExpertQueue(num_experts, capacity, bench_queue.DIM, device=DEVICE)
+    keys = torch.randn(num_rows, bench_queue.DIM, device=DEVICE)
+    experts = torch.randint(0, num_experts, (num_rows,), device=DEVICE)
+    _run(benchmark, bench_queue.implementations(queue, keys, experts, DEVICE)[impl])
+
+
+@pytest.mark.parametrize("mode", ["fwd", "full"])
+@pytest.mark.parametrize("impl", ["triton", "torch", "naive"] if CUDA else ["torch", "naive"])
+def test_infonce(benchmark, impl, mode):
+    from sparsedoctor_kernels.bench import infonce as bench_infonce
+
+    num_rows, num_experts, capacity = (4096, 8, 4096) if CUDA else (256, 8, 128)
+    queue = sdk.ExpertQueue(num_experts, capacity, bench_infonce.DIM, device=DEVICE)
+    queue.enqueue(torch.randn(num_experts * capacity, bench_infonce.DIM, device=DEVICE),
+                  torch.arange(num_experts, device=DEVICE).repeat_interleave(capacity), validate=False)
+    query = torch.randn(num_rows, bench_infonce.DIM, device=DEVICE, requires_grad=True)
+    positive = torch.randn(num_rows, bench_infonce.DIM, device=DEVICE, requires_grad=True)
+    experts = torch.randint(0, num_experts, (num_rows,), device=DEVICE)
+    forward = bench_infonce.implementations(queue, query, positive, experts, DEVICE)[impl]
+    _run(benchmark, harness.gradient_modes(forward, [query, positive])[mode])

@@ -65,6 +65,19 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from sparsedoctor_kernels.bench.suite import OPS, run_suite
+
+    ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        print(f"sparsedoctor bench: error: unknown op(s) {unknown}; choose from {','.join(OPS)}", file=sys.stderr)
+        return 2
+    return run_suite(ops, args.quick, pathlib.Path(args.out), args.device)
+
+
 def _add_adapter_flags(parser: argparse.ArgumentParser) -> None:
     """Every SparseDoctorConfig field as a flag, with the config's default."""
     import dataclasses
@@ -139,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--score", action="store_true", help="score --predictions instead of running a model")
     evaluate.add_argument("--predictions", help="with --score: a predictions JSONL ({\"id\", \"prediction\"} lines)")
     evaluate.set_defaults(handler=_eval)
+
+    bench = commands.add_parser("bench", help="benchmark the ops and a training step against the alternatives")
+    bench.add_argument("--ops", default="route,lora_moe,queue,infonce,step",
+                       help="comma-separated subset of route,lora_moe,queue,infonce,step")
+    bench.add_argument("--quick", action="store_true", help="one representative size per op")
+    bench.add_argument("--out", default="sparsedoctor-bench", help="directory for the CSV and the plots")
+    bench.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    bench.set_defaults(handler=_bench)
     return parser
 
 

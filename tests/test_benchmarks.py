@@ -2,17 +2,14 @@
 measured, never asserted)."""
 
 import csv
-import pathlib
-import sys
 
 import pytest
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-import _harness  # noqa: E402
-import bench_lora_moe  # noqa: E402
-import bench_route  # noqa: E402
+from sparsedoctor_kernels.bench import harness as _harness
+from sparsedoctor_kernels.bench import infonce as bench_infonce
+from sparsedoctor_kernels.bench import lora_moe as bench_lora_moe
+from sparsedoctor_kernels.bench import queue as bench_queue
+from sparsedoctor_kernels.bench import route as bench_route
 
 
 def _rows(path):
@@ -69,9 +66,6 @@ def test_ideal_bytes_grow_with_work(quantity):
 
 
 def test_queue_and_infonce_benchmark_scripts_write_rows(tmp_path):
-    import bench_infonce
-    import bench_queue
-
     out = tmp_path / "cpu.csv"
     assert bench_queue.main(["--device", "cpu", "--tokens", "40", "--rep-ms", "1", "--out", str(out)]) == 0
     assert bench_infonce.main(["--device", "cpu", "--tokens", "9", "--modes", "fwd", "full", "--rep-ms", "1",
@@ -84,3 +78,40 @@ def test_queue_and_infonce_benchmark_scripts_write_rows(tmp_path):
     expected = {(impl, mode) for impl in ("torch", "naive") for mode in ("fwd", "full")}
     assert {(r["impl"], r["mode"]) for r in infonce_rows} == expected
     assert all(r["shape"].startswith("Q=") and r["T"] in ("40", "9") for r in queue_rows + infonce_rows)
+
+
+def test_bench_command_quick_runs_the_step_and_writes_plots(tmp_path, capsys):
+    from sparsedoctor_kernels import cli
+
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "--quick", "--ops", "queue,step", "--out", str(out), "--device", "cpu"]) == 0
+    (csv_path,) = out.glob("*.csv")
+    rows = _rows(csv_path)
+    steps = [r for r in rows if r["op"] == "step"]
+    assert {r["impl"] for r in steps} == {"base", "lora", "naive", "dense", "sparsedoctor"}
+    assert all(float(r["tokens_per_s"]) > 0 and r["mode"] == "full" for r in steps)
+    assert {r["op"] for r in rows} == {"queue", "step"}
+    assert (out / "bench_speedup.png").read_bytes()[:4] == b"\x89PNG"
+    assert "training step summary" in capsys.readouterr().out
+    assert cli.main(["bench", "--ops", "nothing", "--out", str(out)]) == 2
+
+
+def test_headline_script_keeps_its_block(tmp_path, monkeypatch):
+    import importlib.util
+    import pathlib
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "headline.py"
+    spec = importlib.util.spec_from_file_location("headline", script)
+    headline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(headline)
+    (tmp_path / "results").mkdir()
+    monkeypatch.setattr(headline, "HERE", tmp_path)
+    assert "No GPU results" in headline.headline()
+    row = {c: "" for c in _harness.CSV_COLUMNS}
+    rows = [dict(row, op="step", impl=impl, shape="L=4,seq=2048", T="4096", E="8", mode="full", device="H100",
+                 tokens_per_s=str(speed)) for impl, speed in (("sparsedoctor", 300), ("naive", 100))]
+    _harness.write_rows(tmp_path / "results" / "nvidia-h100.csv", rows)
+    (tmp_path / "README.md").write_text(f"x\n{headline.BEGIN}\nold\n{headline.END}\ny\n")
+    headline.main()
+    text = (tmp_path / "README.md").read_text()
+    assert "| H100 | step L=4,seq=2048 T=4096 (tokens/s) | 300 | 100 |" in text and "old" not in text

@@ -78,11 +78,10 @@ class LoraMoELinear(nn.Module):
         dtype = out.dtype  # under autocast the frozen layer decides the compute dtype
         flat = flat.to(dtype)
         router_logits = flat @ self.router.to(dtype).T
-        routing = sdk.route(router_logits, self.config.top_k)
+        routing = self._route(router_logits)
         adapter_in = self.dropout(flat)
         lora_a, lora_b = self.lora_a.to(dtype), self.lora_b.to(dtype)
-        out = sdk.lora_moe(adapter_in, lora_a, lora_b, routing.weights, routing.experts,
-                           scaling=self.config.scaling, out=out)
+        out = self._experts(adapter_in, lora_a, lora_b, routing.weights, routing.experts, out=out)
         mask = self._token_mask(flat.shape[0])
         balance = self._balance(router_logits, routing, mask)
         contrastive = None
@@ -125,15 +124,11 @@ class LoraMoELinear(nn.Module):
         picked_real = scores[picked] >= 0
         tokens = adapter_in[picked]
         top1 = routing.experts[picked, :1]
-        scaling = self.config.scaling
-        routed = sdk.lora_moe(tokens, lora_a, lora_b, torch.ones_like(routing.weights[picked, :1]), top1,
-                              scaling=scaling)
-        fused = sdk.lora_moe(tokens, lora_a, lora_b, routing.weights[picked], routing.experts[picked],
-                             scaling=scaling)
+        routed = self._experts(tokens, lora_a, lora_b, torch.ones_like(routing.weights[picked, :1]), top1)
+        fused = self._experts(tokens, lora_a, lora_b, routing.weights[picked], routing.experts[picked])
         query, positive = self.head(routed.float()), self.head(fused.float())
         query_experts = torch.where(picked_real, top1[:, 0].long(), -1)  # -1: padding, never enqueued
-        rows = sdk.infonce_queue_loss(query, positive, self.queue, query_experts,
-                                      temperature=self.config.temperature, reduction="none", validate=False)
+        rows = self._contrastive_rows(query, positive, query_experts)
         if self.context.recording:
             self._staged.append((F.normalize(query.detach(), dim=-1), query_experts))
         weight = picked_real.to(rows.dtype)
@@ -144,5 +139,20 @@ class LoraMoELinear(nn.Module):
         """Write the routed views staged by earlier forwards into the queue (all ranks' under distributed)."""
         gather = dist.is_available() and dist.is_initialized()
         for keys, experts in self._staged:
-            self.queue.enqueue(keys, experts, gather=gather, validate=False)
+            self._enqueue(keys, experts, gather)
         self._staged.clear()
+
+    # The four ops sit behind these methods so that a benchmark can put the usual alternatives (per-expert
+    # loops, dense masking, a materialised InfoNCE) in their place and time the same model.
+    def _route(self, router_logits: torch.Tensor) -> sdk.Routing:
+        return sdk.route(router_logits, self.config.top_k)
+
+    def _experts(self, x, lora_a, lora_b, weights, experts, out=None) -> torch.Tensor:
+        return sdk.lora_moe(x, lora_a, lora_b, weights, experts, scaling=self.config.scaling, out=out)
+
+    def _contrastive_rows(self, query, positive, query_experts) -> torch.Tensor:
+        return sdk.infonce_queue_loss(query, positive, self.queue, query_experts,
+                                      temperature=self.config.temperature, reduction="none", validate=False)
+
+    def _enqueue(self, keys, experts, gather: bool) -> None:
+        self.queue.enqueue(keys, experts, gather=gather, validate=False)

@@ -19,9 +19,12 @@ from dataclasses import dataclass
 import torch
 
 CSV_COLUMNS = ["op", "impl", "shape", "T", "E", "k", "r", "dtype", "mode", "ms_p20", "ms_p50", "ms_p80",
-               "peak_mem_mb", "gbps", "device", "torch", "triton", "commit"]
+               "peak_mem_mb", "gbps", "device", "torch", "triton", "commit", "tokens_per_s"]
 KEY_COLUMNS = ["op", "impl", "shape", "T", "E", "k", "r", "dtype", "mode", "device"]
-RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+def default_results_dir() -> pathlib.Path:
+    """benchmarks/results/ of a source checkout (where results are committed), else ./sparsedoctor-bench."""
+    checkout = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+    return checkout / "results" if checkout.is_dir() else pathlib.Path("sparsedoctor-bench")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -114,10 +117,10 @@ def git_commit() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
-def results_path(device: torch.device, directory: pathlib.Path = RESULTS_DIR) -> pathlib.Path:
+def results_path(device: torch.device, directory: pathlib.Path | None = None) -> pathlib.Path:
     """One CSV per device model: `results/<device-name>.csv`, the name lower-cased and dashed."""
     slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-    return directory / f"{slug}.csv"
+    return (directory or default_results_dir()) / f"{slug}.csv"
 
 
 def write_rows(path: pathlib.Path, rows: list[dict]) -> None:
@@ -147,7 +150,7 @@ def row(op: str, impl: str, shape: str, sizes: dict, dtype: torch.dtype, mode: s
             "k": sizes.get("k", "-"), "r": sizes.get("r", "-"), "dtype": str(dtype).removeprefix("torch."),
             "mode": mode, "ms_p20": round(timing.ms_p20, 5), "ms_p50": round(timing.ms_p50, 5),
             "ms_p80": round(timing.ms_p80, 5), "peak_mem_mb": round(timing.peak_mem_mb, 2), "gbps": round(gbps, 2),
-            **env}
+            **env, "tokens_per_s": ""}
 
 
 def gradient_modes(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> dict[str, Callable]:

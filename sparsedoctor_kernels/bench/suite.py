@@ -1,0 +1,44 @@
+"""`sparsedoctor bench`: run the op benchmarks and the training step, write one CSV (rows as in
+benchmarks/README.md) and PNG plots of the speedups and peak memory."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import pathlib
+
+import torch
+
+from sparsedoctor_kernels.bench import harness
+
+OPS = ("route", "lora_moe", "queue", "infonce", "step")
+BASELINE = {"route": "torch", "lora_moe": "naive", "queue": "naive", "infonce": "naive", "step": "naive"}
+# --quick on a GPU: one representative size per op (the CPU grids are already small).
+GPU_QUICK = {"route": ["--tokens", "16384"], "lora_moe": ["--shapes", "gate_proj", "--tokens", "8192", "--configs",
+                                                          "8,2,16"],
+             "queue": ["--tokens", "16384"], "infonce": ["--tokens", "4096"], "step": []}
+CPU_QUICK = {"lora_moe": ["--shapes", "gate_proj", "k_proj"], "step": ["--layers", "1"]}
+
+
+def run_suite(ops, quick: bool, out: pathlib.Path, device: str | None) -> int:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = harness.results_path(torch.device(device), out)
+    status = 0
+    for op in ops:
+        module = importlib.import_module(f"sparsedoctor_kernels.bench.{op}")
+        argv = ["--device", device, "--out", str(csv_path), "--rep-ms", "25" if quick else "100"]
+        if quick:
+            argv += (GPU_QUICK if device == "cuda" else CPU_QUICK).get(op, [])
+        print(f"\n=== {op} ===", flush=True)
+        status |= module.main(argv)
+    with csv_path.open(newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["op"] in ops]
+    from sparsedoctor_kernels.plots import plot_bench
+
+    for path in plot_bench(rows, BASELINE, out):
+        print(f"plot: {path}")
+    print(f"rows: {csv_path}")
+    if device != "cuda":
+        print("(CPU run: these numbers only show the suite works; the GPU numbers are the ones that count)")
+    return status
