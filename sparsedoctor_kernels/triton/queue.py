@@ -17,7 +17,8 @@ import triton.language as tl
 
 from sparsedoctor_kernels._alloc import empty
 
-SCAN_ELEMENTS = 16384  # one-hot elements ([ids, experts]) per step of the position scan
+SCAN_ELEMENTS = 4096  # one-hot elements ([ids, experts]) per step of the position scan
+SCAN_WARPS = 8  # the scan is one program: give it a whole SM's worth of threads and registers
 COPY_ELEMENTS = 4096  # elements of keys per program in the copy
 
 
@@ -29,26 +30,28 @@ def _enqueue_positions_kernel(
 ):
     experts_range = tl.arange(0, BLOCK_E)
     expert_ok = experts_range < num_experts
-    counts = tl.zeros([BLOCK_E], dtype=tl.int64)
+    # Counts and ranks fit in int32 (a batch has fewer than 2^31 rows): half the registers of int64.
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
     for start in range(0, num_rows, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
-        ids = tl.load(experts_ptr + rows, mask=rows < num_rows, other=-1).to(tl.int64)
-        counts += tl.sum((ids[:, None] == experts_range[None, :]).to(tl.int64), axis=0)
+        ids = tl.load(experts_ptr + rows, mask=rows < num_rows, other=-1).to(tl.int32)
+        counts += tl.sum((ids[:, None] == experts_range[None, :]).to(tl.int32), axis=0)
 
     ptr = tl.load(ptr_ptr + experts_range, mask=expert_ok, other=0)
-    seen = tl.zeros([BLOCK_E], dtype=tl.int64)  # rows of each expert before this block
+    seen = tl.zeros([BLOCK_E], dtype=tl.int32)  # rows of each expert before this block
     for start in range(0, num_rows, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         row_ok = rows < num_rows
-        ids = tl.load(experts_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-        one_hot = (ids[:, None] == experts_range[None, :]).to(tl.int64)  # zero rows for ids outside [0, E)
+        raw = tl.load(experts_ptr + rows, mask=row_ok, other=-1)
+        valid = (raw >= 0) & (raw < num_experts)  # compared before narrowing: huge int64 ids stay invalid
+        ids = tl.where(valid, raw, -1).to(tl.int32)
+        one_hot = (ids[:, None] == experts_range[None, :]).to(tl.int32)  # zero rows for ids outside [0, E)
         rank_in_expert = tl.cumsum(one_hot, axis=0) - one_hot + seen[None, :]
         rank = tl.sum(one_hot * rank_in_expert, axis=1)
         count = tl.sum(one_hot * counts[None, :], axis=1)
-        row_ptr = tl.sum(one_hot * ptr[None, :], axis=1)
-        valid = (ids >= 0) & (ids < num_experts)
+        row_ptr = tl.sum(one_hot.to(tl.int64) * ptr[None, :], axis=1)
         survives = valid & (rank >= count - capacity)
-        dest = tl.where(survives, ids * capacity + (row_ptr + rank) % capacity, -1)
+        dest = tl.where(survives, ids.to(tl.int64) * capacity + (row_ptr + rank) % capacity, -1)
         tl.store(dest_ptr + rows, dest, mask=row_ok)
         seen += tl.sum(one_hot, axis=0)
 
@@ -78,7 +81,7 @@ def enqueue_destinations(queue_keys: torch.Tensor, ptr: torch.Tensor, size: torc
     block_e = triton.next_power_of_2(num_experts)
     _enqueue_positions_kernel[(1,)](
         experts, ptr, size, dest, experts.shape[0], num_experts, capacity,
-        BLOCK_N=max(16, min(1024, SCAN_ELEMENTS // block_e)), BLOCK_E=block_e,
+        BLOCK_N=max(16, min(1024, SCAN_ELEMENTS // block_e)), BLOCK_E=block_e, num_warps=SCAN_WARPS,
     )
     return dest
 
