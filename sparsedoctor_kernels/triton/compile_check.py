@@ -38,7 +38,7 @@ class Case:
 def _cases():
     import triton.language as tl
 
-    from sparsedoctor_kernels.triton import infonce, lora_moe, queue
+    from sparsedoctor_kernels.triton import infonce, lora_moe, queue, routing
 
     names = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16", tl.float64: "fp64"}
     cases = []
@@ -48,12 +48,13 @@ def _cases():
                               {"logits_ptr": dtype, "weights_ptr": "fp32", "experts_ptr": "i32", "counts_ptr": "i32",
                                "partial_probs_ptr": "fp32"},
                               dict(TOP_K=top_k, K_PAD=top_k, RENORMALIZE=True, BLOCK_T=block_t, BLOCK_E=experts,
-                                   COMPUTE=tl.float32)))
+                                   COMPUTE=tl.float32), num_warps=routing.num_warps(experts)))
             cases.append(Case("routing", "_route_backward_kernel", f"{dtype} E={experts}",
                               {"grad_weights_ptr": "fp32", "grad_probs_mean_ptr": "fp32", "logits_ptr": dtype,
                                "experts_ptr": "i32", "grad_logits_ptr": dtype},
                               dict(TOP_K=top_k, RENORMALIZE=True, BLOCK_T=block_t, BLOCK_E=experts,
-                                   COMPUTE=tl.float32), floats=("inv_num_tokens",)))
+                                   COMPUTE=tl.float32), floats=("inv_num_tokens",),
+                              num_warps=routing.num_warps(experts)))
     torch_dtypes = __import__("torch")
     for torch_dtype in (torch_dtypes.float32, torch_dtypes.bfloat16, torch_dtypes.float16):
         dot = lora_moe._dot_config(torch_dtype, torch_dtypes.float32)

@@ -112,6 +112,11 @@ def _blocks(num_experts: int) -> tuple[int, int]:
     return block_t, block_e
 
 
+def num_warps(block_e: int) -> int:
+    """Wide rows (E >= 128) get 8 warps: with 4 the backward spills on sm_90 (compile_check)."""
+    return 8 if block_e >= 128 else 4
+
+
 def _triton_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -129,7 +134,7 @@ def forward(logits: torch.Tensor, top_k: int, renormalize: bool):
         _route_forward_kernel[(num_programs,)](
             logits, logits.stride(0), weights, experts, counts, partial_probs, num_tokens, num_experts,
             TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
-            BLOCK_T=block_t, BLOCK_E=block_e, COMPUTE=_triton_dtype(dtype),
+            BLOCK_T=block_t, BLOCK_E=block_e, COMPUTE=_triton_dtype(dtype), num_warps=num_warps(block_e),
         )
     probs_mean = partial_probs.sum(0) / max(num_tokens, 1)
     return weights, experts, counts, probs_mean
@@ -145,6 +150,6 @@ def backward(grad_weights, grad_probs_mean, logits, experts, renormalize: bool) 
             grad_weights, grad_probs_mean, logits, logits.stride(0), experts, grad_logits, grad_logits.stride(0),
             num_tokens, num_experts, 1.0 / num_tokens,
             TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
-            COMPUTE=_triton_dtype(compute_dtype(logits.dtype)),
+            COMPUTE=_triton_dtype(compute_dtype(logits.dtype)), num_warps=num_warps(block_e),
         )
     return grad_logits
