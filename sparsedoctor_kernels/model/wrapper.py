@@ -7,21 +7,23 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sparsedoctor_kernels.model.config import SparseDoctorConfig
 from sparsedoctor_kernels.model.layer import ForwardContext, LoraMoELinear
 
 
 @dataclass
-class SparseDoctorOutput(ModelOutput):
-    """`loss` (None without labels), `logits`, `aux_losses` {"lm", "balance", "contrastive"}, and the base
-    model's `past_key_values`."""
+class SparseDoctorOutput(CausalLMOutputWithPast):
+    """The base model's causal-LM output (`loss` is the hybrid loss, None without labels; `logits`; the KV cache
+    under whatever name this transformers version gives it; hidden states, attentions) plus `aux_losses`
+    {"lm", "balance", "contrastive"}."""
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor | None] | None = None
-    past_key_values: object | None = None
+
+
+# transformers renamed `past_key_values` to `cache` in its outputs; carry the base model's under either name.
+_cache_names = tuple(name for name in ("cache", "past_key_values") if name in SparseDoctorOutput.__dataclass_fields__)
 
 
 class SparseDoctorModel(nn.Module):
@@ -86,9 +88,9 @@ class SparseDoctorModel(nn.Module):
         lm = out.loss
         config = self.sparsedoctor_config
         loss = None if lm is None else lm + config.balance_coef * balance + config.contrastive_coef * contrastive
+        passed_on = {name: getattr(out, name, None) for name in (*_cache_names, "hidden_states", "attentions")}
         return SparseDoctorOutput(loss=loss, logits=out.logits,
-                                  aux_losses={"lm": lm, "balance": balance, "contrastive": contrastive},
-                                  past_key_values=getattr(out, "past_key_values", None))
+                                  aux_losses={"lm": lm, "balance": balance, "contrastive": contrastive}, **passed_on)
 
     def expert_load(self) -> dict[str, torch.Tensor]:
         """Per module, the fraction of routed pairs each expert got in the last forward (for plots)."""
