@@ -67,24 +67,30 @@ __global__ void route_forward_kernel(const T* __restrict__ logits, int64_t row_s
     const T* row = logits + token * row_stride;
     float prob[PER_LANE];
     float row_max = -INFINITY;
+    bool nan_or_inf = false;
 #pragma unroll
     for (int j = 0; j < PER_LANE; ++j) {
       const int expert = lane + kWarpSize * j;
       prob[j] = expert < num_experts ? to_float(row[expert]) : -INFINITY;
-      row_max = fmaxf(row_max, prob[j]);
+      nan_or_inf |= isnan(prob[j]) || prob[j] == INFINITY;
+      row_max = fmaxf(row_max, prob[j]);  // fmaxf ignores NaN: the row is flagged instead
     }
     row_max = warp_max(row_max);
+    // A row with a NaN or +inf, or only -inf, has no finite softmax: like torch's, its probabilities are all
+    // NaN, and its top-k (below) picks experts 0..k-1, as torch's stable sort of equal NaNs does.
+    const bool non_finite = __any_sync(0xffffffffu, nan_or_inf) || row_max == -INFINITY;
     float denom = 0.0f;
 #pragma unroll
     for (int j = 0; j < PER_LANE; ++j) {
       const int expert = lane + kWarpSize * j;
-      prob[j] = expert < num_experts ? expf(prob[j] - row_max) : 0.0f;
+      prob[j] = expert < num_experts && !non_finite ? expf(prob[j] - row_max) : 0.0f;
       denom += prob[j];
     }
-    denom = warp_sum(denom);
+    denom = non_finite ? 1.0f : warp_sum(denom);
 #pragma unroll
     for (int j = 0; j < PER_LANE; ++j) {
-      prob[j] /= denom;
+      const int expert = lane + kWarpSize * j;
+      prob[j] = non_finite && expert < num_experts ? NAN : prob[j] / denom;
       prob_sum[j] += prob[j];
     }
 
@@ -100,12 +106,16 @@ __global__ void route_forward_kernel(const T* __restrict__ logits, int64_t row_s
 #pragma unroll
       for (int j = 0; j < PER_LANE; ++j) {
         const int expert = lane + kWarpSize * j;
-        if (expert < num_experts && !taken[j] && (prob[j] > best || (prob[j] == best && expert < best_id))) {
-          best = prob[j];
+        const float score = non_finite ? 0.0f : prob[j];  // equal scores: the lowest free ids win
+        if (expert < num_experts && !taken[j] && (score > best || (score == best && expert < best_id))) {
+          best = score;
           best_id = expert;
         }
       }
       warp_argmax(best, best_id);
+      // top_k <= E leaves a free expert in every round; the clamp keeps `counts` in bounds regardless.
+      best_id = min(best_id, num_experts - 1);
+      if (non_finite) best = NAN;
 #pragma unroll
       for (int j = 0; j < PER_LANE; ++j) {  // compile-time indices keep `taken` in registers
         if (lane + kWarpSize * j == best_id) taken[j] = true;

@@ -52,6 +52,42 @@ def require_same_device(**tensors: torch.Tensor) -> torch.device:
     return device
 
 
+def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses the tensor's elements can touch (torch strides are never negative)."""
+    start = tensor.data_ptr()
+    extent = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return start, start + (extent + 1) * tensor.element_size()
+
+
+def _inspectable(tensor: torch.Tensor) -> bool:
+    """Real memory to compare: not while torch.compile traces (fake tensors), not meta, not empty."""
+    return tensor.numel() > 0 and tensor.device.type != "meta" and not torch.compiler.is_compiling()
+
+
+def require_writable_output(name: str, out: torch.Tensor, **inputs: torch.Tensor) -> None:
+    """An in-place output must not write one memory location twice (an expanded view) and must not share
+    memory with any input: the op reads its inputs (and saves them for the backward) while it writes `out`."""
+    if not _inspectable(out):
+        return
+    spans = sorted((stride, size) for size, stride in zip(out.shape, out.stride()) if size > 1)
+    reach = 1
+    for stride, size in spans:
+        if stride < reach:
+            raise ValueError(f"{name} has overlapping elements (shape {list(out.shape)}, strides {list(out.stride())},"
+                             f" e.g. an expanded view): an in-place result needs one memory location per element; "
+                             f"pass a tensor of its own (for example {name}.contiguous())")
+        reach = stride * size
+    out_low, out_high = _byte_span(out)
+    for input_name, tensor in inputs.items():
+        if not _inspectable(tensor) or tensor.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+            continue
+        low, high = _byte_span(tensor)
+        if low < out_high and out_low < high:
+            raise ValueError(f"{name} shares memory with {input_name}: the op reads {input_name} (and keeps it for "
+                             f"the backward) while writing {name} in place; give {name} memory of its own (e.g. "
+                             f"{name}={input_name}.clone()) or add the result out of place")
+
+
 def require_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -12,6 +12,7 @@ from sparsedoctor_kernels._backend import why_backend_cannot_run
 
 import brute
 from conftest import TOLERANCES
+from test_routing import non_finite_logits
 
 pytestmark = [
     pytest.mark.gpu,
@@ -60,6 +61,20 @@ def test_route_on_gpu(shape, dtype, backend):
     assert_close_scaled(got.weights, want.weights, torch.float32, "weights")
     assert_close_scaled(got.probs_mean, want.probs_mean, torch.float32, "probs_mean")
     assert_close_scaled(leaf.grad, oracle.grad, dtype if dtype != torch.float32 else torch.float32, "grad logits")
+
+
+@pytest.mark.parametrize("backend", gpu_backends("route"))
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("num_experts, top_k", [(6, 2), (40, 5), (256, 8)])
+def test_route_non_finite_rows_on_gpu(num_experts, top_k, dtype, backend):
+    """NaN/inf rows: the reference's ids (0..k-1) and NaN weights, in-bounds counts, on the hardware's NaN rules."""
+    logits = non_finite_logits(num_experts, dtype)
+    got = sdk.route(logits.cuda(), top_k, backend=backend)
+    want = sdk.route(logits, top_k, backend="torch")
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got.experts.cpu(), want.experts, rtol=0, atol=0)
+    torch.testing.assert_close(got.counts.cpu(), want.counts, rtol=0, atol=0)
+    torch.testing.assert_close(got.weights.cpu(), want.weights, equal_nan=True, atol=1e-6, rtol=1e-5)
 
 
 def _lora_case(num_tokens, d_in, d_out, num_experts, rank, top_k, dtype, seed):
@@ -139,6 +154,35 @@ def test_triton_lora_moe_empty_and_out_of_range_on_gpu(with_out):
     y.sum().backward()
     assert torch.count_nonzero(y[3]) == 0 and torch.count_nonzero(x.grad[3]) == 0
     assert weights.grad[1, 0] == 0 and weights.grad[5, 1] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_lora_moe_strided_out_and_non_finite_unused_expert_on_gpu(dtype):
+    """A transposed `out` gets the delta in its own elements only; NaN/inf weights of an expert no token chose
+    reach nothing; `out=x` is refused."""
+    rounded, experts = _lora_case(300, 96, 80, 6, 8, 2, dtype, seed=11)  # expert 5 gets no token
+    rounded["lora_a"][5, 0, 0] = float("nan")
+    rounded["lora_b"][5, 1, 1] = float("inf")
+    names = ("x", "lora_a", "lora_b", "weights")
+    leaves = {n: rounded[n].to("cuda", dtype if n != "weights" else torch.float32).requires_grad_() for n in names}
+    buffer = torch.full((80 + 3, 300), float("nan"), device="cuda", dtype=dtype)
+    out = buffer[3:].T
+    out.copy_(rounded["base"].to("cuda", dtype))
+    got = sdk.lora_moe(**leaves, experts=experts.cuda(), scaling=2.0, out=out, backend="triton")
+    want = rounded["base"] + reference_in_float64(rounded, experts, names)
+    assert got is out and buffer[:3].isnan().all()
+    assert_close_scaled(got, want, dtype, "y")
+    (got.double() * rounded["grad_y"].cuda()).sum().backward()
+    for n in names:
+        assert leaves[n].grad.isfinite().all(), n
+    with pytest.raises(ValueError, match="out shares memory with x"):
+        sdk.lora_moe(leaves["x"].detach(), leaves["lora_a"].detach(), leaves["lora_a"].detach().transpose(1, 2),
+                     leaves["weights"].detach(), experts.cuda(), out=leaves["x"].detach(), backend="triton")
+
+
+def reference_in_float64(rounded, experts, names):
+    """The float64 torch reference on the CPU (itself tested against the brute-force loops)."""
+    return sdk.lora_moe(*(rounded[n] for n in names), experts, scaling=2.0, backend="torch")
 
 
 def test_route_and_lora_moe_capture_in_a_cuda_graph():

@@ -88,6 +88,89 @@ def test_expert_without_tokens_gets_exactly_zero_gradient(backend, gen):
     assert torch.count_nonzero(leaves["lora_b"].grad[5]) == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_weights_of_an_unused_expert_change_nothing(backend, gen):
+    """The contract selects each token's experts: an expert nobody chose cannot reach any output or gradient,
+    NaN/inf weights included (a dense product with zero gates would make every row NaN)."""
+    inputs = make_inputs(gen, 23, 10, 9, 6, 4, 2, unused_expert=True)
+    inputs["lora_a"][5, 1, 3] = float("nan")
+    inputs["lora_b"][5, 2, 0] = float("inf")
+    leaves = run_and_compare(inputs, gen, backend=backend)
+    for name in ("x", "lora_a", "lora_b", "weights"):
+        assert leaves[name].grad.isfinite().all(), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_expert_reaches_only_the_tokens_that_chose_it(backend, gen):
+    inputs = make_inputs(gen, 31, 12, 7, 5, 3, 2, unused_expert=False)
+    sick = 2
+    inputs["lora_a"][sick, 0, 4] = float("nan")
+    inputs["lora_b"][sick, 3, 1] = float("nan")
+    leaves = {n: inputs[n].clone().requires_grad_() for n in ("x", "lora_a", "lora_b", "weights")}
+    y = sdk.lora_moe(**leaves, experts=inputs["experts"], scaling=0.5, backend=backend)
+    (y * torch.randn(y.shape, generator=gen)).sum().backward()
+    touched = (inputs["experts"] == sick).any(1)
+    assert touched.any() and not touched.all()
+    assert y[touched].isnan().any(1).all() and y[~touched].isfinite().all()
+    assert leaves["x"].grad[~touched].isfinite().all()
+    assert leaves["weights"].grad[~touched].isfinite().all()
+    healthy = [e for e in range(5) if e != sick]
+    for name in ("lora_a", "lora_b"):
+        # Another expert's gradient sums over its own tokens; those that also chose the sick expert bring
+        # finite u and x, so it stays finite.
+        assert leaves[name].grad[healthy].isfinite().all(), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_sharing_memory_with_an_input_is_refused(backend, gen):
+    """`out=x` would overwrite x while it is read and saved for the backward (a wrong lora_a gradient)."""
+    inputs = make_inputs(gen, 9, 6, 6, 3, 2, 2)
+    wide = torch.randn(9, 10, generator=gen)
+    cases = [(inputs, inputs["x"]), (inputs, inputs["x"][:, :]), (dict(inputs, x=wide[:, 2:8]), wide[:, 4:])]
+    for args, out in cases:
+        with pytest.raises(ValueError, match="out shares memory with x"):
+            sdk.lora_moe(**args, out=out, backend=backend)
+    packed = torch.randn(100, generator=gen)
+    with pytest.raises(ValueError, match="out shares memory with lora_b"):
+        sdk.lora_moe(**dict(inputs, lora_b=packed[:36].view(3, 6, 2)), out=packed[30:84].view(9, 6), backend=backend)
+    with pytest.raises(ValueError, match="out has overlapping elements"):
+        sdk.lora_moe(**inputs, out=torch.zeros(1, 6).expand(9, 6), backend=backend)
+    # Disjoint parts of one buffer are fine.
+    buffer = torch.zeros(2, 9, 6)
+    buffer[0] = inputs["x"]
+    sdk.lora_moe(**dict(inputs, x=buffer[0]), out=buffer[1], backend=backend)
+    assert_close(buffer[1], brute.lora_moe(**inputs), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["transposed", "row_strided", "both"])
+def test_out_with_any_strides(layout, backend, gen):
+    """A transposed or strided `out` gets exactly the delta, in its own elements only, with gradients."""
+    inputs = make_inputs(gen, 13, 8, 7, 4, 3, 2)
+    shape = {"transposed": (7, 13), "row_strided": (13, 20), "both": (20, 13)}[layout]
+    buffer = torch.full(shape, float("nan"))  # elements outside the view must stay NaN
+    view = {"transposed": lambda b: b.T, "row_strided": lambda b: b[:, 5:12], "both": lambda b: b[3:10].T}[layout]
+    out = view(buffer)
+    assert out.shape == (13, 7) and not out.is_contiguous()
+    base_leaf = torch.randn(13, 7, generator=gen).requires_grad_()
+    out.copy_(base_leaf * 2)  # produced by an op, so the gradient must flow through out
+    leaves = {n: inputs[n].clone().requires_grad_() for n in ("x", "lora_a", "lora_b", "weights")}
+    result = sdk.lora_moe(**leaves, experts=inputs["experts"], scaling=1.5, out=out, backend=backend)
+    assert result is out
+    oracle = {n: inputs[n].double().requires_grad_() for n in leaves}
+    expected = 2 * base_leaf.detach().double() + brute.lora_moe(**oracle, experts=inputs["experts"], scaling=1.5)
+    assert_close(out, expected, torch.float32, name=f"out ({layout})")
+    outside = torch.ones(shape, dtype=torch.bool)
+    view(outside).fill_(False)
+    assert buffer[outside].isnan().all()
+    grad_y = torch.randn(13, 7, generator=gen, dtype=torch.float64)
+    (out.double() * grad_y).sum().backward()
+    (expected * grad_y).sum().backward()
+    assert_close(base_leaf.grad, 2 * grad_y, torch.float32, name="grad through out")
+    for n in leaves:
+        assert_close(leaves[n].grad, oracle[n].grad, torch.float32, scale=2.0, name=f"grad {n}")
+
+
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("weights_in_x_dtype", [False, True])
 def test_lora_moe_accepts_id_and_weight_dtypes(ids_dtype, weights_in_x_dtype, gen):

@@ -49,6 +49,15 @@ def test_sequential_semantics_over_many_calls(dtype, backend, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_ids_beyond_int32_are_dropped_not_narrowed(backend, gen):
+    """2**32 + 1 narrowed to int32 is 1 and -2**32 + 2 is 2: both must be dropped as out of range, in the
+    counts that advance ptr and size as well as in the copy."""
+    queue = poisoned_queue(gen, 3, 4, 2)
+    experts = torch.tensor([2**32 + 1, 1, -(2**32) + 2, 2**31, 2**63 - 1, 0, 1])
+    enqueue_and_compare(queue, torch.randn(7, 2, generator=gen), experts, validate=False, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 # Batches longer than the Triton position scan's block (1024 ids for E <= 16, 256 for E = 64), int32 ids.
 @pytest.mark.parametrize("num_experts, capacity, rows", [(3, 7, 2500), (64, 5, 700), (1, 1000, 1500)])
 def test_long_batches_keep_sequential_semantics(num_experts, capacity, rows, backend, gen):

@@ -91,6 +91,45 @@ def test_route_gradient_of_weights_alone_and_probs_mean_alone(gen):
         assert_close(leaf.grad, oracle.grad, torch.float64)
 
 
+def non_finite_logits(num_experts: int, dtype=torch.float32) -> torch.Tensor:
+    """Rows without a finite softmax (all -inf, a NaN, a +inf, both), between finite rows and a row that is
+    partly -inf (finite softmax, zero probabilities)."""
+    inf, nan = float("inf"), float("nan")
+    rows = torch.arange(6 * num_experts, dtype=torch.float64).reshape(6, num_experts).remainder(5) - 2
+    rows[0] = -inf
+    rows[1, num_experts // 2] = nan
+    rows[2, num_experts - 1] = inf
+    rows[3, 0], rows[3, -1] = inf, nan
+    rows[5, : num_experts // 2] = -inf
+    return rows.to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_experts, top_k", [(6, 2), (3, 3), (40, 5), (1, 1)])
+def test_route_non_finite_rows_follow_the_reference_and_stay_in_bounds(num_experts, top_k, backend):
+    """Like torch's (and Hugging Face's) softmax + top-k: a row without a finite softmax gets NaN weights and
+    experts 0..k-1; ids stay in [0, E) and counts add up, so no kernel writes past `counts`."""
+    logits = non_finite_logits(num_experts)
+    got_leaf, want_leaf = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got = sdk.route(got_leaf, top_k, backend=backend)
+    want = sdk.route(want_leaf, top_k, backend="torch")
+    assert got.experts.min() >= 0 and got.experts.max() < num_experts
+    assert int(got.counts.sum()) == logits.shape[0] * top_k
+    torch.testing.assert_close(got.experts, want.experts, rtol=0, atol=0)
+    torch.testing.assert_close(got.counts, want.counts, rtol=0, atol=0)
+    non_finite = ~torch.isfinite(torch.softmax(logits.double(), -1)).all(-1)
+    assert non_finite[:4].all() and not non_finite[4:].any()
+    assert got.experts[non_finite].tolist() == [list(range(top_k))] * 4
+    assert got.weights[non_finite].isnan().all() and got.weights[~non_finite].isfinite().all()
+    torch.testing.assert_close(got.weights, want.weights, equal_nan=True)
+    torch.testing.assert_close(got.probs_mean, want.probs_mean, equal_nan=True)
+    grad_w = torch.ones_like(got.weights)
+    for routing in (got, want):
+        (routing.weights * grad_w).nansum().backward()
+    assert got_leaf.grad[non_finite].isnan().all()
+    torch.testing.assert_close(got_leaf.grad, want_leaf.grad, equal_nan=True)
+
+
 @settings(max_examples=40, deadline=None)
 @given(num_tokens=st.integers(0, 20), num_experts=st.integers(1, 40), data=st.data(),
        renormalize=st.booleans(), seed=st.integers(0, 2**31 - 1), backend=st.sampled_from(BACKENDS))

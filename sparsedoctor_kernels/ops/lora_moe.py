@@ -15,6 +15,7 @@ from sparsedoctor_kernels._validation import (
     require_real,
     require_same_device,
     require_shape,
+    require_writable_output,
 )
 
 # Each implementation provides forward -> (y, h, plan), forward_into -> (h, plan), backward and plan_numel:
@@ -70,8 +71,10 @@ def _(grad_y, x, lora_a, lora_b, weights, experts, h, plan, scaling, backend):
 
 
 class _LoraMoEFunction(torch.autograd.Function):
+    # `out` comes first: when it is a view modified in place, autograd's CopySlices hands the gradient of the
+    # function's first input to the view's base.
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weights, experts, scaling, out, backend):
+    def forward(ctx, out, x, lora_a, lora_b, weights, experts, scaling, backend):
         if out is None:
             y, h, plan = _lora_moe_forward(x, lora_a, lora_b, weights, experts, scaling, backend)
         else:
@@ -90,7 +93,7 @@ class _LoraMoEFunction(torch.autograd.Function):
             grad_y.contiguous(), x, lora_a, lora_b, weights, experts, h, plan, ctx.scaling, ctx.backend
         )
         grad_out = grad_y if ctx.has_out else None  # out + delta: out's producers see grad_y unchanged
-        return grad_x, grad_a, grad_b, grad_w, None, None, grad_out, None
+        return grad_out, grad_x, grad_a, grad_b, grad_w, None, None, None
 
 
 def _check_arguments(x, lora_a, lora_b, weights, experts, scaling, out):
@@ -114,6 +117,7 @@ def _check_arguments(x, lora_a, lora_b, weights, experts, scaling, out):
     if out is not None:
         require_dtype("out", out, (x.dtype,))
         require_shape("out", out, (num_tokens, lora_b.shape[1]), f"[T={num_tokens}, d_out={lora_b.shape[1]}]")
+        require_writable_output("out", out, **tensors)  # out=x (a residual-style call) is refused here
         tensors["out"] = out
     return require_same_device(**tensors)
 
@@ -126,14 +130,15 @@ def lora_moe(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weight
     `x` [T, d_in], `lora_a` [E, r, d_in], `lora_b` [E, d_out, r] (one float dtype), `weights` [T, k]
     (float32 or x's dtype), `experts` [T, k] int32/int64. Returns
     `y[t] = scaling * sum_j weights[t, j] * lora_b[experts[t, j]] @ (lora_a[experts[t, j]] @ x[t])`
-    in x's dtype, or adds it into `out` ([T, d_out], typically the frozen base output) in place and returns
-    `out`. Differentiable w.r.t. x, lora_a, lora_b, weights (and whatever produced `out`).
+    in x's dtype, or adds it into `out` ([T, d_out], typically the frozen base output; any strides) in place and
+    returns `out`; an `out` that shares memory with an input (such as `out=x`) or has overlapping elements (an
+    expanded view) raises ValueError. Differentiable w.r.t. x, lora_a, lora_b, weights (and whatever produced `out`).
     """
     device = _check_arguments(x, lora_a, lora_b, weights, experts, scaling, out)
     backend = resolve_backend("lora_moe", backend, device, tuple(IMPLEMENTATIONS))
     if default_validate(validate, device):
         check_ids_in_range("experts", experts, lora_a.shape[0])
     return _LoraMoEFunction.apply(
-        x.contiguous(), lora_a.contiguous(), lora_b.contiguous(), weights.contiguous(), experts.contiguous(),
-        float(scaling), out, backend,
+        out, x.contiguous(), lora_a.contiguous(), lora_b.contiguous(), weights.contiguous(), experts.contiguous(),
+        float(scaling), backend,
     )

@@ -1,8 +1,14 @@
 """Grouped top-k LoRA experts: y[t] = s * sum_j w[t,j] * B[e_tj] @ (A[e_tj] @ x[t]).
 
-Written densely over experts (every expert's shrink, then the chosen slices) because that needs no host
-sync and reads like the formula; the Triton kernels do the same work grouped per expert. A (token, slot)
-pair whose expert id is outside [0, E) contributes nothing and gets zero weight gradient.
+The reference follows the formula's selection: an expert that token t did not choose never touches t's output
+or gradients, even when its weights hold NaN or inf (a dense product with zero gates would give 0 * NaN = NaN
+in every row). It needs no host sync:
+- the shrink of every expert at once, x @ [A_0; ...; A_E-1]^T, is still a selection: column block e depends on
+  A[e] alone, and each pair gathers its own expert's block;
+- the expand (and every product that mixes experts over d_out or d_in) runs expert by expert, and each
+  expert's result is *selected* (torch.where) into the rows of the tokens that chose it, never multiplied by
+  a zero gate.
+A (token, slot) pair whose expert id is outside [0, E) contributes nothing and gets zero weight gradient.
 """
 
 from __future__ import annotations
@@ -18,16 +24,22 @@ def _pairs(experts: torch.Tensor, num_experts: int):
     return torch.where(valid, experts, 0).long(), valid
 
 
-def _as_expert_rows(lora: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[E, r, d] -> [E*r, d]: every expert's rank rows stacked, expert-major."""
-    return lora.to(dtype).reshape(-1, lora.shape[-1])
+def _per_pair(rows_by_expert: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, rank: int) -> torch.Tensor:
+    """[T, E*r] expert-major rows -> [T, k, r]: each pair's own expert block (zeros for invalid pairs)."""
+    num_tokens, top_k = ids.shape
+    blocks = rows_by_expert.view(num_tokens, rows_by_expert.shape[1] // rank, rank)
+    picked = blocks.gather(1, ids[..., None].expand(num_tokens, top_k, rank))
+    return torch.where(valid[..., None], picked, 0.0)
 
 
-def _scatter_to_experts(pairs: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[T, k, r] per-pair vectors summed into their expert's slot of a dense [T, E, r] tensor."""
-    num_tokens, top_k, rank = pairs.shape
-    dense = pairs.new_zeros(num_tokens, num_experts, rank)
-    return dense.scatter_add_(1, ids[..., None].expand(num_tokens, top_k, rank), pairs)
+def _expert_rows(pairs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """[T, k, r] per-pair vectors -> [T, r]: the sum over the slots that chose this expert (selected, so a NaN in
+    another slot's vector stays out)."""
+    return torch.where(chosen[..., None], pairs, 0.0).sum(1)
+
+
+def _select_rows(uses: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return torch.where(uses[:, None], rows, 0.0)
 
 
 def plan_numel(num_tokens: int, top_k: int, num_experts: int) -> int:
@@ -43,20 +55,21 @@ def forward(x, lora_a, lora_b, weights, experts, scaling: float):
     """Returns (y [T, d_out] in x's dtype, h [T, k, r] = A[e] @ x in the compute dtype, plan), h and the
     (empty) plan kept for the backward."""
     dtype = compute_dtype(x.dtype, lora_a.dtype)
-    num_tokens, top_k = experts.shape
     num_experts, rank, _ = lora_a.shape
     ids, valid = _pairs(experts, num_experts)
-    h_all = (x.to(dtype) @ _as_expert_rows(lora_a, dtype).T).view(num_tokens, num_experts, rank)
-    h = h_all.gather(1, ids[..., None].expand(num_tokens, top_k, rank))
-    coef = torch.where(valid, weights.to(dtype) * scaling, 0.0)
-    gated = _scatter_to_experts(coef[..., None] * h, ids, num_experts)
-    lora_b_rows = _as_expert_rows(lora_b.transpose(1, 2), dtype)  # [E*r, d_out]
-    y = gated.view(num_tokens, num_experts * rank) @ lora_b_rows
+    a, b, xc = lora_a.to(dtype), lora_b.to(dtype), x.to(dtype)
+    h = _per_pair(xc @ a.reshape(num_experts * rank, -1).T, ids, valid, rank)
+    gated = torch.where(valid[..., None], (weights.to(dtype) * scaling)[..., None] * h, 0.0)
+    y = xc.new_zeros(x.shape[0], lora_b.shape[1])
+    for expert in range(num_experts):
+        chosen = valid & (ids == expert)
+        uses = chosen.any(1)
+        y += _select_rows(uses, _expert_rows(gated, chosen) @ b[expert].T)
     return y.to(x.dtype), h, _no_plan(x)
 
 
 def forward_into(x, lora_a, lora_b, weights, experts, scaling: float, out: torch.Tensor) -> torch.Tensor:
-    """Adds y into `out` in place; returns (h, plan)."""
+    """Adds y into `out` in place (any strides); returns (h, plan)."""
     y, h, plan = forward(x, lora_a, lora_b, weights, experts, scaling)
     out.add_(y)
     return h, plan
@@ -65,25 +78,22 @@ def forward_into(x, lora_a, lora_b, weights, experts, scaling: float, out: torch
 def backward(grad_y, x, lora_a, lora_b, weights, experts, h, plan, scaling: float):
     """Returns (grad_x, grad_lora_a, grad_lora_b, grad_weights), each in its input's dtype."""
     dtype = h.dtype
-    num_tokens, top_k = experts.shape
-    num_experts, rank, d_in = lora_a.shape
-    d_out = lora_b.shape[1]
+    num_experts, rank, _ = lora_a.shape
     ids, valid = _pairs(experts, num_experts)
-    gy = grad_y.to(dtype)
-    lora_b_rows = _as_expert_rows(lora_b.transpose(1, 2), dtype)  # [E*r, d_out]
+    a, b, xc, gy = lora_a.to(dtype), lora_b.to(dtype), x.to(dtype), grad_y.to(dtype)
     # u[t, j] = B[e]^T gy[t]: the gradient reaching the pair's rank-r intermediate, before its gate.
-    u_all = (gy @ lora_b_rows.T).view(num_tokens, num_experts, rank)
-    u = u_all.gather(1, ids[..., None].expand(num_tokens, top_k, rank))
-    coef = torch.where(valid, weights.to(dtype) * scaling, 0.0)
+    u = _per_pair(gy @ b.transpose(1, 2).reshape(num_experts * rank, -1).T, ids, valid, rank)
+    coef = (weights.to(dtype) * scaling)[..., None]
     grad_weights = torch.where(valid, scaling * (u * h).sum(-1), 0.0)
-    grad_h = _scatter_to_experts(coef[..., None] * u, ids, num_experts).view(num_tokens, num_experts * rank)
-    grad_x = grad_h @ _as_expert_rows(lora_a, dtype)
-    grad_a = (grad_h.T @ x.to(dtype)).view(num_experts, rank, d_in)
-    gated = _scatter_to_experts(coef[..., None] * h, ids, num_experts).view(num_tokens, num_experts * rank)
-    grad_b = (gy.T @ gated).view(d_out, num_experts, rank).permute(1, 0, 2)
-    return (
-        grad_x.to(x.dtype),
-        grad_a.to(lora_a.dtype),
-        grad_b.to(lora_b.dtype).contiguous(),
-        grad_weights.to(weights.dtype),
-    )
+    grad_h = torch.where(valid[..., None], coef * u, 0.0)
+    gated = torch.where(valid[..., None], coef * h, 0.0)
+    grad_x = torch.zeros_like(xc)
+    grad_a, grad_b = torch.zeros_like(a), torch.zeros_like(b)
+    for expert in range(num_experts):
+        chosen = valid & (ids == expert)
+        uses = chosen.any(1)
+        grad_h_e = _expert_rows(grad_h, chosen)
+        grad_x += _select_rows(uses, grad_h_e @ a[expert])
+        grad_a[expert] = grad_h_e.T @ _select_rows(uses, xc)
+        grad_b[expert] = _select_rows(uses, gy).T @ _expert_rows(gated, chosen)
+    return grad_x.to(x.dtype), grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), grad_weights.to(weights.dtype)

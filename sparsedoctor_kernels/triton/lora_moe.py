@@ -296,7 +296,13 @@ def forward(x, lora_a, lora_b, weights, experts, scaling: float):
 
 
 def forward_into(x, lora_a, lora_b, weights, experts, scaling: float, out: torch.Tensor):
-    """Adds y into `out` inside the expand kernel (no [T, d_out] temporary); returns (h, plan)."""
+    """Adds y into `out` inside the expand kernel (no [T, d_out] temporary); returns (h, plan). The kernel
+    addresses output columns with unit stride, so an `out` laid out otherwise (a transposed view) gets the
+    delta through a contiguous temporary."""
+    if out.shape[1] > 1 and out.stride(1) != 1:
+        y, h, plan = forward(x, lora_a, lora_b, weights, experts, scaling)
+        out.add_(y)
+        return h, plan
     return _forward(x, lora_a, lora_b, weights, experts, scaling, out, accumulate=True)
 
 

@@ -23,6 +23,14 @@ COPY_ELEMENTS = 4096  # elements of keys per program in the copy
 
 
 @triton.jit
+def _valid_ids(experts_ptr, rows, num_rows, num_experts):
+    """The rows' expert ids as int32, -1 for rows past the end and ids outside [0, E). The range check comes
+    before the narrowing, so an int64 id such as 2**32 + 1 is dropped rather than read as expert 1."""
+    raw = tl.load(experts_ptr + rows, mask=rows < num_rows, other=-1)
+    return tl.where((raw >= 0) & (raw < num_experts), raw, -1).to(tl.int32)
+
+
+@triton.jit
 def _enqueue_positions_kernel(
     experts_ptr, ptr_ptr, size_ptr, dest_ptr,
     num_rows, num_experts, capacity,
@@ -34,7 +42,7 @@ def _enqueue_positions_kernel(
     counts = tl.zeros([BLOCK_E], dtype=tl.int32)
     for start in range(0, num_rows, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
-        ids = tl.load(experts_ptr + rows, mask=rows < num_rows, other=-1).to(tl.int32)
+        ids = _valid_ids(experts_ptr, rows, num_rows, num_experts)
         counts += tl.sum((ids[:, None] == experts_range[None, :]).to(tl.int32), axis=0)
 
     ptr = tl.load(ptr_ptr + experts_range, mask=expert_ok, other=0)
@@ -42,9 +50,8 @@ def _enqueue_positions_kernel(
     for start in range(0, num_rows, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         row_ok = rows < num_rows
-        raw = tl.load(experts_ptr + rows, mask=row_ok, other=-1)
-        valid = (raw >= 0) & (raw < num_experts)  # compared before narrowing: huge int64 ids stay invalid
-        ids = tl.where(valid, raw, -1).to(tl.int32)
+        ids = _valid_ids(experts_ptr, rows, num_rows, num_experts)
+        valid = ids >= 0
         one_hot = (ids[:, None] == experts_range[None, :]).to(tl.int32)  # zero rows for ids outside [0, E)
         rank_in_expert = tl.cumsum(one_hot, axis=0) - one_hot + seen[None, :]
         rank = tl.sum(one_hot * rank_in_expert, axis=1)

@@ -16,14 +16,25 @@ TILE_ELEMENTS = 4096
 
 @triton.jit
 def _softmax_rows(logits_ptr, stride_t, rows, cols, row_ok, col_ok, COMPUTE: tl.constexpr):
-    """Softmax of a [BLOCK_T, BLOCK_E] tile; padding columns come out 0, padding rows all 0."""
+    """Softmax of a [BLOCK_T, BLOCK_E] tile and which rows are non-finite; padding columns come out 0,
+    padding rows all 0.
+
+    A row holding a NaN or +inf, or only -inf, has no finite softmax: like torch's, its probabilities are all
+    NaN. It is detected explicitly (rather than left to propagate) because the GPU's max ignores NaN while the
+    interpreter's propagates it, and the top-k must not depend on either."""
     mask = row_ok[:, None] & col_ok[None, :]
     z = tl.load(logits_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=float("-inf"))
     z = z.to(COMPUTE)
+    nan_or_inf = mask & ((z != z) | (z == float("inf")))
+    some_finite = mask & (z > float("-inf"))  # false for NaN too
+    non_finite = row_ok & ((tl.max(nan_or_inf.to(tl.int32), axis=1) > 0)
+                           | (tl.max(some_finite.to(tl.int32), axis=1) == 0))
+    z = tl.where(non_finite[:, None] & mask, 0.0, z)  # any finite stand-in keeps the arithmetic below NaN-free
     z_max = tl.where(row_ok, tl.max(z, axis=1), 0.0)
     e = tl.where(mask, tl.exp(z - z_max[:, None]), 0.0)
     denom = tl.where(row_ok, tl.sum(e, axis=1), 1.0)
-    return e / denom[:, None]
+    probs = e / denom[:, None]
+    return tl.where(non_finite[:, None] & mask, float("nan"), probs), non_finite
 
 
 @triton.jit
@@ -40,22 +51,25 @@ def _route_forward_kernel(
     slots = tl.arange(0, K_PAD)
     row_ok = rows < num_tokens
     col_ok = cols < num_experts
-    probs = _softmax_rows(logits_ptr, stride_t, rows, cols, row_ok, col_ok, COMPUTE)
+    probs, non_finite = _softmax_rows(logits_ptr, stride_t, rows, cols, row_ok, col_ok, COMPUTE)
     # Per-program column sums, reduced on the host side of the launch in a fixed order (deterministic).
     tl.store(partial_probs_ptr + pid * num_experts + cols, tl.sum(probs, axis=0), mask=col_ok)
 
     # Top-k by k rounds of argmax; padding columns sit at -1, below any probability, chosen ones at -2.
-    candidates = tl.where(row_ok[:, None] & col_ok[None, :], probs, -1.0)
+    # Non-finite rows compete with equal scores, so they pick experts 0..k-1 as torch's stable sort of NaNs does.
+    candidates = tl.where(row_ok[:, None] & col_ok[None, :], tl.where(non_finite[:, None], 0.0, probs), -1.0)
     top = tl.zeros([BLOCK_T, K_PAD], dtype=COMPUTE)
     chosen_ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
     for j in tl.static_range(TOP_K):
         best = tl.max(candidates, axis=1)
         # Lowest column holding the maximum: ties go to the lower expert id.
         chosen = tl.min(tl.where(candidates == best[:, None], cols[None, :], BLOCK_E), axis=1)
+        chosen = tl.minimum(chosen, num_experts - 1)  # never index past the experts, whatever the scores
         top = tl.where(slots[None, :] == j, best[:, None], top)
         chosen_ids = tl.where(slots[None, :] == j, chosen[:, None], chosen_ids)
         tl.atomic_add(counts_ptr + chosen, 1, mask=row_ok)  # integer adds: the result is order-independent
         candidates = tl.where(cols[None, :] == chosen[:, None], -2.0, candidates)
+    top = tl.where(non_finite[:, None], float("nan"), top)
     if RENORMALIZE:
         top = top / tl.sum(top, axis=1)[:, None]
     out_mask = row_ok[:, None] & (slots[None, :] < TOP_K)
@@ -76,7 +90,7 @@ def _route_backward_kernel(
     cols = tl.arange(0, BLOCK_E)
     row_ok = rows < num_tokens
     col_ok = cols < num_experts
-    probs = _softmax_rows(logits_ptr, stride_t, rows, cols, row_ok, col_ok, COMPUTE)
+    probs, _ = _softmax_rows(logits_ptr, stride_t, rows, cols, row_ok, col_ok, COMPUTE)
 
     # d probs_mean / d probs[t, e] = 1 / T for every token.
     grad_mean = tl.load(grad_probs_mean_ptr + cols, mask=col_ok, other=0.0).to(COMPUTE)
