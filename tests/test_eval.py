@@ -1,8 +1,10 @@
-"""Benchmark loaders, scoring (real CMMLU-Med data and the real CMB key when ../shared is present), prompts,
-the runner on a tiny model, and the eval command."""
+"""Benchmark loaders, answer extraction, scoring (real CMMLU-Med data and the real CMB key when ../shared is
+present), prompts, the runner on a tiny model, and the eval command. Every test runs in its tmp_path, so a
+command that writes to a default directory writes there and nowhere else."""
 
 import csv
 import json
+import os
 
 import pytest
 
@@ -11,11 +13,15 @@ from sparsedoctor_kernels.eval import (
     MCQ,
     EvalDataError,
     build_prompt,
+    command,
+    extract_answer,
     extract_letters,
     load_benchmark,
     load_cmb_key_items,
+    normalize_letters,
     score,
 )
+from sparsedoctor_kernels.eval.files import write_atomically
 
 from conftest import SHARED
 
@@ -23,6 +29,13 @@ CMMLU = SHARED / "data" / "cmmlu-med"
 CMB_KEY = SHARED / "data" / "cmb" / "CMB-test-choice-answer.json"
 needs_cmmlu = pytest.mark.skipif(not CMMLU.is_dir(), reason="../shared/data/cmmlu-med not present")
 needs_cmb_key = pytest.mark.skipif(not CMB_KEY.is_file(), reason="../shared/data/cmb not present")
+
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
 
 CMMLU_TEST_COUNTS = {"anatomy": 148, "clinical_knowledge": 237, "college_medicine": 273, "genetics": 176,
                      "nutrition": 145, "traditional_chinese_medicine": 185, "virology": 169}
@@ -61,7 +74,9 @@ def test_cmb_scoring_against_the_official_key():
     assert len(items) == 11200
     # Right on every physician-exam item (2,000 of them), wrong elsewhere.
     predictions = {i.id: (i.answer.lower()[::-1] if i.meta["exam_type"] == "医师考试" else "Z") for i in items}
-    result = score("cmb", items, predictions)
+    with pytest.warns(UserWarning, match=r"9200 prediction\(s\) hold no answer letter"):  # "Z" is no option
+        result = score("cmb", items, predictions)
+    assert result["no_answer"] == 9200 and result["missing"] == result["unknown_ids"] == 0
     assert result["n"] == 11200 and result["correct"] == 2000
     assert result["accuracy"] == pytest.approx(2000 / 11200)
     assert result["by_group"]["医师考试"]["accuracy"] == 1.0
@@ -72,8 +87,9 @@ def test_cmb_scoring_against_the_official_key():
     right_classes = set(pharmacist[: len(pharmacist) // 2])
     predictions = {i.id: i.answer if i.meta["exam_class"] in right_classes and i.meta["exam_type"] == "药师考试"
                    else "" for i in items}
-    assert score("cmb", items, predictions)["by_group"]["药师考试"]["accuracy"] == pytest.approx(
-        len(right_classes) / len(pharmacist))
+    with pytest.warns(UserWarning, match=r"prediction\(s\) hold no answer letter"):
+        result = score("cmb", items, predictions)
+    assert result["by_group"]["药师考试"]["accuracy"] == pytest.approx(len(right_classes) / len(pharmacist))
 
 
 def write_cmb_fixture(tmp_path):
@@ -157,7 +173,8 @@ def test_extract_letters():
 def test_score_rules():
     items = [MCQ("1", "q", {"A": "a", "B": "b", "C": "c"}, "AC", "s"), MCQ("2", "q", {"A": "a", "B": "b"}, "B", "s")]
     assert score("cmexam", items, {"1": "ca", "2": "B"})["accuracy"] == 1.0
-    assert score("cmexam", items, {"1": "A"})["accuracy"] == 0.0  # a subset is wrong; missing is wrong
+    with pytest.warns(UserWarning, match=r"1 item\(s\) have no prediction"):
+        assert score("cmexam", items, {"1": "A"})["accuracy"] == 0.0  # a subset is wrong; missing is wrong
     with pytest.raises(ValueError, match="has no answer"):
         score("cmb", [MCQ("3", "q", {"A": "a"}, "", "s")], {})
 
@@ -165,16 +182,18 @@ def test_score_rules():
 @needs_cmmlu
 def test_eval_command_runs_a_tiny_model_in_logits_mode(tmp_path, capsys):
     out = tmp_path / "eval"
-    assert cli.main(["eval", "--benchmark", "cmmlu-med", "--data", str(CMMLU), "--model", "tiny", "--limit", "12",
+    assert cli.main(["eval", "--benchmark", "cmmlu-med", "--data", str(CMMLU), "--model", "tiny", "--limit", "2",
                      "--shots", "1", "--output-dir", str(out), "--no-progress", "--batch-size", "5"]) == 0
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(records) == 12 and all(r["prediction"] in "ABCD" and r["method"] == "logits" for r in records)
+    assert len(records) == 14 and all(r["prediction"] in "ABCD" and r["method"] == "logits" for r in records)
     report = json.loads((out / "report.json").read_text())
-    assert report["n"] == 12 and report["correct"] == sum(r["correct"] for r in records)
+    assert report["n"] == 14 and report["correct"] == sum(r["correct"] for r in records)
+    assert len(report["by_group"]) == 7  # --limit is per subject: all seven are there
     assert "| anatomy (解剖学) |" in (out / "report.md").read_text()
     assert "overall accuracy" in capsys.readouterr().out
 
 
+@pytest.mark.filterwarnings("ignore:score:UserWarning")  # a random tiny model may generate no letter at all
 def test_eval_command_generates_for_multi_answer_items_and_scores_files(tmp_path, capsys):
     questions, key = write_cmb_fixture(tmp_path)
     out = tmp_path / "eval"
@@ -191,3 +210,198 @@ def test_eval_command_generates_for_multi_answer_items_and_scores_files(tmp_path
     assert cli.main(["eval", "--score", "--benchmark", "cmb", "--predictions", str(tmp_path / "broken.jsonl"),
                      "--answers", str(key)]) == 2
     assert "broken.jsonl:1" in capsys.readouterr().err
+
+
+# What other tools write: bare letters (any case), "B. text" (option echoed), Chinese and English answer
+# cues, lm-evaluation-harness's logged lists and JSON, full-width letters and punctuation, and no answer.
+EXTRACTION_CASES = [
+    ("B", "B"), ("b", "B"), ("dca", "ACD"), ("A、C、D", "ACD"), ("(B)", "B"), ("（Ｄ）", "D"), ("Ｂ", "B"),
+    ("B. 皮肤", "B"), ("B皮肤", "B"), ("答案：B", "B"), ("答案：Ｂ。", "B"), ("答案：A,C", "AC"), ("答案：A，C", "AC"),
+    ("答案是 A、C", "AC"), ("正确答案为B", "B"), ("答案应该是D", "D"), ("答案：b", "B"), ("**答案：C**", "C"),
+    ("选B", "B"), ("故选A。", "A"), ("选项B是错误的，正确的是C", "C"), ("A和C", "AC"),
+    ("The answer is C", "C"), ("the answer is (C)", "C"), ("Answer: B", "B"), ("answer: b", "B"),
+    ("The correct answer is option D.", "D"), ('["B"]', "B"), ('[["B"]]', "B"), ('{"answer": "C"}', "C"),
+    ("I think B is right", "B"), ("\n答案：b,a", "AB"),
+    ("不知道", ""), ("", ""), ("E F", ""), ("答案：E", ""), ("Correct", ""), ("DNA", ""), ("the answer is a rash", ""),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), EXTRACTION_CASES)
+def test_extract_answer_reads_the_formats_other_tools_write(text, expected):
+    assert extract_answer(text, "ABCD") == expected
+
+
+def test_extract_answer_keeps_to_the_items_options():
+    assert extract_answer("A、C、D", "ABCDE") == "ACD"
+    assert extract_answer("E", "ABCDE") == "E" and extract_answer("E", "ABCD") == ""
+    assert extract_answer("答案：F") == "F"  # no options known (CMB's key): A-H count
+    assert extract_letters is extract_answer  # one extractor for generated text and prediction files
+
+
+def test_normalize_letters_counts_latin_letters_only():
+    assert normalize_letters("dca") == "ACD" and normalize_letters("Ｂ") == "B"
+    assert normalize_letters("B皮肤") == "B" and normalize_letters("答案") == ""
+
+
+def test_score_extracts_answers_from_text_predictions():
+    items = [MCQ("1", "q", {"A": "皮肤", "B": "肝", "C": "肺", "D": "心"}, "B", "s"),
+             MCQ("2", "q", {"A": "a", "B": "b", "C": "c", "D": "d"}, "C", "s"),
+             MCQ("3", "q", {"A": "a", "B": "b", "C": "c", "D": "d"}, "ACD", "s"),
+             MCQ("4", "q", {"A": "a", "B": "b", "C": "c", "D": "d"}, "A", "s")]
+    predictions = {"1": "B. 肝", "2": "The answer is C", "3": "答案：A、C、D", "4": "答案：A"}
+    result = score("cmexam", items, predictions)
+    assert result["accuracy"] == 1.0 and result["no_answer"] == 0
+
+
+def test_score_warns_about_unknown_ids_missing_items_and_unreadable_predictions():
+    items = [MCQ(str(n), "q", {"A": "a", "B": "b"}, "A", "s") for n in range(4)]
+    with pytest.warns(UserWarning) as caught:
+        result = score("cmexam", items, {"0": "A", "1": "不知道", "7": "A", "8": "B"})
+    message = str(caught[0].message)
+    assert "2 prediction id(s) match no item" in message and "(e.g. 7, 8)" in message
+    assert "2 item(s) have no prediction" in message and "1 prediction(s) hold no answer letter" in message
+    assert (result["unknown_ids"], result["missing"], result["no_answer"], result["correct"]) == (2, 2, 1, 1)
+    assert result["n"] == 4
+
+
+def run_score_file(tmp_path, lines, name="p.jsonl", *extra):
+    questions, key = write_cmb_fixture(tmp_path)
+    path = tmp_path / name
+    path.write_bytes(lines if isinstance(lines, bytes) else lines.encode("utf-8"))
+    return cli.main(["eval", "--score", "--benchmark", "cmb", "--predictions", str(path), "--answers", str(key),
+                     *extra])
+
+
+def test_score_command_reads_tool_outputs_with_a_bom(tmp_path, capsys):
+    lines = '\ufeff{"id": 1, "prediction": "答案：A"}\n{"id": 2, "prediction": ["A", "B", "D"]}\n'
+    assert run_score_file(tmp_path, lines) == 0
+    assert "overall accuracy: **1.0000** (2/2)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("content", "where"), [
+    (b'{"id": 1, "prediction": "A"}\n{"id": 2, "prediction": \n', "p.jsonl:2: malformed JSON"),
+    (b'{"id": 1, "prediction": "A"}\n{"id": 2, "prediction": "\xb4\xf0"}\n', "p.jsonl:2: not UTF-8"),
+    (b'{"id": 1, "prediction": "A"}\n3\n', "p.jsonl:2: expected"),
+    (b'"A"\n', "p.jsonl:1: expected"),
+    (b'{"id": 1, "prediction": 1}\n', "p.jsonl:1: \"prediction\" must be a string"),
+    (b'{"id": 1, "prediction": "A"}\n{"id": 1, "prediction": "B"}\n', "p.jsonl:2: id 1 already"),
+    (b"\n\n", "holds no predictions"),
+])
+def test_bad_predictions_files_are_one_line_errors(tmp_path, capsys, content, where):
+    assert run_score_file(tmp_path, content) == 2
+    err = capsys.readouterr().err
+    assert where in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_paths_are_one_line_errors(tmp_path, capsys):
+    questions, key = write_cmb_fixture(tmp_path)
+    (tmp_path / "p.jsonl").write_text('{"id": 1, "prediction": "A"}\n')
+    runs = [(["--score", "--benchmark", "cmb", "--predictions", str(tmp_path / "nope.jsonl"), "--answers", str(key)],
+             "nope.jsonl does not exist"),
+            (["--score", "--benchmark", "cmb", "--predictions", str(tmp_path), "--answers", str(key)],
+             "is not a file"),
+            (["--score", "--benchmark", "cmb", "--predictions", str(tmp_path / "p.jsonl"), "--answers",
+              str(tmp_path / "nokey.json")], "nokey.json does not exist"),
+            (["--score", "--benchmark", "cmmlu-med", "--predictions", str(tmp_path / "p.jsonl")], "needs --data"),
+            (["--benchmark", "cmb", "--data", str(tmp_path / "none.json")], "none.json does not exist"),
+            (["--benchmark", "cmmlu-med"], "--data is required"),
+            (["--benchmark", "cmmlu-med", "--data", str(questions)], "expected the CMMLU root directory"),
+            (["--benchmark", "cmb", "--data", str(questions), "--model", str(tmp_path / "m")], "--model"),
+            (["--benchmark", "cmb", "--data", str(questions), "--adapter", str(tmp_path / "a")], "--adapter")]
+    for flags, message in runs:
+        assert cli.main(["eval", *flags, "--output-dir", str(tmp_path / "out")]) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (flags, err)
+    assert not (tmp_path / "out").exists()  # created for the run, removed again when it failed
+
+
+def test_bad_data_files_are_one_line_errors_and_a_bom_is_fine(tmp_path, capsys):
+    questions, key = write_cmb_fixture(tmp_path)
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + questions.read_bytes())
+    assert [i.answer for i in load_benchmark("cmb", tmp_path / "bom.json", answers=key)] == ["A", "ABD"]
+    (tmp_path / "gbk.json").write_bytes('[{"question": "题"}]'.encode("gbk"))
+    with pytest.raises(EvalDataError, match=r"gbk.json:1: not UTF-8"):
+        load_benchmark("cmb", tmp_path / "gbk.json")
+    (tmp_path / "ints.json").write_text("[1, 2]")
+    with pytest.raises(EvalDataError, match=r"ints.json: entry 0: expected a JSON object, got int"):
+        load_benchmark("cmb", tmp_path / "ints.json")
+    (tmp_path / "gbk.csv").write_bytes("Question,Options,Answer\n题,A 甲,A\n".encode("gbk"))
+    assert cli.main(["eval", "--benchmark", "cmexam", "--data", str(tmp_path / "gbk.csv"), "--output-dir",
+                     str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "gbk.csv:2: not UTF-8" in err and err.count("\n") == 1
+
+
+@pytest.fixture
+def nothing_may_load(monkeypatch):
+    """Loading data or a model fails the test: the output directory must be checked first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded before checking --output-dir")
+
+    for name in ("load_benchmark", "load_cmb_key_items", "load_model", "read_predictions"):
+        monkeypatch.setattr(command, name, refuse)
+
+
+@pytest.mark.parametrize("flags", [["--benchmark", "cmb", "--data", "q.json"],
+                                   ["--score", "--benchmark", "cmb", "--predictions", "p.jsonl", "--answers", "k"]])
+def test_a_bad_output_dir_fails_before_any_loading(tmp_path, capsys, nothing_may_load, flags):
+    (tmp_path / "a-file").write_text("x")
+    for output_dir, message in ((tmp_path / "a-file", "exists and is not a directory"),
+                                (tmp_path / "a-file" / "out", "cannot write there")):
+        assert cli.main(["eval", *flags, "--output-dir", str(output_dir)]) == 2
+        err = capsys.readouterr().err
+        assert f"--output-dir {output_dir}: {message}" in err and err.count("\n") == 1
+
+
+def test_a_read_only_output_dir_fails_before_any_loading(tmp_path, capsys, nothing_may_load):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("this user (root) may write to read-only directories")
+        assert cli.main(["eval", "--benchmark", "cmb", "--data", "q.json", "--output-dir", str(locked / "o")]) == 2
+        assert "cannot write there" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_write_atomically_leaves_no_partial_file(tmp_path, monkeypatch):
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(tmp_path / "report.json", "{}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_score_without_output_dir_prints_and_writes_nothing(tmp_path, capsys):
+    assert run_score_file(tmp_path, '{"id": 1, "prediction": "A"}\n{"id": 2, "prediction": "ABD"}\n') == 0
+    assert "overall accuracy: **1.0000** (2/2)" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cmb.json", "key.json", "p.jsonl"]
+    with pytest.warns(UserWarning, match="match no item"):
+        assert run_score_file(tmp_path, '{"id": 1, "prediction": "A"}\n{"id": 3, "prediction": "A"}\n', "p.jsonl",
+                              "--output-dir", str(tmp_path / "reports")) == 0
+    report = json.loads((tmp_path / "reports" / "report.json").read_text())
+    assert (report["correct"], report["unknown_ids"], report["missing"]) == (1, 1, 1)
+    assert "1 prediction id(s) match no item (ignored)" in (tmp_path / "reports" / "report.md").read_text()
+
+
+def write_cmmlu_fixture(root, subjects, rows=3):
+    for split in ("dev", "test"):
+        (root / split).mkdir(parents=True)
+        for subject in subjects:
+            with (root / split / f"{subject}.csv").open("w", encoding="utf-8", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["", "Question", "A", "B", "C", "D", "Answer"])
+                writer.writerows([[n, f"{subject} 题 {n}", "甲", "乙", "丙", "丁", "ABCD"[n % 4]] for n in range(rows)])
+
+
+def test_limit_applies_per_subject_and_keeps_every_subject(tmp_path):
+    write_cmmlu_fixture(tmp_path / "cmmlu", ["anatomy", "virology"])
+    assert cli.main(["eval", "--benchmark", "cmmlu-med", "--data", str(tmp_path / "cmmlu"), "--subjects", "anatomy",
+                     "virology", "--limit", "2", "--no-progress"]) == 0
+    records = (tmp_path / "sparsedoctor-eval" / "predictions.jsonl").read_text().splitlines()  # the default dir
+    assert [json.loads(r)["id"] for r in records] == ["anatomy/0", "anatomy/1", "virology/0", "virology/1"]
+    assert json.loads((tmp_path / "sparsedoctor-eval" / "report.json").read_text())["missing"] == 0

@@ -1,17 +1,45 @@
 """`sparsedoctor eval`: evaluate a model (with or without an adapter) on a benchmark, or score a predictions
-file. Writes predictions.jsonl, report.json and report.md into the output directory."""
+file. Writes predictions.jsonl, report.json and report.md into the output directory (with --score, only when
+--output-dir is given). User errors raise EvalDataError naming the file, line or flag."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import pathlib
 
 import torch
 
-from sparsedoctor_kernels.eval.items import EvalDataError, normalize_letters
+from sparsedoctor_kernels.eval.files import output_directory, read_text, write_atomically
+from sparsedoctor_kernels.eval.items import EvalDataError
 from sparsedoctor_kernels.eval.loaders import CMMLU_MED_SUBJECTS, load_benchmark, load_cmb_key_items
 from sparsedoctor_kernels.eval.runner import evaluate
 from sparsedoctor_kernels.eval.scoring import score
+
+DEFAULT_OUTPUT_DIR = "sparsedoctor-eval"
+
+
+def positive_int(text: str) -> int:
+    """argparse type of --limit and --batch-size (0 or a negative count would silently mean something else)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _adapter_description(adapter_dir: pathlib.Path) -> dict:
+    path = adapter_dir / "adapter_config.json"
+    try:
+        described = json.loads(read_text(path, "--adapter"))
+    except json.JSONDecodeError as error:
+        raise EvalDataError(f"{path}: malformed JSON at line {error.lineno}: {error.msg}") from None
+    if not isinstance(described, dict) or "sparsedoctor" not in described:
+        raise EvalDataError(f"{path}: not a SparseDoctor adapter config (no 'sparsedoctor' entry)")
+    return described
 
 
 def load_model(model: str, adapter: str | None, tokenizer_path: str | None, device: str, seed: int = 0):
@@ -42,15 +70,24 @@ def load_model(model: str, adapter: str | None, tokenizer_path: str | None, devi
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if adapter_dir is not None:
-        described = json.loads((adapter_dir / "adapter_config.json").read_text())
+        described = _adapter_description(adapter_dir)
         torch.manual_seed(seed)
         base = apply_sparsedoctor(base, SparseDoctorConfig.from_dict(described["sparsedoctor"]))
         load_adapter(base, adapter_dir)
     return base.to(device).eval(), tokenizer
 
 
+def _unscored_lines(result: dict) -> list[str]:
+    parts = [f"{result[key]} {what}" for key, what in (
+        ("unknown_ids", "prediction id(s) match no item (ignored)"),
+        ("missing", "item(s) have no prediction (counted wrong)"),
+        ("no_answer", "prediction(s) hold no answer letter (counted wrong)")) if result.get(key)]
+    return ["", "warning: " + "; ".join(parts)] if parts else []
+
+
 def report_markdown(benchmark: str, result: dict, title: str) -> str:
     lines = [f"# {title}", "", f"overall accuracy: **{result['accuracy']:.4f}** ({result['correct']}/{result['n']})"]
+    lines += _unscored_lines(result)
     if benchmark == "cmb":
         lines += ["", f"macro accuracy over exam types: **{result['macro_accuracy']:.4f}**", "",
                   "| exam type | exam class | accuracy |", "| --- | --- | --- |"]
@@ -68,40 +105,80 @@ def report_markdown(benchmark: str, result: dict, title: str) -> str:
 
 
 def _write_report(output: pathlib.Path, benchmark: str, result: dict, title: str) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "report.json").write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    (output / "report.md").write_text(report_markdown(benchmark, result, title), encoding="utf-8")
+    write_atomically(output / "report.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
+    write_atomically(output / "report.md", report_markdown(benchmark, result, title))
 
 
-def run_eval(args) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    items = load_benchmark(args.benchmark, args.data, split=args.split, subjects=args.subjects,
-                           answers=args.answers)
-    if args.limit:
-        items = items[: args.limit]
-    shots = {}
+def _check_eval_flags(args) -> None:
+    """The flag errors that need no data, so they surface before the output directory or any loading."""
+    if args.data is None:
+        raise EvalDataError("--data is required to run a model (the CMMLU root, CMB question JSON or CMExam CSV)")
+    if args.subjects and args.benchmark != "cmmlu-med":
+        raise EvalDataError(f"--subjects applies to cmmlu-med only, not {args.benchmark}")
+    if args.shots and args.benchmark != "cmmlu-med":
+        raise EvalDataError(f"--shots {args.shots}: few-shot examples come from CMMLU's dev split; "
+                            f"{args.benchmark} has none here")
+    if args.model != "tiny" and not pathlib.Path(args.model).is_dir():
+        raise EvalDataError(f"--model {args.model}: must be 'tiny' or a local Hugging Face model directory")
+    for flag, value in (("--adapter", args.adapter), ("--tokenizer", args.tokenizer)):
+        if value is not None and not pathlib.Path(value).is_dir():
+            raise EvalDataError(f"{flag} {value}: not a directory")
+    if (args.device or "").startswith("cuda") and not torch.cuda.is_available():
+        raise EvalDataError(f"--device {args.device}: CUDA is not available here")
+
+
+def _limited(items: list, limit: int | None, per_subject: bool) -> list:
+    """The first `limit` items, of each subject when `per_subject` (so --limit never drops a requested
+    subject)."""
+    if not limit:
+        return items
+    if not per_subject:
+        return items[:limit]
+    taken: dict[str, int] = {}
+    kept = []
+    for item in items:
+        if taken.get(item.subject, 0) < limit:
+            kept.append(item)
+            taken[item.subject] = taken.get(item.subject, 0) + 1
+    return kept
+
+
+def _few_shot_examples(args) -> dict[str, list]:
+    shots: dict[str, list] = {}
     if args.shots:
-        if args.benchmark != "cmmlu-med":
-            raise EvalDataError(f"--shots {args.shots}: few-shot examples come from CMMLU's dev split; "
-                                f"{args.benchmark} has none here")
         for item in load_benchmark("cmmlu-med", args.data, split="dev", subjects=args.subjects):
             shots.setdefault(item.subject, [])
             if len(shots[item.subject]) < args.shots:
                 shots[item.subject].append(item)
-    model, tokenizer = load_model(args.model, args.adapter, args.tokenizer, device, seed=args.seed)
-    records = evaluate(model, tokenizer, args.benchmark, items, shots=shots, mode=args.mode,
-                       batch_size=args.batch_size, progress=not args.no_progress)
-    output = pathlib.Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    with (output / "predictions.jsonl").open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    title = f"{args.benchmark} ({args.split if args.benchmark == 'cmmlu-med' else 'test'}), model {args.model}" + (
+    return shots
+
+
+def _eval_title(args) -> str:
+    return f"{args.benchmark} ({args.split if args.benchmark == 'cmmlu-med' else 'test'}), model {args.model}" + (
         f" + adapter {args.adapter}" if args.adapter else "") + f", {args.shots}-shot, {args.mode}"
-    if all(item.answer for item in items):
-        result = score(args.benchmark, items, {r["id"]: r["prediction"] for r in records})
-        _write_report(output, args.benchmark, result, title)
-        print(report_markdown(args.benchmark, result, title))
+
+
+def run_eval(args) -> int:
+    _check_eval_flags(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with output_directory(args.output_dir or DEFAULT_OUTPUT_DIR) as output:
+        items = load_benchmark(args.benchmark, args.data, split=args.split, subjects=args.subjects,
+                               answers=args.answers)
+        items = _limited(items, args.limit, per_subject=args.benchmark == "cmmlu-med")
+        if not items:
+            raise EvalDataError(f"--data {args.data}: no questions to evaluate")
+        shots = _few_shot_examples(args)
+        model, tokenizer = load_model(args.model, args.adapter, args.tokenizer, device, seed=args.seed)
+        records = evaluate(model, tokenizer, args.benchmark, items, shots=shots, mode=args.mode,
+                           batch_size=args.batch_size, progress=not args.no_progress)
+        scored = all(item.answer for item in items)
+        result = score(args.benchmark, items, {r["id"]: r["prediction"] for r in records}) if scored else None
+        write_atomically(output / "predictions.jsonl",
+                         "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+        if result is not None:
+            _write_report(output, args.benchmark, result, _eval_title(args))
+    if result is not None:
+        print(report_markdown(args.benchmark, result, _eval_title(args)))
     else:
         print(f"{sum(not i.answer for i in items)} item(s) have no answer: predictions written, not scored "
               f"(score them with --score --answers KEY)")
@@ -109,34 +186,71 @@ def run_eval(args) -> int:
     return 0
 
 
-def read_predictions(path) -> dict[str, str]:
-    from sparsedoctor_kernels.data import DataError, iter_jsonl
+def _prediction_text(value, where: str) -> str:
+    """A prediction as text: a string, or the list lm-evaluation-harness logs (`filtered_resps`: ["B"])."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return " ".join(_prediction_text(part, where) for part in value)
+    raise EvalDataError(f'{where}: "prediction" must be a string or a list of strings, got {type(value).__name__}')
 
-    predictions = {}
+
+def _prediction_record(line: str, where: str) -> dict:
     try:
-        for number, record in iter_jsonl(path):
-            if not isinstance(record, dict) or "id" not in record or "prediction" not in record:
-                raise EvalDataError(f"{path}:{number}: expected {{\"id\": ..., \"prediction\": \"B\"}}")
-            predictions[str(record["id"])] = normalize_letters(record["prediction"])
-    except DataError as error:
-        raise EvalDataError(str(error)) from None
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise EvalDataError(f"{where}: malformed JSON ({error.msg})") from None
+    if not isinstance(record, dict) or "id" not in record or "prediction" not in record:
+        got = f"an object with keys {sorted(record)}" if isinstance(record, dict) else type(record).__name__
+        raise EvalDataError(f'{where}: expected {{"id": ..., "prediction": "B"}}, got {got}')
+    return record
+
+
+def read_predictions(path) -> dict[str, str]:
+    """id -> the prediction as written (letters, or a model's text such as "答案：B"): `score` extracts the
+    answer with each item's option letters. Errors name the file and line; a UTF-8 BOM is accepted."""
+    predictions: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines() breaks at.
+    for number, line in enumerate(read_text(path, "--predictions").split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        record = _prediction_record(line, where)
+        item_id = str(record["id"])
+        if item_id in first_line:
+            raise EvalDataError(f"{where}: id {item_id} already has a prediction on line {first_line[item_id]}")
+        first_line[item_id] = number
+        predictions[item_id] = _prediction_text(record["prediction"], where)
+    if not predictions:
+        raise EvalDataError(f"--predictions {path}: holds no predictions")
     return predictions
 
 
-def run_score(args) -> int:
-    if not args.predictions:
-        raise EvalDataError("--score needs --predictions P.jsonl")
-    predictions = read_predictions(args.predictions)
+def _items_to_score(args) -> list:
     if args.benchmark == "cmb" and args.data is None:
         if not args.answers:
             raise EvalDataError("--score --benchmark cmb needs --answers CMB-test-choice-answer.json")
-        items = load_cmb_key_items(args.answers)  # the key carries the exam metadata the grouping needs
-    else:
-        items = load_benchmark(args.benchmark, args.data, split=args.split, subjects=args.subjects,
-                               answers=args.answers)
-    result = score(args.benchmark, items, predictions)
+        return load_cmb_key_items(args.answers)  # the key carries the exam metadata the grouping needs
+    if args.data is None:
+        raise EvalDataError(f"--score --benchmark {args.benchmark} needs --data (the benchmark with its answers)")
+    items = load_benchmark(args.benchmark, args.data, split=args.split, subjects=args.subjects,
+                           answers=args.answers)
+    unanswered = sum(not item.answer for item in items)
+    if unanswered:
+        raise EvalDataError(f"--data {args.data}: {unanswered} item(s) have no answer; pass --answers KEY")
+    return items
+
+
+def run_score(args) -> int:
+    """Score a predictions file; reports are written only where --output-dir says, else just printed."""
+    if not args.predictions:
+        raise EvalDataError("--score needs --predictions P.jsonl")
     title = f"{args.benchmark}: {args.predictions}"
-    if args.output_dir:
-        _write_report(pathlib.Path(args.output_dir), args.benchmark, result, title)
+    with output_directory(args.output_dir) if args.output_dir else contextlib.nullcontext() as output:
+        predictions = read_predictions(args.predictions)
+        result = score(args.benchmark, _items_to_score(args), predictions)
+        if output is not None:
+            _write_report(output, args.benchmark, result, title)
     print(report_markdown(args.benchmark, result, title))
     return 0

@@ -22,7 +22,3 @@ class MCQ:
     def multi_answer(self) -> bool:
         return len(self.answer) > 1 or "多" in self.meta.get("question_type", "")
 
-
-def normalize_letters(text: str) -> str:
-    """'dca' -> 'ACD': the set of letters, upper-case and sorted."""
-    return "".join(sorted({c for c in str(text).upper() if c.isalpha()}))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import pathlib
 import warnings
 
-from sparsedoctor_kernels.eval.items import MCQ, EvalDataError, normalize_letters
+from sparsedoctor_kernels.eval.answers import normalize_letters
+from sparsedoctor_kernels.eval.files import read_text
+from sparsedoctor_kernels.eval.items import MCQ, EvalDataError
 
 # The seven medical subjects used with the HuatuoGPT baselines, and their Chinese names for the prompts.
 CMMLU_MED_SUBJECTS = {
@@ -18,21 +21,24 @@ CMMLU_COLUMNS = ("Question", "A", "B", "C", "D", "Answer")
 
 
 def _read_csv(path: pathlib.Path, required: tuple[str, ...]) -> list[dict]:
-    if not path.is_file():
-        raise EvalDataError(f"{path} does not exist")
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    try:
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
             raise EvalDataError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
         return list(reader)
+    except csv.Error as error:
+        raise EvalDataError(f"{path}:{reader.line_num}: malformed CSV ({error})") from None
 
 
 def load_cmmlu(root, split: str = "test", subjects=None) -> list[MCQ]:
     root = pathlib.Path(root)
     if split not in ("dev", "test"):
         raise ValueError(f"split must be 'dev' or 'test', got {split!r}")
-    subjects = list(subjects) if subjects is not None else list(CMMLU_MED_SUBJECTS)
+    if not root.is_dir():
+        raise EvalDataError(f"--data {root}: expected the CMMLU root directory (with dev/ and test/)")
+    # A subject named twice would give every one of its items twice, under the same ids.
+    subjects = list(dict.fromkeys(subjects)) if subjects is not None else list(CMMLU_MED_SUBJECTS)
     items = []
     for subject in subjects:
         path = root / split / f"{subject}.csv"
@@ -47,15 +53,16 @@ def load_cmmlu(root, split: str = "test", subjects=None) -> list[MCQ]:
 
 
 def _load_json_list(path: pathlib.Path) -> list[dict]:
-    if not path.is_file():
-        raise EvalDataError(f"{path} does not exist")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as error:
         where = f"line {error.lineno}, column {error.colno}"
         raise EvalDataError(f"{path}: malformed JSON at {where}: {error.msg}") from None
     if not isinstance(data, list):
         raise EvalDataError(f"{path}: expected a JSON list of questions, got {type(data).__name__}")
+    for index, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise EvalDataError(f"{path}: entry {index}: expected a JSON object, got {type(entry).__name__}")
     return data
 
 
@@ -94,6 +101,8 @@ def load_cmb(path, answers=None) -> list[MCQ]:
                    if f not in entry]
         if missing:
             raise EvalDataError(f"{where}: missing field(s) {missing}")
+        if not isinstance(entry["option"], dict):
+            raise EvalDataError(f"{where}: 'option' must map letters to texts, got {type(entry['option']).__name__}")
         options = {str(k).strip().upper(): str(v).strip() for k, v in entry["option"].items() if str(v).strip()}
         item_id = str(entry["id"])
         answer = key.get(item_id, normalize_letters(entry.get("answer", "")))

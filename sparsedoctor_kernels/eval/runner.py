@@ -4,11 +4,10 @@ extraction. Batched, with a progress bar."""
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-from sparsedoctor_kernels.eval.items import MCQ, normalize_letters
+from sparsedoctor_kernels.eval.answers import extract_answer
+from sparsedoctor_kernels.eval.items import MCQ
 from sparsedoctor_kernels.eval.prompts import build_prompt
 
 
@@ -18,16 +17,6 @@ def _progress(iterable, total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, unit="batch", dynamic_ncols=True)
-
-
-def extract_letters(text: str, valid: str) -> str:
-    """The answer letters of a generated text: the letters of `valid` in its first line that holds any (the
-    answer-only prompts ask for letters alone), e.g. 'ACD' from 'A、C、D' or '答案：A,C,D'."""
-    for line in text.splitlines():
-        letters = [c for c in re.sub(r"[^A-Za-z]", "", line).upper() if c in valid]
-        if letters:
-            return normalize_letters("".join(letters))
-    return ""
 
 
 def _encode(tokenizer, prompts: list[str], device, max_length: int):
@@ -105,7 +94,7 @@ def evaluate(model, tokenizer, benchmark: str, items: list[MCQ], *, shots: dict[
             else:
                 outputs = _generate(model, tokenizer, prompts, device, max_length, max_new_tokens)
                 for item, output in zip(batch, outputs):
-                    records[item.id] = {"prediction": extract_letters(output, "".join(item.options)),
+                    records[item.id] = {"prediction": extract_answer(output, "".join(item.options)),
                                         "output": output}
     results = []
     for item in items:

@@ -1,0 +1,90 @@
+"""The one answer extractor, for generated text and for prediction files alike, in the way evaluation harnesses
+(lm-evaluation-harness, OpenCompass, CMB's and CMExam's scripts) read answers: an explicit answer cue first
+("答案：B", "正确答案为 A、C", "选B", "The answer is (C)", "Answer: B"), then the first standalone option letters
+(a letter that is not part of a Latin word: "B. 皮肤" -> "B", "A、C、D" -> "ACD"). Only the item's option
+letters count; "" when the text holds no answer."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# Used when an item's options are unknown (CMB's answer key carries no options; its answers go up to F).
+DEFAULT_OPTION_LETTERS = "ABCDEFGH"
+
+# Characters that may stand between the letters of one answer ("A、C", "A, C", "(A)(C)", "**B**", "A和C").
+_JOINERS = frozenset(" \t\r\n,;/&+|()[]{}<>'\"*、，；“”‘’「」『』【】《》和与及")
+_PIECE = re.compile(r"[A-Za-z]+|.", re.S)
+_LATIN_RUN = re.compile(r"[A-Za-z]+")
+# Text that is letters and punctuation only: a bare answer ("b", "dca", "a, c", '["B"]', "(D)").
+# Runs must be separated (never `(?:[A-Za-z]+[^\w]*)+`, which backtracks exponentially on long words).
+_BARE = re.compile(r"[^\w]*[A-Za-z]+(?:[^\w]+[A-Za-z]+)*[^\w]*")
+
+# (cue, whether lower-case letters count after it). In priority order. After English "answer is" a lower-case
+# "a" is the article ("the answer is a rash"), so only capitals count there; after a colon or a Chinese cue
+# any case does.
+_CUES = (
+    (re.compile(r"答案\s*(?:应该|应当|应|可能)?\s*(?:是|为|选择|选)?\s*(?:选项)?\s*:?"), True),
+    (re.compile(r"正确的?(?:选项|答案)?\s*(?:是|为)\s*:?"), True),  # "正确的是C", "正确选项为C"
+    (re.compile(r"(?i:\banswer\b['\"]?\s*[:=])"), True),
+    (re.compile(r"(?i:\banswer\b\s*(?:is|would be|should be)?\s*:?\s*(?:option\b)?)"), False),
+    (re.compile(r"选择?(?!项)\s*:?"), True),  # "选B", "故选A", "应选择C"; not "选项B是错的"
+)
+
+
+def normalize_letters(text: str) -> str:
+    """Canonical form of an already-extracted letter set: 'dca' -> 'ACD' (upper-case, sorted, de-duplicated;
+    Latin letters only, so full-width 'Ｂ' is 'B' and Chinese characters never count as letters)."""
+    text = unicodedata.normalize("NFKC", str(text)).upper()
+    return "".join(sorted({c for c in text if "A" <= c <= "Z"}))
+
+
+def _option_letters(piece: str, valid: str, any_case: bool) -> str:
+    """The letters of a Latin run that names options ('B', 'ACD'), or '' for a word ('DNA', 'Correct')."""
+    if not piece.isascii() or not piece.isalpha() or not (any_case or piece.isupper()):
+        return ""
+    letters = piece.upper()
+    if len(set(letters)) != len(letters) or not set(letters) <= set(valid):
+        return ""
+    return letters
+
+
+def _letter_group(text: str, start: int, valid: str, any_case: bool) -> str:
+    """The option letters from `start` on, up to the first character or word that is not a joiner."""
+    letters = ""
+    for match in _PIECE.finditer(text, start):
+        piece = match.group()
+        if piece in _JOINERS or (letters and piece.lower() == "and"):
+            continue
+        found = _option_letters(piece, valid, any_case)
+        if not found:
+            break
+        letters += found
+    return normalize_letters(letters)
+
+
+def _bare_answer(text: str, valid: str) -> str | None:
+    """The letters of a text that is nothing but option letters and punctuation, in any case; None otherwise."""
+    if not _BARE.fullmatch(text):
+        return None
+    runs = [_option_letters(run, valid, any_case=True) for run in _LATIN_RUN.findall(text)]
+    return normalize_letters("".join(runs)) if all(runs) else None
+
+
+def extract_answer(text, valid: str | None = None) -> str:
+    """The answer letters of `text`, canonical ('ACD'), restricted to `valid` (the item's option letters;
+    default A-H); '' when there is none."""
+    valid = (valid or DEFAULT_OPTION_LETTERS).upper()
+    text = unicodedata.normalize("NFKC", "" if text is None else str(text))  # full-width 'Ｂ', '：', '（' to ASCII
+    bare = _bare_answer(text, valid)
+    if bare is not None:
+        return bare
+    for cue, any_case in _CUES:
+        for match in cue.finditer(text):
+            letters = _letter_group(text, match.end(), valid, any_case)
+            if letters:
+                return letters
+    for match in _LATIN_RUN.finditer(text):
+        if _option_letters(match.group(), valid, any_case=False):
+            return _letter_group(text, match.start(), valid, any_case=False)
+    return ""

@@ -1,0 +1,68 @@
+"""File handling of `sparsedoctor eval`: reading UTF-8 text with errors that name the file and line, an output
+directory checked before any work, and writes that never leave a half-written file behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import tempfile
+
+from sparsedoctor_kernels.eval.items import EvalDataError
+
+
+def read_text(path, flag: str = "") -> str:
+    """The file's text; a UTF-8 BOM is dropped (Windows tools write one). Errors name the file (and the flag
+    that gave it, when known) and, for bytes that are not UTF-8, the line."""
+    path = pathlib.Path(path)
+    named = f"{flag} {path}" if flag else str(path)
+    if not path.exists():
+        raise EvalDataError(f"{named} does not exist")
+    if not path.is_file():
+        raise EvalDataError(f"{named} is not a file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise EvalDataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}); "
+                            f"save it as UTF-8") from None
+
+
+def write_atomically(path: pathlib.Path, text: str) -> None:
+    """Write through a temporary file and a rename, so an interrupted or failed write leaves no partial file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        pathlib.Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _prepare_output_dir(path: pathlib.Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise EvalDataError(f"--output-dir {path}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        # Probe with a real file: os.access says yes to root on read-only directories and mounts.
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise EvalDataError(f"--output-dir {path}: cannot write there ({error.strerror or error})") from None
+
+
+@contextlib.contextmanager
+def output_directory(path):
+    """Create and probe the output directory before any work, so a bad --output-dir fails at once rather than
+    after the whole run; if the run then fails, a directory created here and still empty is removed again."""
+    path = pathlib.Path(path)
+    created = not path.exists()
+    _prepare_output_dir(path)
+    try:
+        yield path
+    except BaseException:
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise
