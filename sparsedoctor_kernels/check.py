@@ -7,6 +7,7 @@ wrapping queues, and an expert with no tokens are part of every case.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,13 +48,13 @@ def _route_inputs(gen):
     return {"logits": _random(gen, 37, 11), "grad_w": _random(gen, 37, 3)}
 
 
-def _run_lora_moe(inputs, backend, device, dtype):
+def _run_lora_moe(inputs, backend, device, dtype, strategy=None):
     leaves = {name: _copy(inputs[name], device, dtype, grad=True) for name in ("x", "lora_a", "lora_b")}
     weights = _copy(inputs["weights"], device, torch.float32 if dtype != torch.float64 else dtype, grad=True)
     experts = inputs["experts"].to(device)
     base = _copy(inputs["base"], device, dtype)
     y = sdk.lora_moe(leaves["x"], leaves["lora_a"], leaves["lora_b"], weights, experts, scaling=1.5,
-                     out=base, backend=backend)
+                     out=base, backend=backend, strategy=strategy)
     (y.float() * inputs["grad_y"].to(device)).sum().backward()
     return {"y": y, **{f"grad {name}": t.grad for name, t in leaves.items()}, "grad weights": weights.grad}
 
@@ -114,11 +115,18 @@ class OpCase:
     op: str
     make_inputs: Callable[[torch.Generator], dict]
     run: Callable[..., dict]
+    label: str = ""  # what the table calls it, when one op has several cases
+
+    @property
+    def name(self) -> str:
+        return self.label or self.op
 
 
 CASES = (
     OpCase("route", _route_inputs, _run_route),
-    OpCase("lora_moe", _lora_moe_inputs, _run_lora_moe),
+    # The oracle is the torch backend's own default (the exact grouped reference) for every strategy.
+    OpCase("lora_moe", _lora_moe_inputs, functools.partial(_run_lora_moe, strategy="grouped"), "lora_moe (grouped)"),
+    OpCase("lora_moe", _lora_moe_inputs, functools.partial(_run_lora_moe, strategy="dense"), "lora_moe (dense)"),
     OpCase("ExpertQueue.enqueue", _queue_inputs, _run_queue),
     OpCase("infonce_queue_loss", _infonce_inputs, _run_infonce),
 )
@@ -133,6 +141,7 @@ class CheckResult:
     max_error: float | None
     passed: bool | None  # None: skipped
     note: str = ""
+    case: str = ""  # the op and its variant (a lora_moe strategy), as the table shows it
 
 
 def _compare(got: dict, expected: dict, dtype: torch.dtype) -> tuple[float, bool, str]:
@@ -151,23 +160,29 @@ def _compare(got: dict, expected: dict, dtype: torch.dtype) -> tuple[float, bool
     return worst, passed, ("mismatch in " + ", ".join(failing)) if failing else ""
 
 
+def _oracle(case: OpCase) -> OpCase:
+    """The case whose torch run is the reference: the op's first (default) case."""
+    return next(c for c in CASES if c.op == case.op)
+
+
 def run_checks(devices: list[str] | None = None, seed: int = 0) -> list[CheckResult]:
     if devices is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results = []
     for case in CASES:
         inputs = case.make_inputs(torch.Generator().manual_seed(seed))
-        expected = case.run(inputs, "torch", torch.device("cpu"), torch.float64)
+        expected = _oracle(case).run(inputs, "torch", torch.device("cpu"), torch.float64)
         for device_name in devices:
             device = torch.device(device_name)
             dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
             for backend in BACKENDS:
                 if backend not in IMPLEMENTATIONS[case.op]:
-                    results.append(CheckResult(case.op, backend, device_name, "-", None, None, "no such backend"))
+                    results.append(CheckResult(case.op, backend, device_name, "-", None, None, "no such backend",
+                                               case.name))
                     continue
                 reason = why_backend_cannot_run(backend, device)
                 if reason is not None:
-                    results.append(CheckResult(case.op, backend, device_name, "-", None, None, reason))
+                    results.append(CheckResult(case.op, backend, device_name, "-", None, None, reason, case.name))
                     continue
                 for dtype in dtypes:
                     try:
@@ -176,7 +191,7 @@ def run_checks(devices: list[str] | None = None, seed: int = 0) -> list[CheckRes
                     except Exception as exc:  # noqa: BLE001 - a crashing backend is a failed check
                         error, passed, note = float("nan"), False, f"{type(exc).__name__}: {exc}"
                     results.append(CheckResult(case.op, backend, device_name, str(dtype).removeprefix("torch."),
-                                               error, passed, note))
+                                               error, passed, note, case.name))
     return results
 
 
@@ -186,7 +201,7 @@ def format_table(results: list[CheckResult]) -> str:
     for r in results:
         status = "skip" if r.passed is None else ("PASS" if r.passed else "FAIL")
         error = "-" if r.max_error is None else f"{r.max_error:.2e}"
-        rows.append((r.op, r.backend, r.device, r.dtype, error, status, r.note))
+        rows.append((r.case or r.op, r.backend, r.device, r.dtype, error, status, r.note))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
     lines.insert(1, "-" * (sum(widths) + 2 * len(widths) + len(header[-1])))

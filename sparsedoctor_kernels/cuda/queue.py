@@ -6,8 +6,7 @@ import torch
 
 from sparsedoctor_kernels import _C  # noqa: F401 - registers torch.ops.sparsedoctor_cuda
 from sparsedoctor_kernels._alloc import empty
-
-MAX_EXPERTS = 256
+from sparsedoctor_kernels.cuda import MAX_EXPERTS
 
 
 def enqueue(queue_keys: torch.Tensor, ptr: torch.Tensor, size: torch.Tensor, keys: torch.Tensor,

@@ -7,9 +7,8 @@ import torch
 
 from sparsedoctor_kernels import _C
 from sparsedoctor_kernels._alloc import empty
+from sparsedoctor_kernels.cuda import MAX_EXPERTS
 from sparsedoctor_kernels.reference.routing import backward  # noqa: F401 - this backend's backward
-
-MAX_EXPERTS = 256
 
 
 def forward(logits: torch.Tensor, top_k: int, renormalize: bool):

@@ -17,56 +17,70 @@ from sparsedoctor_kernels._validation import (
     require_shape,
     require_writable_output,
 )
+from sparsedoctor_kernels.cost import resolve_strategy
 
-# Each implementation provides forward -> (y, h, plan), forward_into -> (h, plan), backward and plan_numel:
-# h = A[e] @ x per pair is kept so the backward never recomputes the shrink, and `plan` (int32, possibly
-# empty) is whatever routing order the implementation built in the forward and reuses in the backward.
+# Each implementation provides forward -> (y, h, plan), forward_into -> (h, plan), backward, plan_numel and
+# saved_shape: h (A[e] @ x per pair, or every expert's rank-space rows for the dense strategy) is kept so the
+# backward never recomputes the shrink, and `plan` (int32, possibly empty) is whatever routing order the
+# implementation built in the forward and reuses in the backward. IMPLEMENTATIONS holds each backend's grouped
+# strategy (for the torch backend: the reference, which selects each token's experts exactly); DENSE the
+# folded dense-expert strategy (see sparsedoctor_kernels.cost for when each wins).
 IMPLEMENTATIONS = {"triton": LazyImplementation("sparsedoctor_kernels.triton.lora_moe"), "torch": reference.lora_moe}
+DENSE = {"triton": LazyImplementation("sparsedoctor_kernels.triton.lora_moe_dense"),
+         "torch": reference.lora_moe_dense}
 
 
-def _fake_saved(x, lora_a, experts, backend):
-    """The rank-r intermediate h ([T, k, r] in the compute dtype) and the plan kept for the backward."""
-    h = x.new_empty((*experts.shape, lora_a.shape[1]), dtype=compute_dtype(x.dtype, lora_a.dtype))
-    numel = IMPLEMENTATIONS[backend].plan_numel(experts.shape[0], experts.shape[1], lora_a.shape[0])
-    return h, x.new_empty((numel,), dtype=torch.int32)
+def _implementation(backend: str, strategy: str):
+    return DENSE[backend] if strategy == "dense" else IMPLEMENTATIONS[backend]
+
+
+def _fake_saved(x, lora_a, experts, backend, strategy):
+    """The rank-space intermediate h (in the compute dtype) and the plan kept for the backward."""
+    implementation = _implementation(backend, strategy)
+    num_tokens, top_k = experts.shape
+    num_experts, rank, _ = lora_a.shape
+    shape = implementation.saved_shape(num_tokens, top_k, num_experts, rank)
+    h = x.new_empty(shape, dtype=compute_dtype(x.dtype, lora_a.dtype))
+    return h, x.new_empty((implementation.plan_numel(num_tokens, top_k, num_experts),), dtype=torch.int32)
 
 
 @torch.library.custom_op("sparsedoctor::lora_moe_forward", mutates_args=())
 def _lora_moe_forward(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-    scaling: float, backend: str,
+    scaling: float, backend: str, strategy: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return IMPLEMENTATIONS[backend].forward(x, lora_a, lora_b, weights, experts, scaling)
+    return _implementation(backend, strategy).forward(x, lora_a, lora_b, weights, experts, scaling)
 
 
 @_lora_moe_forward.register_fake
-def _(x, lora_a, lora_b, weights, experts, scaling, backend):
-    return x.new_empty((x.shape[0], lora_b.shape[1])), *_fake_saved(x, lora_a, experts, backend)
+def _(x, lora_a, lora_b, weights, experts, scaling, backend, strategy):
+    return x.new_empty((x.shape[0], lora_b.shape[1])), *_fake_saved(x, lora_a, experts, backend, strategy)
 
 
 @torch.library.custom_op("sparsedoctor::lora_moe_forward_into", mutates_args=("out",))
 def _lora_moe_forward_into(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-    scaling: float, out: torch.Tensor, backend: str,
+    scaling: float, out: torch.Tensor, backend: str, strategy: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return IMPLEMENTATIONS[backend].forward_into(x, lora_a, lora_b, weights, experts, scaling, out)
+    return _implementation(backend, strategy).forward_into(x, lora_a, lora_b, weights, experts, scaling, out)
 
 
 @_lora_moe_forward_into.register_fake
-def _(x, lora_a, lora_b, weights, experts, scaling, out, backend):
-    return _fake_saved(x, lora_a, experts, backend)
+def _(x, lora_a, lora_b, weights, experts, scaling, out, backend, strategy):
+    return _fake_saved(x, lora_a, experts, backend, strategy)
 
 
 @torch.library.custom_op("sparsedoctor::lora_moe_backward", mutates_args=())
 def _lora_moe_backward(
     grad_y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weights: torch.Tensor,
-    experts: torch.Tensor, h: torch.Tensor, plan: torch.Tensor, scaling: float, backend: str,
+    experts: torch.Tensor, h: torch.Tensor, plan: torch.Tensor, scaling: float, backend: str, strategy: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return IMPLEMENTATIONS[backend].backward(grad_y, x, lora_a, lora_b, weights, experts, h, plan, scaling)
+    return _implementation(backend, strategy).backward(grad_y, x, lora_a, lora_b, weights, experts, h, plan,
+                                                       scaling)
 
 
 @_lora_moe_backward.register_fake
-def _(grad_y, x, lora_a, lora_b, weights, experts, h, plan, scaling, backend):
+def _(grad_y, x, lora_a, lora_b, weights, experts, h, plan, scaling, backend, strategy):
     return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(weights)
 
 
@@ -74,15 +88,15 @@ class _LoraMoEFunction(torch.autograd.Function):
     # `out` comes first: when it is a view modified in place, autograd's CopySlices hands the gradient of the
     # function's first input to the view's base.
     @staticmethod
-    def forward(ctx, out, x, lora_a, lora_b, weights, experts, scaling, backend):
+    def forward(ctx, out, x, lora_a, lora_b, weights, experts, scaling, backend, strategy):
         if out is None:
-            y, h, plan = _lora_moe_forward(x, lora_a, lora_b, weights, experts, scaling, backend)
+            y, h, plan = _lora_moe_forward(x, lora_a, lora_b, weights, experts, scaling, backend, strategy)
         else:
-            h, plan = _lora_moe_forward_into(x, lora_a, lora_b, weights, experts, scaling, out, backend)
+            h, plan = _lora_moe_forward_into(x, lora_a, lora_b, weights, experts, scaling, out, backend, strategy)
             ctx.mark_dirty(out)
             y = out
         ctx.save_for_backward(x, lora_a, lora_b, weights, experts, h, plan)
-        ctx.scaling, ctx.backend, ctx.has_out = scaling, backend, out is not None
+        ctx.scaling, ctx.backend, ctx.strategy, ctx.has_out = scaling, backend, strategy, out is not None
         return y
 
     @staticmethod
@@ -90,10 +104,10 @@ class _LoraMoEFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, lora_a, lora_b, weights, experts, h, plan = ctx.saved_tensors
         grad_x, grad_a, grad_b, grad_w = _lora_moe_backward(
-            grad_y.contiguous(), x, lora_a, lora_b, weights, experts, h, plan, ctx.scaling, ctx.backend
+            grad_y.contiguous(), x, lora_a, lora_b, weights, experts, h, plan, ctx.scaling, ctx.backend, ctx.strategy
         )
         grad_out = grad_y if ctx.has_out else None  # out + delta: out's producers see grad_y unchanged
-        return grad_out, grad_x, grad_a, grad_b, grad_w, None, None, None
+        return grad_out, grad_x, grad_a, grad_b, grad_w, None, None, None, None
 
 
 def _check_arguments(x, lora_a, lora_b, weights, experts, scaling, out):
@@ -124,7 +138,7 @@ def _check_arguments(x, lora_a, lora_b, weights, experts, scaling, out):
 
 def lora_moe(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weights: torch.Tensor,
              experts: torch.Tensor, *, scaling: float = 1.0, out: torch.Tensor | None = None,
-             backend: str | None = None, validate: bool | None = None) -> torch.Tensor:
+             backend: str | None = None, validate: bool | None = None, strategy: str | None = None) -> torch.Tensor:
     """Apply each token's top-k LoRA experts.
 
     `x` [T, d_in], `lora_a` [E, r, d_in], `lora_b` [E, d_out, r] (one float dtype), `weights` [T, k]
@@ -133,12 +147,21 @@ def lora_moe(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weight
     in x's dtype, or adds it into `out` ([T, d_out], typically the frozen base output; any strides) in place and
     returns `out`; an `out` that shares memory with an input (such as `out=x`) or has overlapping elements (an
     expanded view) raises ValueError. Differentiable w.r.t. x, lora_a, lora_b, weights (and whatever produced `out`).
+
+    `strategy` ("grouped", "dense", "auto" or None; also `SPARSEDOCTOR_LORA_MOE_STRATEGY`) picks how the
+    kernels organise the work: `grouped` sorts the pairs by expert and computes only the chosen experts;
+    `dense` computes every expert from one read of x and selects the gates in (fewer bytes while E*r is small;
+    a NaN/inf weight of an expert a token did not choose can then reach that token). The default is the cost
+    model's choice (`sparsedoctor_kernels.cost`) on the kernels and the exact grouped reference on `torch`.
     """
     device = _check_arguments(x, lora_a, lora_b, weights, experts, scaling, out)
     backend = resolve_backend("lora_moe", backend, device, tuple(IMPLEMENTATIONS))
+    num_experts, rank, d_in = lora_a.shape
+    shapes = (x.shape[0], d_in, lora_b.shape[1], num_experts, experts.shape[1], rank)
+    strategy = resolve_strategy(strategy, backend, shapes, x.dtype, device)
     if default_validate(validate, device):
-        check_ids_in_range("experts", experts, lora_a.shape[0])
+        check_ids_in_range("experts", experts, num_experts)
     return _LoraMoEFunction.apply(
         out, x.contiguous(), lora_a.contiguous(), lora_b.contiguous(), weights.contiguous(), experts.contiguous(),
-        float(scaling), backend,
+        float(scaling), backend, strategy,
     )

@@ -42,6 +42,11 @@ def _select_rows(uses: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.where(uses[:, None], rows, 0.0)
 
 
+def saved_shape(num_tokens: int, top_k: int, num_experts: int, rank: int) -> tuple[int, ...]:
+    """h as kept for the backward: one rank-r row per (token, slot) pair."""
+    return (num_tokens, top_k, rank)
+
+
 def plan_numel(num_tokens: int, top_k: int, num_experts: int) -> int:
     """The reference needs no routing plan (sorted order, tiles) between forward and backward."""
     return 0

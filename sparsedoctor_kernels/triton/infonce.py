@@ -15,6 +15,7 @@ import triton.language as tl
 
 from sparsedoctor_kernels._alloc import empty
 from sparsedoctor_kernels.reference.infonce import normalized_views
+from sparsedoctor_kernels.triton._dtypes import compute_type
 
 # The query block, its gradient accumulator and a key tile all live in registers: at p = 128 these sizes
 # compile for sm_90 without spills (compile_check: 64x32 tiles spill 300+ bytes a thread). Untimed on a GPU.
@@ -91,7 +92,7 @@ def forward(query, positive, queue_keys, queue_size, query_experts, temperature:
             q_scaled, k, queue_keys, queue_size, query_experts, loss, grad_q, positive_coef,
             num_rows, dim, num_experts, capacity,
             BLOCK_N=block_n, BLOCK_Q=BLOCK_Q, BLOCK_P=block_p,
-            COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+            COMPUTE=compute_type(dtype),
             # fp32 on the GPU: three TF32 products recover fp32 accuracy (scores are divided by a small
             # temperature, so plain TF32 errors would show in the loss).
             PRECISION="ieee" if exact else "tf32x3", num_warps=NUM_WARPS,

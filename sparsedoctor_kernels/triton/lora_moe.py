@@ -23,6 +23,7 @@ import triton.language as tl
 
 from sparsedoctor_kernels._alloc import empty
 from sparsedoctor_kernels._validation import compute_dtype
+from sparsedoctor_kernels.triton._dtypes import dot_config
 
 BLOCK_M = 64  # pairs per tile; every tile holds pairs of one expert (and one slot in the expand)
 BLOCK_D = 64  # reduction chunk over d_in (forward shrink) or d_out (backward shrink)
@@ -160,17 +161,6 @@ def _expert_grad_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 
-_TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
-              torch.float16: tl.float16}
-
-
-def _dot_config(dtype: torch.dtype, acc_dtype: torch.dtype) -> dict:
-    # 16-bit operands go to the tensor cores with fp32 accumulation; fp32/fp64 stay exact (no TF32), as
-    # torch's own fp32 matmuls do by default.
-    return dict(DOT=_TL_DTYPES[dtype], ACC=_TL_DTYPES[acc_dtype],
-                PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32")
-
-
 def _block_r(rank: int) -> int:
     return min(MAX_BLOCK_R, max(16, triton.next_power_of_2(rank)))
 
@@ -185,6 +175,11 @@ def _plan_sizes(num_tokens: int, top_k: int, num_experts: int) -> list[int]:
     num_pairs, groups = num_tokens * top_k, num_experts + 1
     shrink_tiles, expand_tiles = _max_tiles(num_pairs, groups), top_k * _max_tiles(num_tokens, groups)
     return [num_pairs, groups * top_k + 1, 3 * shrink_tiles, 3 * expand_tiles]
+
+
+def saved_shape(num_tokens: int, top_k: int, num_experts: int, rank: int) -> tuple[int, ...]:
+    """h as kept for the backward: one rank-r row per (token, slot) pair."""
+    return (num_tokens, top_k, rank)
 
 
 def plan_numel(num_tokens: int, top_k: int, num_experts: int) -> int:
@@ -277,7 +272,7 @@ def _forward(x, lora_a, lora_b, weights, experts, scaling, out, *, accumulate):
     num_tokens, top_k = experts.shape
     num_experts, rank, _ = lora_a.shape
     acc_dtype = compute_dtype(x.dtype)
-    dot = _dot_config(x.dtype, acc_dtype)
+    dot = dot_config(x.dtype, acc_dtype)
     plan = _build_plan(experts, num_experts)
     if num_tokens == 0:
         return torch.zeros(0, top_k, rank, dtype=acc_dtype, device=x.device), plan
@@ -310,7 +305,7 @@ def backward(grad_y, x, lora_a, lora_b, weights, experts, h, plan, scaling: floa
     num_tokens, top_k = experts.shape
     num_experts, rank, d_in = lora_a.shape
     acc_dtype = h.dtype
-    dot = _dot_config(x.dtype, acc_dtype)
+    dot = dot_config(x.dtype, acc_dtype)
     order, bounds, shrink_tiles, expand_tiles = _unpack_plan(plan, num_tokens, top_k, num_experts)
     if num_tokens == 0:
         return (torch.zeros_like(x), torch.zeros_like(lora_a), torch.zeros_like(lora_b), torch.zeros_like(weights))

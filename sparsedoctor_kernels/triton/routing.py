@@ -9,6 +9,7 @@ import triton.language as tl
 
 from sparsedoctor_kernels._alloc import empty
 from sparsedoctor_kernels._validation import compute_dtype
+from sparsedoctor_kernels.triton._dtypes import compute_type
 
 # Tokens per program: a [BLOCK_T, BLOCK_E] tile of about this many elements stays in registers.
 TILE_ELEMENTS = 4096
@@ -131,10 +132,6 @@ def num_warps(block_e: int) -> int:
     return 8 if block_e >= 128 else 4
 
 
-def _triton_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def forward(logits: torch.Tensor, top_k: int, renormalize: bool):
     num_tokens, num_experts = logits.shape
     dtype = compute_dtype(logits.dtype)
@@ -148,7 +145,7 @@ def forward(logits: torch.Tensor, top_k: int, renormalize: bool):
         _route_forward_kernel[(num_programs,)](
             logits, logits.stride(0), weights, experts, counts, partial_probs, num_tokens, num_experts,
             TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
-            BLOCK_T=block_t, BLOCK_E=block_e, COMPUTE=_triton_dtype(dtype), num_warps=num_warps(block_e),
+            BLOCK_T=block_t, BLOCK_E=block_e, COMPUTE=compute_type(dtype), num_warps=num_warps(block_e),
         )
     probs_mean = partial_probs.sum(0) / max(num_tokens, 1)
     return weights, experts, counts, probs_mean
@@ -164,6 +161,6 @@ def backward(grad_weights, grad_probs_mean, logits, experts, renormalize: bool) 
             grad_weights, grad_probs_mean, logits, logits.stride(0), experts, grad_logits, grad_logits.stride(0),
             num_tokens, num_experts, 1.0 / num_tokens,
             TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
-            COMPUTE=_triton_dtype(compute_dtype(logits.dtype)), num_warps=num_warps(block_e),
+            COMPUTE=compute_type(compute_dtype(logits.dtype)), num_warps=num_warps(block_e),
         )
     return grad_logits

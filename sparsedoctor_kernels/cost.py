@@ -1,0 +1,128 @@
+"""Bytes and FLOPs of each `lora_moe` strategy, and the per-call choice between them.
+
+A LoRA-MoE call is memory-bound unless E*r grows large: its arithmetic intensity is a few FLOP/byte against
+a ridge of ~250 on an H100, so the passes over x, grad_y and the [T, d_out] output decide the time. The
+model counts, per launch of each strategy, what it must read and write (activations in x's dtype, rank-space
+intermediates in fp32, parameters once) and the FLOPs of its dot products; a strategy's time is
+max(bytes / bandwidth, FLOPs / FLOP rate), forward plus backward, with `out=` (the layer's case: the delta is
+added into the frozen output, one read-modify-write per pass).
+
+- grouped: the (token, slot) pairs sorted by expert; x gathered once per slot, h = A[e] x per pair, the output
+  read and written once per slot; the backward gathers grad_y twice (u and dB) and x once per slot (dA), and
+  writes dx slot by slot. FLOPs: only the chosen experts.
+- dense: every expert of every token, h = x @ A_cat^T from one read of x, the gate selected in, one
+  read-modify-write of the output for all slots; the backward reads grad_y twice (u and dB), x once (dA) and
+  writes dx once. FLOPs: E/k times the grouped ones, nearly free while E*r is small.
+
+The same numbers are the benchmark's roofline column (`sparsedoctor_kernels.bench.lora_moe`) and the README's
+table (`benchmarks/roofline.py`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+STRATEGIES = ("grouped", "dense")
+ENV_STRATEGY = "SPARSEDOCTOR_LORA_MOE_STRATEGY"
+RANK_SPACE_BYTES = 4  # h, u and their gated forms are kept in fp32
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    """Sustained rates the model divides by: copy bandwidth and the dot-product FLOP rate of one dtype."""
+
+    name: str
+    bytes_per_s: float
+    flops_per_s: float
+
+
+# H100 SXM: ~3.0 TB/s sustained copy (3.35 peak); bf16/fp16 dense tensor cores ~990 TFLOP/s peak, of which
+# skinny (K = E*r) tiles reach perhaps half; fp32 without TF32 runs on the CUDA cores (~67 TFLOP/s peak).
+# H200: the same SMs with ~4.0 TB/s. Measured figures replace these once the GPU benchmark has run.
+GPU_RATES = {
+    "H200": (4.0e12, 450e12, 45e12),
+    "H100": (3.0e12, 450e12, 45e12),
+    "A100": (1.6e12, 200e12, 15e12),
+}
+_DEFAULT_GPU = "H100"
+_CPU_RATES = DeviceRates("cpu", 20e9, 100e9)  # a few cores; only the order of magnitude matters here
+
+
+def device_rates(device: torch.device | str, dtype: torch.dtype) -> DeviceRates:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return _CPU_RATES
+    name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else _DEFAULT_GPU
+    known = next((key for key in GPU_RATES if key in name), _DEFAULT_GPU)
+    bandwidth, half_flops, single_flops = GPU_RATES[known]
+    sixteen_bit = dtype in (torch.bfloat16, torch.float16)
+    return DeviceRates(known, bandwidth, half_flops if sixteen_bit else single_flops)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Bytes moved and FLOPs of one call, forward and backward."""
+
+    bytes_fwd: int
+    bytes_bwd: int
+    flops_fwd: int
+    flops_bwd: int
+
+    def seconds(self, rates: DeviceRates, mode: str = "full") -> float:
+        moved = {"fwd": self.bytes_fwd, "bwd": self.bytes_bwd, "full": self.bytes_fwd + self.bytes_bwd}[mode]
+        flops = {"fwd": self.flops_fwd, "bwd": self.flops_bwd, "full": self.flops_fwd + self.flops_bwd}[mode]
+        return max(moved / rates.bytes_per_s, flops / rates.flops_per_s)
+
+    def bytes(self, mode: str = "full") -> int:
+        return {"fwd": self.bytes_fwd, "bwd": self.bytes_bwd, "full": self.bytes_fwd + self.bytes_bwd}[mode]
+
+
+def lora_moe_cost(strategy: str, num_tokens: int, d_in: int, d_out: int, num_experts: int, top_k: int, rank: int,
+                  element: int) -> Cost:
+    """The model above for `out=` calls; `element` is the byte size of x's dtype."""
+    tokens, pairs, columns = num_tokens, num_tokens * top_k, num_experts * rank
+    parameters = columns * (d_in + d_out) * element
+    ids = pairs * 12  # weights (fp32) and ids (int64) read once
+    if strategy == "grouped":
+        plan = pairs * 4 * 4  # keys, sorted order and tile tables, written and read back
+        bytes_fwd = (pairs * d_in * element + 2 * pairs * rank * RANK_SPACE_BYTES
+                     + 2 * top_k * tokens * d_out * element + parameters + ids + plan)
+        bytes_bwd = (2 * pairs * d_out * element + pairs * d_in * element + (2 * top_k - 1) * tokens * d_in * element
+                     + 5 * pairs * rank * RANK_SPACE_BYTES + 3 * parameters + ids)
+        flops_fwd = 2 * pairs * rank * (d_in + d_out)
+    elif strategy == "dense":
+        bytes_fwd = (tokens * d_in * element + 3 * tokens * columns * RANK_SPACE_BYTES
+                     + 2 * tokens * d_out * element + parameters + ids)
+        bytes_bwd = (2 * tokens * d_out * element + 2 * tokens * d_in * element
+                     + 5 * tokens * columns * RANK_SPACE_BYTES + 3 * parameters + 2 * ids)
+        flops_fwd = 2 * tokens * columns * (d_in + d_out)
+    else:
+        raise ValueError(f"lora_moe strategy must be one of {STRATEGIES}, got {strategy!r}")
+    return Cost(int(bytes_fwd), int(bytes_bwd), int(flops_fwd), int(2 * flops_fwd))
+
+
+def choose_strategy(num_tokens: int, d_in: int, d_out: int, num_experts: int, top_k: int, rank: int,
+                    dtype: torch.dtype, device: torch.device | str) -> str:
+    """The strategy the model expects to be faster for one forward + backward at these shapes."""
+    rates = device_rates(device, dtype)
+    element = torch.empty((), dtype=dtype).element_size()
+    times = {s: lora_moe_cost(s, num_tokens, d_in, d_out, num_experts, top_k, rank, element).seconds(rates)
+             for s in STRATEGIES}
+    return min(STRATEGIES, key=lambda s: (times[s], s != "dense"))
+
+
+def resolve_strategy(requested: str | None, backend: str, shapes: tuple[int, ...], dtype: torch.dtype,
+                     device: torch.device) -> str:
+    """Explicit argument, then SPARSEDOCTOR_LORA_MOE_STRATEGY, then: the reference's exact selection on the
+    torch backend, the cost model's choice on the kernels."""
+    if requested is None:
+        requested = os.environ.get(ENV_STRATEGY) or None
+    if requested is None or requested == "auto":
+        return "grouped" if backend == "torch" else choose_strategy(*shapes, dtype, device)
+    if requested not in STRATEGIES:
+        raise ValueError(f"lora_moe: strategy must be one of {STRATEGIES}, 'auto' or None (also via "
+                         f"{ENV_STRATEGY}), got {requested!r}")
+    return requested

@@ -1,0 +1,276 @@
+"""Folded dense-expert `lora_moe`: every expert of every token from one read of x, gates selected in.
+
+LoRA's rank is small, so the E*r columns of all experts cost FLOPs that are nearly free while the bytes of x,
+grad_y and [T, d_out] decide the time (see `sparsedoctor_kernels.cost`). Per call, with A_cat = [E*r, d_in]
+(lora_a as stored) and B_cat = [E*r, d_out] (lora_b viewed per rank row):
+- forward, two launches: `_dense_shrink_kernel` h = x @ A_cat^T, one read of x; `_dense_expand_kernel`
+  out (+)= (s * g ⊙ h) @ B_cat, the gate g[t, e] = sum of the token's weights on expert e applied in the
+  prologue (columns of experts the token did not choose are *selected* out), one read-modify-write of out
+  for all k slots at once, any out strides;
+- backward, from one read of grad_y for u: the shrink over grad_y with B gives u = grad_y @ B_cat^T, its
+  epilogue the selected grad_h = s * g ⊙ u and per-slot dweights = s <u_e, h_e> (partials per column block,
+  summed in a fixed order); the expand with A^T gives dx; `_dense_weight_grad_kernel` gives dA = grad_h^T x
+  and dB = grad_y^T (s * g ⊙ h), each program walking its token range in order and partial sums over token
+  splits added in a fixed order: deterministic, no atomics.
+What this strategy cannot promise: a non-finite weight of an expert that a token did not choose is multiplied
+by a zero gate inside the dot products (0 * NaN = NaN). Use the grouped strategy for that guarantee.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sparsedoctor_kernels._alloc import empty
+from sparsedoctor_kernels._validation import compute_dtype
+from sparsedoctor_kernels.triton._dtypes import dot_config
+
+BLOCK_T = 64  # tokens per program
+BLOCK_D = 64  # reduction chunk over d_in (forward shrink) or d_out (backward shrink)
+BLOCK_N = 64  # output columns per program in the expand and the weight gradients
+BLOCK_K = 64  # rank-space columns (of all experts) per reduction step in the expand and weight gradients
+MAX_SHRINK_COLUMNS = 128  # rank-space columns one shrink program holds: all of them up to E*r = 128
+TARGET_PROGRAMS = 264  # weight gradients split the tokens until the grid has about this many programs
+
+
+@triton.jit
+def _gates(weights_ptr, experts_ptr, rows, row_ok, cols, rank, scaling, TOP_K: tl.constexpr, ACC: tl.constexpr):
+    """[BLOCK_T, BLOCK] s * (sum of the token's weights on the column's expert), and whether the token chose
+    that expert at all. Ids outside [0, E) match no column."""
+    column_expert = (cols // rank).to(tl.int64)
+    gate = tl.zeros([rows.shape[0], cols.shape[0]], dtype=ACC)
+    chosen = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.int1)
+    for slot in tl.static_range(TOP_K):
+        expert = tl.load(experts_ptr + rows * TOP_K + slot, mask=row_ok, other=-1).to(tl.int64)
+        weight = tl.load(weights_ptr + rows * TOP_K + slot, mask=row_ok, other=0.0).to(ACC)
+        hit = expert[:, None] == column_expert[None, :]
+        gate += tl.where(hit, weight[:, None], 0.0)
+        chosen = chosen | hit
+    return gate * scaling, chosen
+
+
+@triton.jit
+def _dense_shrink_kernel(
+    src_ptr, stride_src,  # [T, D]: x, or grad_y in the backward
+    weight_ptr, stride_we, stride_wr, stride_wd,  # [E, R, D] view: A, or B^T in the backward
+    weights_ptr, experts_ptr,  # [T, k] gates and ids
+    proj_ptr, gated_ptr,  # out [T, E*R]: h (forward only) and the selected s * g ⊙ (h or u)
+    h_ptr, grad_gate_ptr,  # backward: h [T, E*R], and out [column blocks, T, k] partial s <u, h>
+    num_tokens, rank, depth, num_columns, scaling,
+    BACKWARD: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    # Column blocks vary fastest, so programs that share a tile of src run side by side (and share it in L2).
+    pid_c = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < num_tokens
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < num_columns
+    weight_cols = weight_ptr + (cols // rank).to(tl.int64) * stride_we + (cols % rank) * stride_wr
+    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=ACC)
+    src_rows = src_ptr + rows.to(tl.int64)[:, None] * stride_src
+    for d0 in range(0, depth, BLOCK_D):
+        depths = d0 + tl.arange(0, BLOCK_D)
+        depth_ok = depths < depth
+        src = tl.load(src_rows + depths[None, :], mask=row_ok[:, None] & depth_ok[None, :], other=0.0)
+        weight = tl.load(weight_cols[None, :] + depths[:, None] * stride_wd, mask=depth_ok[:, None] & col_ok[None, :],
+                         other=0.0)
+        acc = tl.dot(src.to(DOT), weight.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
+    gate, chosen = _gates(weights_ptr, experts_ptr, rows, row_ok, cols, rank, scaling, TOP_K, ACC)
+    offsets = rows.to(tl.int64)[:, None] * num_columns + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(gated_ptr + offsets, tl.where(chosen, gate * acc, 0.0), mask=mask)
+    if BACKWARD:
+        h = tl.load(h_ptr + offsets, mask=mask, other=0.0)
+        u_h = tl.where(chosen, acc * h, 0.0)
+        column_expert = (cols // rank).to(tl.int64)
+        for slot in tl.static_range(TOP_K):
+            expert = tl.load(experts_ptr + rows * TOP_K + slot, mask=row_ok, other=-1).to(tl.int64)
+            partial = tl.sum(tl.where(expert[:, None] == column_expert[None, :], u_h, 0.0), axis=1)
+            tl.store(grad_gate_ptr + (pid_c * num_tokens + rows) * TOP_K + slot, partial * scaling, mask=row_ok)
+    else:
+        tl.store(proj_ptr + offsets, acc, mask=mask)
+
+
+@triton.jit
+def _dense_expand_kernel(
+    rows_ptr,  # [T, E*R] rank-space rows, already gated
+    weight_ptr, stride_we, stride_wn, stride_wr,  # [E, N, R] view: B, or A^T for dx
+    out_ptr, stride_out_t, stride_out_n,  # [T, N], any strides
+    num_tokens, rank, width, num_columns,
+    ACCUMULATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < num_tokens
+    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_ok = outs < width
+    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=ACC)
+    for c0 in range(0, num_columns, BLOCK_K):
+        cols = c0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < num_columns
+        projected = tl.load(rows_ptr + rows.to(tl.int64)[:, None] * num_columns + cols[None, :],
+                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        weight_rows = weight_ptr + (cols // rank).to(tl.int64) * stride_we + (cols % rank) * stride_wr
+        weight = tl.load(weight_rows[:, None] + outs[None, :] * stride_wn, mask=col_ok[:, None] & out_ok[None, :],
+                         other=0.0)
+        acc = tl.dot(projected.to(DOT), weight.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out_t + outs[None, :] * stride_out_n
+    mask = row_ok[:, None] & out_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(ACC)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dense_weight_grad_kernel(
+    rows_ptr,  # [T, E*R] rank-space rows: grad_h (already gated), or h (gated here when GATE)
+    weights_ptr, experts_ptr,  # [T, k], read only when GATE
+    src_ptr, stride_src,  # [T, N]: x for dA, grad_y for dB
+    partial_ptr,  # out [splits, E*R, N]
+    num_tokens, rank, width, num_columns, tokens_per_split, scaling,
+    GATE: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < num_columns
+    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_ok = outs < width
+    split = tl.program_id(2)
+    first = split * tokens_per_split
+    last = tl.minimum(first + tokens_per_split, num_tokens)
+    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=ACC)
+    # One program walks its token range in order: a fixed summation order, no atomics.
+    for t0 in range(first, last, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < last
+        projected = tl.load(rows_ptr + rows.to(tl.int64)[:, None] * num_columns + cols[None, :],
+                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if GATE:
+            gate, chosen = _gates(weights_ptr, experts_ptr, rows, row_ok, cols, rank, scaling, TOP_K, ACC)
+            projected = tl.where(chosen, gate * projected, 0.0)
+        src = tl.load(src_ptr + rows.to(tl.int64)[:, None] * stride_src + outs[None, :],
+                      mask=row_ok[:, None] & out_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(projected.to(DOT)), src.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
+    tl.store(partial_ptr + (split * num_columns + cols.to(tl.int64))[:, None] * width + outs[None, :], acc,
+             mask=col_ok[:, None] & out_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def shrink_columns_block(num_columns: int) -> int:
+    """All rank-space columns in one program up to MAX_SHRINK_COLUMNS, so x (or grad_y) is read once."""
+    return min(MAX_SHRINK_COLUMNS, max(16, triton.next_power_of_2(num_columns)))
+
+
+def token_splits(num_tokens: int, column_blocks: int, out_blocks: int) -> int:
+    """Token splits of the weight gradients: enough programs to fill the GPU, never an empty split."""
+    wanted = triton.cdiv(TARGET_PROGRAMS, max(1, column_blocks * out_blocks))
+    return max(1, min(wanted, triton.cdiv(num_tokens, BLOCK_T)))
+
+
+def plan_numel(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """The dense strategy keeps no routing plan between forward and backward."""
+    return 0
+
+
+def saved_shape(num_tokens: int, top_k: int, num_experts: int, rank: int) -> tuple[int, ...]:
+    """h as kept for the backward: every expert's rank-space rows."""
+    return (num_tokens, num_experts * rank)
+
+
+def _shrink(src, weight_view, weights, experts, scaling, rank, *, acc_dtype, dot, h=None):
+    """(h or None, gated rows, per-slot gate gradient or None): forward when `h` is None, backward otherwise."""
+    num_tokens, depth = src.shape
+    num_experts, top_k = weight_view.shape[0], experts.shape[1]
+    num_columns = num_experts * rank
+    block_c = shrink_columns_block(num_columns)
+    column_blocks = triton.cdiv(num_columns, block_c)
+    backward = h is not None
+    gated = empty((num_tokens, num_columns), acc_dtype, src.device)
+    proj = gated if backward else empty((num_tokens, num_columns), acc_dtype, src.device)
+    grad_gate = empty((column_blocks, num_tokens, top_k), acc_dtype, src.device) if backward else gated
+    _dense_shrink_kernel[(column_blocks, triton.cdiv(num_tokens, BLOCK_T))](
+        src, src.stride(0), weight_view, *weight_view.stride(), weights, experts, proj, gated,
+        h if backward else gated, grad_gate, num_tokens, rank, depth, num_columns, scaling,
+        BACKWARD=backward, TOP_K=top_k, BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_D=BLOCK_D, **dot,
+        num_warps=8 if block_c >= 128 else 4,
+    )
+    return (None if backward else proj), gated, (grad_gate.sum(0) if backward else None)
+
+
+def _expand(rows, weight_view, out, rank, *, accumulate, dot):
+    """out (+)= rows @ W_cat, W viewed [E, N, R]."""
+    num_tokens, width = out.shape
+    _dense_expand_kernel[(triton.cdiv(num_tokens, BLOCK_T), triton.cdiv(width, BLOCK_N))](
+        rows, weight_view, *weight_view.stride(), out, out.stride(0), out.stride(1),
+        num_tokens, rank, width, rows.shape[1],
+        ACCUMULATE=accumulate, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **dot,
+    )
+
+
+def _weight_grad(rows, src, weights, experts, scaling, rank, *, gate, acc_dtype, dot):
+    """[E*R, N] = (gated rows)^T @ src, summed over token splits in a fixed order."""
+    num_tokens, width = src.shape
+    num_columns = rows.shape[1]
+    grid_cols, grid_outs = triton.cdiv(num_columns, BLOCK_K), triton.cdiv(width, BLOCK_N)
+    splits = token_splits(num_tokens, grid_cols, grid_outs)
+    tokens_per_split = triton.cdiv(triton.cdiv(num_tokens, splits), BLOCK_T) * BLOCK_T
+    splits = triton.cdiv(num_tokens, tokens_per_split)
+    partial = empty((splits, num_columns, width), acc_dtype, src.device)
+    _dense_weight_grad_kernel[(grid_cols, grid_outs, splits)](
+        rows, weights, experts, src, src.stride(0), partial, num_tokens, rank, width, num_columns, tokens_per_split,
+        scaling, GATE=gate, TOP_K=experts.shape[1], BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, **dot,
+    )
+    return partial[0] if splits == 1 else partial.sum(0)
+
+
+def _forward(x, lora_a, lora_b, weights, experts, scaling, out, *, accumulate):
+    num_tokens = x.shape[0]
+    num_experts, rank, _ = lora_a.shape
+    acc_dtype = compute_dtype(x.dtype)
+    dot = dot_config(x.dtype, acc_dtype)
+    if num_tokens == 0:
+        return torch.zeros(0, num_experts * rank, dtype=acc_dtype, device=x.device)
+    h, gated, _ = _shrink(x, lora_a, weights, experts, scaling, rank, acc_dtype=acc_dtype, dot=dot)
+    _expand(gated, lora_b, out, rank, accumulate=accumulate, dot=dot)
+    return h
+
+
+def _no_plan(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.int32, device=x.device)
+
+
+def forward(x, lora_a, lora_b, weights, experts, scaling: float):
+    """Returns (y [T, d_out] in x's dtype, h [T, E*r] in the compute dtype, an empty plan)."""
+    y = empty((x.shape[0], lora_b.shape[1]), x.dtype, x.device)
+    return y, _forward(x, lora_a, lora_b, weights, experts, scaling, y, accumulate=False), _no_plan(x)
+
+
+def forward_into(x, lora_a, lora_b, weights, experts, scaling: float, out: torch.Tensor):
+    """Adds y into `out` (any strides) in the expand's epilogue; returns (h, plan)."""
+    return _forward(x, lora_a, lora_b, weights, experts, scaling, out, accumulate=True), _no_plan(x)
+
+
+def backward(grad_y, x, lora_a, lora_b, weights, experts, h, plan, scaling: float):
+    num_tokens, top_k = experts.shape
+    num_experts, rank, d_in = lora_a.shape
+    if num_tokens == 0:
+        return torch.zeros_like(x), torch.zeros_like(lora_a), torch.zeros_like(lora_b), torch.zeros_like(weights)
+    acc_dtype = h.dtype
+    dot = dot_config(x.dtype, acc_dtype)
+    _, grad_h, grad_gate = _shrink(grad_y, lora_b.transpose(1, 2), weights, experts, scaling, rank,
+                                   acc_dtype=acc_dtype, dot=dot, h=h)
+    grad_x = empty((num_tokens, d_in), x.dtype, x.device)
+    _expand(grad_h, lora_a.transpose(1, 2), grad_x, rank, accumulate=False, dot=dot)
+    grad_a = _weight_grad(grad_h, x, weights, experts, scaling, rank, gate=False, acc_dtype=acc_dtype, dot=dot)
+    grad_b = _weight_grad(h, grad_y, weights, experts, scaling, rank, gate=True, acc_dtype=acc_dtype, dot=dot)
+    return (grad_x, grad_a.view(lora_a.shape).to(lora_a.dtype),
+            grad_b.view(num_experts, rank, -1).transpose(1, 2).to(lora_b.dtype).contiguous(),
+            grad_gate.to(weights.dtype))
