@@ -1,0 +1,55 @@
+"""Kernel launches as a CPU-measurable figure: the counter itself, and the ceiling one LoraMoELinear training
+forward + backward must stay under (Triton backend, under the interpreter here)."""
+
+import pytest
+import torch
+
+import sparsedoctor_kernels as sdk
+import sparsedoctor_kernels._alloc
+from sparsedoctor_kernels.bench.launches import layer_step
+from sparsedoctor_kernels.cost import ENV_STRATEGY
+from sparsedoctor_kernels.launches import count_launches
+
+from conftest import cpu_backends
+
+# Launches of one training forward + backward of one LoraMoELinear, measured when the figure was last lowered.
+# Lower it when a change saves launches; a change that needs more must say why in its commit.
+LAYER_STEP_CEILING = {"dense": 139, "grouped": 305}
+
+
+def test_counts_computing_aten_ops_but_not_views_or_allocations():
+    x = torch.randn(4, 3)
+
+    def work():
+        y = x.view(3, 4).t()  # views: no launch
+        z = torch.empty(3)  # an allocation: no launch
+        return (y + 1).sum(), z
+
+    counts = count_launches(work)
+    assert counts == {"aten.add": 1, "aten.sum": 1} and counts.total == 2 and counts.triton == 0
+
+
+def test_counts_inside_the_libraries_custom_ops_and_autograd():
+    logits = torch.randn(5, 4, requires_grad=True)
+    counts = count_launches(lambda: sdk.route(logits, 2, backend="torch").weights.sum().backward())
+    assert counts["aten.sort"] == 1  # inside the custom op's torch implementation
+    assert counts.total > 5 and not any(name.startswith("aten.route") for name in counts)
+
+
+@pytest.mark.skipif("triton" not in cpu_backends("route"), reason="needs Triton (the interpreter on CPU)")
+def test_counts_triton_kernels_and_not_the_interpreters_copies():
+    logits = torch.randn(5, 4)
+    counts = count_launches(lambda: sdk.route(logits, 2, backend="triton"))
+    assert counts["triton._route_forward_kernel"] == 1
+    assert counts["aten.copy_"] == 0  # the interpreter moves arguments around; those are not launches
+
+
+@pytest.mark.skipif("triton" not in cpu_backends("lora_moe"), reason="needs Triton (the interpreter on CPU)")
+@pytest.mark.parametrize("strategy", sorted(LAYER_STEP_CEILING))
+def test_layer_step_launches_stay_under_the_ceiling_and_do_not_grow_with_experts(strategy, monkeypatch):
+    monkeypatch.setenv(ENV_STRATEGY, strategy)
+    monkeypatch.setattr(sparsedoctor_kernels._alloc, "poison_outputs", False)  # the tests' NaN fills are no launch
+    few, many = (count_launches(layer_step(num_experts=e)) for e in (8, 64))
+    assert few.total == many.total, "launches must not depend on E"
+    assert few.total <= LAYER_STEP_CEILING[strategy], f"{few.total} launches; the ceiling is {LAYER_STEP_CEILING}"
+    assert few.triton > 0
