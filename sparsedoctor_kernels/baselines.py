@@ -1,8 +1,12 @@
-"""What people write today, for tests and benchmarks to compare the fused ops with.
+"""What people write today, for tests and benchmarks to compare the fused ops with: the strongest version a
+competent user would write of each, so that a speed-up over them is a result.
 
-Each is written the way it is found in the wild, with plain autograd, host syncs and all:
-- `naive_lora_moe`: a Python loop over experts selecting their tokens (MixLoRA style);
-- `dense_lora_moe`: all experts as one rank E*r LoRA, two dense GEMMs with a gate mask;
+- `naive_routing`: the eager softmax, top-k, renormalisation and bincount sequence (Hugging Face's routers);
+- `naive_lora_moe`: a Python loop over experts selecting their tokens and adding into the output in place with
+  `index_add_`, as Hugging Face's Mixtral block and MixLoRA write it (host syncs included: `nonzero`);
+- `dense_lora_moe`: all experts as one rank E*r LoRA: one GEMM for every expert's h, the scaled gates applied
+  to the small [T, E*r] h in one pass, and one `addmm_` into `out` (a single read-modify-write of it);
+- `compiled_dense_lora_moe`: `torch.compile` of that dense formulation;
 - `LoraLinear` / `lora_linear`: one plain LoRA (PEFT style); `base_linear`: the frozen layer alone;
 - `moco_enqueue`: per-expert MoCo-style queue update with a Python loop;
 - `naive_infonce`: InfoNCE that materialises the full [N, E*Q] score matrix.
@@ -16,26 +20,55 @@ import torch
 import torch.nn.functional as F
 
 
-def naive_lora_moe(x, lora_a, lora_b, weights, experts, scaling: float = 1.0):
-    """For each expert: gather its (token, slot) pairs, apply its LoRA, index_add_ into the output."""
-    y = x.new_zeros(x.shape[0], lora_b.shape[1])
+def naive_routing(logits: torch.Tensor, top_k: int, renormalize: bool = True):
+    """(weights, experts, counts, probs_mean) the way model code computes them, one eager op at a time."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    counts = torch.bincount(experts.flatten(), minlength=logits.shape[1]).int()
+    return weights, experts.int(), counts, probs.mean(0)
+
+
+def naive_lora_moe(x, lora_a, lora_b, weights, experts, scaling: float = 1.0, out=None):
+    """For each expert: find its (token, slot) pairs, apply its LoRA to their rows, `index_add_` the gated
+    result into the output in place (into `out` when given)."""
+    y = x.new_zeros(x.shape[0], lora_b.shape[1]) if out is None else out
     for expert in range(lora_a.shape[0]):
         token_idx, slot_idx = torch.nonzero(experts == expert, as_tuple=True)
         if token_idx.numel() == 0:
             continue
-        gate = weights[token_idx, slot_idx].to(x.dtype)[:, None]
+        gate = (weights[token_idx, slot_idx] * scaling).to(x.dtype)[:, None]
         delta = (x[token_idx] @ lora_a[expert].T) @ lora_b[expert].T
-        y = y.index_add(0, token_idx, delta * gate * scaling)
+        y.index_add_(0, token_idx, delta * gate)
     return y
 
 
-def dense_lora_moe(x, lora_a, lora_b, weights, experts, scaling: float = 1.0):
-    """Every expert on every token as one rank E*r LoRA; the gate zeroes the experts a token did not pick."""
+def dense_gates(weights, experts, num_experts: int, dtype) -> torch.Tensor:
+    """[T, E]: each token's summed gate weight on every expert (zero for the experts it did not choose)."""
+    gate = weights.new_zeros(weights.shape[0], num_experts, dtype=dtype)
+    return gate.scatter_add_(1, experts.long(), weights.to(dtype))
+
+
+def dense_lora_moe(x, lora_a, lora_b, weights, experts, scaling: float = 1.0, out=None):
+    """Every expert on every token as one rank E*r LoRA: h = x @ A_cat^T, h *= s * gate (one pass over the small
+    [T, E*r]), then one GEMM that adds h @ B_cat into `out` in place (`addmm_`), or returns it."""
     num_experts, rank, d_in = lora_a.shape
-    gate = x.new_zeros(x.shape[0], num_experts).scatter_add(1, experts.long(), weights.to(x.dtype))
-    h = (x @ lora_a.reshape(num_experts * rank, d_in).T).view(-1, num_experts, rank)
-    h = (h * gate[:, :, None]).reshape(-1, num_experts * rank)
-    return (h @ lora_b.transpose(1, 2).reshape(num_experts * rank, -1)) * scaling
+    gate = dense_gates(weights, experts, num_experts, x.dtype) * scaling
+    h = (x @ lora_a.reshape(num_experts * rank, d_in).T).view(-1, num_experts, rank) * gate[:, :, None]
+    b_cat = lora_b.transpose(1, 2).reshape(num_experts * rank, -1)
+    h = h.view(-1, num_experts * rank)
+    return h @ b_cat if out is None else out.addmm_(h, b_cat)
+
+
+_compiled: dict[str, object] = {}
+
+
+def compiled_dense_lora_moe(x, lora_a, lora_b, weights, experts, scaling: float = 1.0, out=None):
+    """`torch.compile` (inductor) of `dense_lora_moe`, compiled on first use."""
+    if "dense" not in _compiled:
+        _compiled["dense"] = torch.compile(dense_lora_moe, dynamic=False)
+    return _compiled["dense"](x, lora_a, lora_b, weights, experts, scaling, out)
 
 
 def lora_linear(x, lora_a, lora_b, scaling: float = 1.0):

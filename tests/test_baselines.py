@@ -11,15 +11,27 @@ from conftest import assert_close
 from test_lora_moe import make_inputs
 
 
+@pytest.mark.parametrize("with_out", [False, True])
 @pytest.mark.parametrize("impl", [baselines.naive_lora_moe, baselines.dense_lora_moe])
 @pytest.mark.parametrize("shape", [(31, 12, 9, 6, 3, 2), (0, 4, 3, 2, 1, 1), (7, 5, 4, 3, 2, 3)])
-def test_lora_moe_baselines_match_brute_force(impl, shape, gen):
+def test_lora_moe_baselines_match_brute_force(impl, shape, with_out, gen):
+    check_lora_moe_baseline(impl, shape, with_out, gen)
+
+
+def test_compiled_dense_baseline_matches_brute_force(gen):
+    check_lora_moe_baseline(baselines.compiled_dense_lora_moe, (13, 8, 6, 4, 3, 2), True, gen)
+
+
+def check_lora_moe_baseline(impl, shape, with_out, gen):
     inputs = make_inputs(gen, *shape, dtype=torch.float64, weights_dtype=torch.float64)
     names = ("x", "lora_a", "lora_b", "weights")
     leaves = {n: inputs[n].clone().requires_grad_() for n in names}
     oracle = {n: inputs[n].clone().requires_grad_() for n in names}
-    y = impl(**leaves, experts=inputs["experts"], scaling=1.3)
-    expected = brute.lora_moe(**oracle, experts=inputs["experts"], scaling=1.3)
+    base = torch.randn(shape[0], shape[2], generator=gen, dtype=torch.float64)
+    out = base.clone() if with_out else None
+    y = impl(**leaves, experts=inputs["experts"], scaling=1.3, out=out)
+    expected = brute.lora_moe(**oracle, experts=inputs["experts"], scaling=1.3) + (base if with_out else 0)
+    assert (y is out) == with_out
     assert_close(y, expected, torch.float64)
     if not y.requires_grad:  # the naive loop touches no expert when there are no tokens: nothing to check
         assert shape[0] == 0
@@ -29,6 +41,15 @@ def test_lora_moe_baselines_match_brute_force(impl, shape, gen):
     (expected * grad).sum().backward()
     for n in names:
         assert_close(leaves[n].grad, oracle[n].grad, torch.float64, name=n)
+
+
+def test_naive_routing_matches_brute_force(gen):
+    logits = torch.randn(29, 7, generator=gen, dtype=torch.float64)
+    weights, experts, counts, probs_mean = baselines.naive_routing(logits, 3)
+    want = brute.route(logits, 3)
+    assert_close(weights, want[0], torch.float32)
+    assert torch.equal(experts, want[1]) and torch.equal(counts, want[2])
+    assert_close(probs_mean, want[3], torch.float32)
 
 
 def test_single_lora_and_base_linear(gen):

@@ -9,6 +9,7 @@ import csv
 import math
 
 import pytest
+import torch
 
 from sparsedoctor_kernels.bench import harness as _harness
 from sparsedoctor_kernels.bench import infonce as bench_infonce
@@ -66,8 +67,10 @@ def test_lora_moe_benchmark_script_writes_rows(tmp_path, capsys):
         assert row["shape"] == "k_proj" and row["T"] == "33" and (row["E"], row["k"], row["r"]) == ("4", "2", "3")
         assert row["dtype"] == "float32" and row["device"].startswith("cpu") and row["tokens_per_s"] == ""
         _assert_timings(row)
+        design = bench_lora_moe.design_of(row["impl"], (33, d_in, d_out, 4, 2, 3), torch.float32, torch.device("cpu"))
+        assert design == {"torch": "grouped", "naive": "grouped", "dense": "dense"}.get(row["impl"])
         _assert_bandwidth(row, bench_lora_moe.ideal_bytes(row["impl"], row["mode"], 33, d_in, d_out, 4, 2, 3, 4,
-                                                          row["op"] == "lora_moe_layer"))
+                                                          row["op"] == "lora_moe_layer", design))
     assert "lora_moe summary" in capsys.readouterr().out
 
     # A rerun replaces its own rows and keeps everyone else's.
@@ -85,8 +88,8 @@ def test_route_benchmark_script_writes_rows(tmp_path):
     assert bench_route.main(["--device", "cpu", "--tokens", "17", "--modes", "fwd", "full", "--rep-ms", "1",
                              "--out", str(out)]) == 0
     rows = _rows(out)
-    assert len(rows) == 2 * len(bench_route.EXPERTS_AND_TOP_K)
-    assert {r["impl"] for r in rows} == {"torch"} and {r["shape"] for r in rows} == {"-"}
+    assert len(rows) == 2 * 2 * len(bench_route.EXPERTS_AND_TOP_K)
+    assert {r["impl"] for r in rows} == {"torch", "naive"} and {r["shape"] for r in rows} == {"-"}
     assert {(r["E"], r["k"], r["mode"]) for r in rows} == {
         (str(e), str(k), mode) for e, k in bench_route.EXPERTS_AND_TOP_K for mode in ("fwd", "full")}
     for row in rows:
@@ -100,10 +103,12 @@ def test_results_file_is_named_after_the_device():
     assert _harness.results_path(torch.device("cpu")).name.startswith("cpu-")
 
 
-@pytest.mark.parametrize("quantity", ["fwd", "bwd", "full"])
-def test_ideal_bytes_grow_with_work(quantity):
-    small = bench_lora_moe.ideal_bytes("triton", quantity, 10, 8, 8, 2, 1, 2, 2, False)
-    large = bench_lora_moe.ideal_bytes("triton", quantity, 20, 8, 8, 2, 1, 2, 2, False)
+@pytest.mark.parametrize("design", ["grouped", "dense", None])
+@pytest.mark.parametrize("quantity", ["fwd", "bwd", "full", "full+graph"])
+def test_ideal_bytes_grow_with_work(quantity, design):
+    impl = "lora" if design is None else "triton"
+    small = bench_lora_moe.ideal_bytes(impl, quantity, 10, 8, 8, 2, 1, 2, 2, False, design)
+    large = bench_lora_moe.ideal_bytes(impl, quantity, 20, 8, 8, 2, 1, 2, 2, False, design)
     assert large > small > 0
 
 

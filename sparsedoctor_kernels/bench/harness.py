@@ -1,7 +1,9 @@
 """Shared benchmark plumbing: timing quantiles, peak memory, copy bandwidth, environment, the results CSV.
 
-On CUDA, times come from `triton.testing.do_bench` (CUDA events, L2 flushed between repetitions); on CPU from
-`time.perf_counter` around each call. Peak memory is what one call allocates above what was held before it.
+On CUDA, one sample is a burst of back-to-back calls between two CUDA events, divided by the burst's length:
+no L2 flush between repetitions, which would give the host a head start and hide its launch overhead (the
+cost that CUDA-graph replay, `graph_replay`, removes). On CPU, `time.perf_counter` around each call. Peak
+memory is what one call allocates above what was held before it.
 """
 
 from __future__ import annotations
@@ -61,19 +63,57 @@ def time_call(fn: Callable[[], object], device: torch.device, *, rep_ms: float =
     fn()
     synchronize(device)
     peak = peak_memory_mb(fn, device)
-    if device.type == "cuda":
-        import triton.testing
-
-        p20, p50, p80 = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
-        return Timing(p20, p50, p80, peak)
     samples: list[float] = []
-    deadline = time.perf_counter() + rep_ms / 1000
-    while len(samples) < min_reps or time.perf_counter() < deadline:
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1000)
+    if device.type == "cuda":
+        burst = _burst_length(fn)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        deadline = time.perf_counter() + rep_ms / 1000
+        while len(samples) < min_reps or time.perf_counter() < deadline:
+            start.record()
+            for _ in range(burst):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / burst)
+    else:
+        deadline = time.perf_counter() + rep_ms / 1000
+        while len(samples) < min_reps or time.perf_counter() < deadline:
+            began = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - began) * 1000)
     p20, p50, p80 = (statistics.quantiles(samples, n=10, method="inclusive")[i] for i in (1, 4, 7))
     return Timing(p20, p50, p80, peak)
+
+
+def _burst_length(fn: Callable[[], object], target_ms: float = 2.0) -> int:
+    """Calls per CUDA-event sample: enough for about `target_ms`, so event resolution does not matter."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return max(1, min(100, int(target_ms / max(start.elapsed_time(end), 1e-3))))
+
+
+def graph_replay(fn: Callable[[], object], device: torch.device) -> Callable[[], None] | str:
+    """`fn` captured in a CUDA graph (after warm-up on a side stream), as a replay callable; or, when `fn`
+    cannot be captured (a host sync, a CPU device), the reason as a string."""
+    if device.type != "cuda":
+        return "CUDA graphs need a GPU"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as error:  # noqa: BLE001 - a host sync or an uncapturable op: report, do not time
+        torch.cuda.synchronize()
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    return graph.replay
 
 
 def copy_bandwidth_gbps(device: torch.device, megabytes: int = 512) -> float:
@@ -183,6 +223,7 @@ def print_table(headers: list[str], rows: list[list]) -> None:
 
 
 MODES = ["fwd", "bwd", "full"]
+GRAPH_MODES = ["fwd+graph", "full+graph"]  # the same calls replayed from a CUDA graph: no host overhead
 
 
 def argument_parser(description: str, gpu_tokens: list[int], cpu_tokens: list[int]):

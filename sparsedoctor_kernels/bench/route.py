@@ -1,5 +1,5 @@
 """Benchmark `route` (softmax + top-k + renormalise + counts + probability means, and the backward) against the
-eager torch sequence, which is the library's `torch` backend.
+eager sequence model code writes (`naive`: `baselines.naive_routing`) and the library's `torch` reference.
 
     python benchmarks/bench_route.py                 # GPU: T in {4096, 16384}, E in {8, 64, 256}; CPU: smaller
 """
@@ -11,6 +11,7 @@ import sys
 import torch
 
 import sparsedoctor_kernels as sdk
+from sparsedoctor_kernels import baselines
 from sparsedoctor_kernels.bench import harness
 
 GPU_TOKENS = [4096, 16384]
@@ -18,9 +19,12 @@ CPU_TOKENS = [1024]
 EXPERTS_AND_TOP_K = [(8, 2), (64, 4), (256, 8)]
 
 
-def forward_fn(logits, top_k, backend):
+def forward_fn(logits, top_k, impl):
     def forward():
-        routing = sdk.route(logits, top_k, backend=backend, validate=False)
+        if impl == "naive":
+            routing = sdk.Routing(*baselines.naive_routing(logits, top_k))
+        else:
+            routing = sdk.route(logits, top_k, backend=impl, validate=False)
         # One scalar that depends on both differentiable outputs, as the training loss does.
         return routing.weights.sum() + sdk.load_balance_loss(routing)
 
@@ -37,7 +41,7 @@ def run(args) -> list[dict]:
     device = torch.device(args.device)
     dtype = harness.DTYPES[args.dtype]
     env = harness.environment(device)
-    backends = ["triton", "torch"] if device.type == "cuda" else ["torch"]
+    backends = (["triton", "torch"] if device.type == "cuda" else ["torch"]) + ["naive"]
     rows = []
     for num_tokens in args.tokens:
         for num_experts, top_k in EXPERTS_AND_TOP_K:
@@ -61,7 +65,7 @@ def summarize(rows: list[dict], copy_gbps: float) -> None:
     for (impl, tokens, experts, top_k, mode), got in index.items():
         if impl != "triton":
             continue
-        eager = index.get(("torch", tokens, experts, top_k, mode))
+        eager = index.get(("naive", tokens, experts, top_k, mode))
         speedup = eager["ms_p50"] / got["ms_p50"] if eager else float("nan")
         table.append([tokens, experts, top_k, mode, got["ms_p50"], eager["ms_p50"] if eager else float("nan"),
                       speedup, got["gbps"], 100 * got["gbps"] / copy_gbps])

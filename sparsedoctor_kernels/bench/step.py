@@ -27,6 +27,7 @@ from sparsedoctor_kernels.bench import harness
 from sparsedoctor_kernels.model import LoraMoELinear, SparseDoctorConfig, apply_sparsedoctor
 
 IMPLS = ["base", "lora", "naive", "dense", "sparsedoctor"]
+MIN_STEPS = 10  # timed steps at least, whatever the time budget
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GPU_SHAPE = dict(hidden_size=2560, intermediate_size=9728, num_attention_heads=32, num_key_value_heads=8,
                  head_dim=128, vocab_size=151936, layers=4, seq=2048, tokens=4096)
@@ -39,14 +40,10 @@ class NaiveLoraMoELinear(LoraMoELinear):
     syncs, the InfoNCE over the whole [N, E*Q] score matrix and a per-expert MoCo enqueue."""
 
     def _route(self, router_logits):
-        probs = torch.softmax(router_logits.float(), dim=-1)
-        top, experts = probs.topk(self.config.top_k, dim=-1)
-        counts = torch.bincount(experts.flatten(), minlength=self.config.num_experts).int()
-        return sdk.Routing(top / top.sum(-1, keepdim=True), experts.int(), counts, probs.mean(0))
+        return sdk.Routing(*baselines.naive_routing(router_logits, self.config.top_k))
 
     def _experts(self, x, lora_a, lora_b, weights, experts, out=None):
-        delta = baselines.naive_lora_moe(x, lora_a, lora_b, weights, experts, self.config.scaling)
-        return delta if out is None else out + delta
+        return baselines.naive_lora_moe(x, lora_a, lora_b, weights, experts, self.config.scaling, out=out)
 
     def _contrastive_rows(self, query, positive, query_experts):
         return baselines.naive_infonce(query, positive, self.queue.keys, self.queue.size, query_experts,
@@ -61,8 +58,7 @@ class DenseLoraMoELinear(NaiveLoraMoELinear):
     so the difference is the expert computation)."""
 
     def _experts(self, x, lora_a, lora_b, weights, experts, out=None):
-        delta = baselines.dense_lora_moe(x, lora_a, lora_b, weights, experts.long(), self.config.scaling)
-        return delta if out is None else out + delta
+        return baselines.dense_lora_moe(x, lora_a, lora_b, weights, experts, self.config.scaling, out=out)
 
     _contrastive_rows = LoraMoELinear._contrastive_rows
     _enqueue = LoraMoELinear._enqueue
@@ -83,17 +79,17 @@ def build_base(shape: dict, dtype: torch.dtype, device: torch.device, seed: int 
     return model.to(dtype).requires_grad_(False)
 
 
-def _with_lora(base, rank: int, alpha: float):
+def _with_lora(base, rank: int, alpha: float, dropout: float):
     try:
         from peft import LoraConfig, get_peft_model
 
         return get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TARGETS),
-                                               lora_dropout=0.0)), "peft"
+                                               lora_dropout=dropout)), "peft"
     except ImportError:
         for name, module in list(base.named_modules()):
             if name.rsplit(".", 1)[-1] in TARGETS and isinstance(module, torch.nn.Linear):
                 parent, _, child = name.rpartition(".")
-                lora = baselines.LoraLinear(module, rank, alpha)
+                lora = baselines.LoraLinear(module, rank, alpha, dropout)
                 lora.lora_A.float(), lora.lora_B.float()
                 setattr(base.get_submodule(parent), child, lora)
         return base, "own"
@@ -108,7 +104,7 @@ def build_model(impl: str, base, adapter: SparseDoctorConfig):
         model.enable_input_require_grads()  # backward through the activations, as any adapter needs
         return model, []
     if impl == "lora":
-        model, _ = _with_lora(base, adapter.r, adapter.lora_alpha)
+        model, _ = _with_lora(base, adapter.r, adapter.lora_alpha, adapter.lora_dropout)
     else:
         torch.manual_seed(0)
         model = apply_sparsedoctor(base, adapter)
@@ -151,8 +147,7 @@ def run(args) -> list[dict]:
     shape = dict(GPU_SHAPE if device.type == "cuda" else CPU_SHAPE)
     if args.layers:
         shape["layers"] = args.layers
-    adapter = SparseDoctorConfig(num_experts=8, top_k=2, r=16, lora_alpha=32, lora_dropout=0.0,
-                                 contrastive_tokens=256)
+    adapter = SparseDoctorConfig(num_experts=8, top_k=2, r=16, lora_alpha=32)  # the default dropout too
     base = build_base(shape, dtype, device)
     rows = []
     for tokens in args.tokens or [shape["tokens"]]:
@@ -161,7 +156,8 @@ def run(args) -> list[dict]:
         for impl in args.impls:
             model, params = build_model(impl, base, adapter)
             try:
-                timing = harness.time_call(step_fn(model, params, batch, dtype, device), device, rep_ms=args.rep_ms)
+                timing = harness.time_call(step_fn(model, params, batch, dtype, device), device, rep_ms=args.rep_ms,
+                                           min_reps=MIN_STEPS)
             except torch.cuda.OutOfMemoryError:
                 print(f"# {impl}: out of memory at {tokens} tokens a step", flush=True)
                 continue
@@ -201,7 +197,8 @@ def _largest_batches(args, base, adapter, shape, dtype, device, env) -> list[dic
             batch_size *= 2
         if best is not None:
             batch = make_batch(best, shape["seq"], shape["vocab_size"], device)
-            timing = harness.time_call(step_fn(model, params, batch, dtype, device), device, rep_ms=args.rep_ms)
+            timing = harness.time_call(step_fn(model, params, batch, dtype, device), device, rep_ms=args.rep_ms,
+                                       min_reps=MIN_STEPS)
             sizes = dict(T=batch["input_ids"].numel(), E=adapter.num_experts, k=adapter.top_k, r=adapter.r)
             row = harness.row("step", impl, f"L={shape['layers']},seq={shape['seq']},largest", sizes, dtype,
                               "full", timing, 0, env)
@@ -214,19 +211,26 @@ def _largest_batches(args, base, adapter, shape, dtype, device, env) -> list[dic
 
 
 def summarize(rows: list[dict], copy_gbps: float) -> None:
+    """Per size: each step's time and speed, against naive and plain LoRA, and the adapter's own cost (the step
+    minus the frozen model's, which is the same for every implementation, LM head included)."""
     by_shape: dict[str, dict[str, dict]] = {}
     for row in rows:
         by_shape.setdefault(f"{row['shape']},T={row['T']}", {})[row["impl"]] = row
     table = []
     for shape, impls in by_shape.items():
-        naive, lora = impls.get("naive"), impls.get("lora")
+        naive, lora, base = impls.get("naive"), impls.get("lora"), impls.get("base")
+        lora_adapter = lora["ms_p50"] - base["ms_p50"] if lora and base else math.nan
         for impl, row in impls.items():
             speed = row["tokens_per_s"]
+            adapter = row["ms_p50"] - base["ms_p50"] if base and impl != "base" else math.nan
             table.append([shape, impl, row["ms_p50"], speed,
                           speed / naive["tokens_per_s"] if naive else math.nan,
-                          row["ms_p50"] / lora["ms_p50"] if lora else math.nan, row["peak_mem_mb"]])
-    print("\ntraining step summary (median ms per step)")
-    harness.print_table(["size", "impl", "ms", "tokens/s", "x naive tokens/s", "time / lora", "peak MB"], table)
+                          row["ms_p50"] / lora["ms_p50"] if lora else math.nan, adapter,
+                          adapter / lora_adapter if lora_adapter and lora_adapter > 0 else math.nan,
+                          row["peak_mem_mb"]])
+    print("\ntraining step summary (median ms per step; adapter ms = step - frozen model's step)")
+    harness.print_table(["size", "impl", "ms", "tokens/s", "x naive tokens/s", "time / lora", "adapter ms",
+                         "adapter / lora's", "peak MB"], table)
 
 
 def add_arguments(parser) -> None:

@@ -12,7 +12,7 @@ import torch
 from sparsedoctor_kernels.bench import harness
 
 OPS = ("route", "lora_moe", "queue", "infonce", "step")
-BASELINE = {"route": "torch", "lora_moe": "naive", "queue": "naive", "infonce": "naive", "step": "naive"}
+BASELINE = {"route": "naive", "lora_moe": "naive", "queue": "naive", "infonce": "naive", "step": "naive"}
 # --quick on a GPU: one representative size per op (the CPU grids are already small).
 GPU_QUICK = {"route": ["--tokens", "16384"], "lora_moe": ["--shapes", "gate_proj", "--tokens", "8192", "--configs",
                                                           "8,2,16"],
