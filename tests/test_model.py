@@ -79,6 +79,18 @@ def test_config_defaults_and_validation():
         SparseDoctorConfig.from_dict({"experts": 3})
 
 
+@pytest.mark.parametrize("field, value", [("lora_dropout", "0.05"), ("temperature", float("nan")),
+                                          ("lora_alpha", None), ("balance_coef", True),
+                                          ("target_modules", "q_proj"), ("r", 4.0)])
+def test_config_rejects_wrong_types_naming_the_field(field, value):
+    """A wrong type read from JSON is a ValueError naming the field, not a TypeError from a comparison (and a
+    bare string is not taken for a tuple of one-letter module names)."""
+    with pytest.raises(ValueError, match=f"SparseDoctorConfig.{field} must be"):
+        SparseDoctorConfig(**{field: value})
+    with pytest.raises(ValueError, match="a dict of fields, got list"):
+        SparseDoctorConfig.from_dict([])
+
+
 def test_wrapping_freezes_the_base_and_adapts_every_target():
     model = make_model()
     adapted = model.adapted_modules()
@@ -301,6 +313,54 @@ def test_bf16_autocast_training_step():
     module = next(iter(model.adapted_modules().values()))
     assert module.lora_a.grad.dtype == torch.float32 and torch.isfinite(module.lora_a.grad).all()
     assert torch.isfinite(out.loss) and out.aux_losses["contrastive"] > 0
+    # The head computes in bf16 under autocast; the views are staged in the float32 queue's dtype.
+    assert module._staged and all(keys.dtype == torch.float32 for keys, _ in module._staged)
+    model.commit_queues()
+    assert module.queue.keys.dtype == torch.float32 and int(module.queue.size.sum()) > 0
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch())
+    assert torch.isfinite(out.loss) and out.aux_losses["contrastive"] == 0
+
+
+def cast_model_step(dtype, **overrides):
+    """A training step (stage, then commit and contrast against the queue) on a model cast to `dtype`."""
+    model = make_model(**overrides)
+    perturb_lora_b(model)
+    model.to(dtype)
+    model.train()
+    torch.manual_seed(0)  # dropout and the contrastive subsets draw from it
+    model(**batch(seed=1))
+    out = model(**batch())
+    out.loss.backward()
+    return model, out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_model_cast_to_another_dtype_trains_and_evaluates(dtype):
+    """`.to(dtype)` casts the adapter with the base: router, experts, head and queue all follow (the torch
+    backend runs bf16 on CPU; the Triton interpreter has no bf16)."""
+    model, out = cast_model_step(dtype)
+    module = next(iter(model.adapted_modules().values()))
+    assert module.head.weight.dtype == module.queue.keys.dtype == dtype
+    assert int(module.queue.size.sum()) > 0 and all(keys.dtype == dtype for keys, _ in module._staged)
+    for param in (module.router, module.lora_a, module.lora_b, module.head.weight):
+        assert param.grad.dtype == dtype and torch.isfinite(param.grad).all()
+    assert torch.isfinite(out.loss) and out.aux_losses["contrastive"] > 0 and out.aux_losses["balance"] > 0
+    model.commit_queues()
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch())
+    assert out.logits.dtype == dtype and torch.isfinite(out.loss) and out.aux_losses["contrastive"] == 0
+
+
+def test_a_float64_model_computes_the_float32_losses():
+    """Casting changes the precision, not the computation: same routing, subsets and losses."""
+    _, want = cast_model_step(torch.float32, lora_dropout=0.0)
+    _, got = cast_model_step(torch.float64, lora_dropout=0.0)
+    assert got.aux_losses["balance"].dtype == got.aux_losses["contrastive"].dtype == torch.float64
+    for key in ("lm", "balance", "contrastive"):
+        torch.testing.assert_close(got.aux_losses[key].float(), want.aux_losses[key], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif("triton" not in cpu_backends("lora_moe"), reason="Triton cannot run here")

@@ -1,14 +1,22 @@
 """save_adapter / load_adapter: `adapter_config.json` + `adapter_model.safetensors` (never pickle).
 
 The adapter is every LoraMoELinear's router, experts, projection head and expert-queue state, keyed by the
-module's path in the base model. Loading checks the config and the module list against the model first."""
+module's path in the base model. Saving writes a complete adapter or none (a temporary sibling directory is
+renamed into place). Loading checks everything first (the config, the module list, every tensor's name, shape
+and dtype) and only then copies, so a bad adapter leaves the model untouched."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pathlib
+import shutil
+import uuid
 
 import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sparsedoctor_kernels.model.config import SparseDoctorConfig
@@ -19,6 +27,16 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ADAPTER_TENSORS = ("router", "lora_a", "lora_b", "head.weight", "head.bias", "queue.keys", "queue.ptr", "queue.size")
+# The top-level fields of adapter_config.json and their JSON types; base_model is informational only.
+REQUIRED_FIELDS = {"format_version": int, "sparsedoctor": dict, "modules": dict}
+OPTIONAL_FIELDS = {"base_model": dict}
+JSON_TYPE_NAMES = {int: "an integer", dict: "an object"}
+LISTED = 5  # names shown in an error message before "..."
+
+
+def _require_model(model, caller: str) -> None:
+    if not isinstance(model, SparseDoctorModel):
+        raise TypeError(f"{caller} needs the model returned by apply_sparsedoctor, got {type(model).__name__}")
 
 
 def _adapter_tensors(model: SparseDoctorModel) -> dict[str, torch.Tensor]:
@@ -42,24 +60,141 @@ def _describe(model: SparseDoctorModel) -> dict:
     }
 
 
+def _listed(names) -> str:
+    names = sorted(names)
+    return str(names[:LISTED])[:-1] + (", ...]" if len(names) > LISTED else "]")
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def save_adapter(model: SparseDoctorModel, directory: str | pathlib.Path) -> pathlib.Path:
-    """Write the adapter (staged queue rows are committed first, so nothing is lost). Returns the directory."""
-    if not isinstance(model, SparseDoctorModel):
-        raise TypeError(f"save_adapter needs the model returned by apply_sparsedoctor, got {type(model).__name__}")
+    """Write the adapter into `directory` (created, or replaced whole) and return the directory.
+
+    Staged queue rows are committed first, so nothing is lost. Under an initialised torch.distributed process
+    group this is a collective and must be called on every rank: committing gathers every rank's staged rows
+    so all queues stay identical, then only rank 0 writes the files; the other ranks write nothing and return
+    the directory once rank 0 has finished (an error on rank 0 is raised on every rank). Single-process, it
+    just commits and writes.
+
+    The files are written into a temporary sibling directory that is then renamed into place, so a crash
+    mid-save leaves either the previous adapter or none at `directory`, never a half-written one. Since the
+    directory is replaced whole, an existing one may hold nothing but an adapter's two files."""
+    _require_model(model, "save_adapter")
     directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.commit_queues()
-    tensors = {key: value.detach().contiguous().cpu() for key, value in _adapter_tensors(model).items()}
-    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt", "library": "sparsedoctor_kernels"})
-    (directory / CONFIG_FILE).write_text(json.dumps(_describe(model), indent=2, ensure_ascii=False) + "\n")
+    model.commit_queues()  # a collective under distributed: the reason every rank calls save_adapter
+    if not _distributed():
+        _write_adapter(model, directory)
+        return directory
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            _write_adapter(model, directory)
+        except Exception as error:  # told to the other ranks first, so none of them waits on rank 0 forever
+            failure = error
+    _share_outcome(model, failure is None, directory)
+    if failure is not None:
+        raise failure
     return directory
 
 
+def _share_outcome(model: SparseDoctorModel, written: bool, directory: pathlib.Path) -> None:
+    """Broadcast rank 0's success to every rank (on the queue's device, which the process group can use)."""
+    device = next(iter(model.adapted_modules().values())).queue.ptr.device
+    flag = torch.tensor([int(written)], device=device)
+    dist.broadcast(flag, src=0)
+    if not int(flag) and dist.get_rank() != 0:
+        raise RuntimeError(f"rank 0 failed to write the adapter to {directory} (its error says why)")
+
+
+def _write_adapter(model: SparseDoctorModel, directory: pathlib.Path) -> None:
+    tensors = {key: value.detach().contiguous().cpu() for key, value in _adapter_tensors(model).items()}
+    description = json.dumps(_describe(model), indent=2, ensure_ascii=False) + "\n"
+    directory = pathlib.Path(os.path.abspath(directory))  # a real last component for the sibling names
+    _check_replaceable(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.with_name(f".{directory.name}.partial-{uuid.uuid4().hex}")
+    staging.mkdir()
+    try:
+        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt", "library": "sparsedoctor_kernels"})
+        (staging / CONFIG_FILE).write_text(description, encoding="utf-8")
+        for path in (staging / WEIGHTS_FILE, staging / CONFIG_FILE, staging):
+            _fsync(path)  # the data is on disk before the rename that publishes it
+        _move_into_place(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # only left after a failure: the rename consumed it
+
+
+def _check_replaceable(directory: pathlib.Path) -> None:
+    """The directory is replaced whole: refuse to delete anything that is not an adapter file."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ValueError(f"cannot save an adapter to {directory}: it exists and is not a directory")
+    foreign = [p.name for p in directory.iterdir() if p.name not in (CONFIG_FILE, WEIGHTS_FILE)]
+    if foreign:
+        raise ValueError(f"cannot save an adapter to {directory}: saving replaces the whole directory and it holds "
+                         f"other files {_listed(foreign)}")
+
+
+def _move_into_place(staging: pathlib.Path, directory: pathlib.Path) -> None:
+    """Rename the complete staging directory to `directory`; an existing adapter is retired first (a crash
+    between the two renames leaves no adapter at `directory`, not a mixed one)."""
+    retired = None
+    if directory.exists():
+        retired = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex}")
+        os.replace(directory, retired)
+    try:
+        os.replace(staging, directory)
+    except BaseException:
+        if retired is not None:
+            os.replace(retired, directory)
+        raise
+    _fsync(directory.parent)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def _fsync(path: pathlib.Path) -> None:
+    # Some platforms (Windows) cannot open a directory to sync it; the rename is still atomic there.
+    with contextlib.suppress(OSError):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
 def load_adapter(model: SparseDoctorModel, directory: str | pathlib.Path) -> SparseDoctorModel:
-    """Load an adapter saved by `save_adapter` into `model` (same config and modules), in place."""
-    if not isinstance(model, SparseDoctorModel):
-        raise TypeError(f"load_adapter needs the model returned by apply_sparsedoctor, got {type(model).__name__}")
-    directory = pathlib.Path(directory)
+    """Load an adapter saved by `save_adapter` into `model` (same config and modules), in place.
+
+    Everything is checked before anything is copied, so on any error the model is unchanged. Errors are
+    ValueErrors naming the file and the field or tensor (FileNotFoundError for a missing directory or file).
+    Queue rows staged by earlier forwards are dropped: they were computed by the weights being replaced and
+    must not enter the loaded queues."""
+    _require_model(model, "load_adapter")
+    directory = _adapter_directory(pathlib.Path(directory))
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    saved = _read_config(config_path)
+    _check_matches_model(saved, _describe(model), config_path)
+    values = _read_tensors(weights_path, _adapter_tensors(model), list(model.adapted_modules()))
+    # Everything is checked and converted: the copies below have matching shapes and dtypes and cannot fail.
+    with torch.no_grad():
+        for target, value in values:
+            target.copy_(value)
+    for module in model.adapted_modules().values():
+        module._staged.clear()
+    return model
+
+
+def _adapter_directory(directory: pathlib.Path) -> pathlib.Path:
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -69,31 +204,138 @@ def load_adapter(model: SparseDoctorModel, directory: str | pathlib.Path) -> Spa
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / required).is_file():
             raise FileNotFoundError(f"{directory} has no {required}: not a sparsedoctor adapter")
-    saved = json.loads((directory / CONFIG_FILE).read_text())
-    if saved.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{directory / CONFIG_FILE}: format_version {saved.get('format_version')!r}, "
-                         f"this library reads {FORMAT_VERSION}")
-    expected = _describe(model)
+    return directory
+
+
+def _read_config(path: pathlib.Path) -> dict:
+    """adapter_config.json parsed and checked field by field (SparseDoctorConfig included)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise ValueError(f"{path}: cannot be read ({error})") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
+    try:
+        saved = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: the top level must be a JSON object, got {type(saved).__name__}")
+    _check_format_version(saved, path)
+    _check_top_level_fields(saved, path)
+    _check_sparsedoctor_config(saved["sparsedoctor"], path)
+    _check_modules(saved["modules"], path)
+    return saved
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no integer
+
+
+def _has_json_type(value, kind: type) -> bool:
+    return _is_int(value) if kind is int else isinstance(value, kind)
+
+
+def _check_format_version(saved: dict, path: pathlib.Path) -> None:
+    version = saved.get("format_version")
+    if "format_version" not in saved or not _is_int(version):
+        raise ValueError(f"{path}: field 'format_version' must be an integer, got {version!r}")
+    if version != FORMAT_VERSION:
+        newer = " (written by a newer version of sparsedoctor_kernels)" if version > FORMAT_VERSION else ""
+        raise ValueError(f"{path}: format_version {version}{newer}, this library reads {FORMAT_VERSION}")
+
+
+def _check_top_level_fields(saved: dict, path: pathlib.Path) -> None:
+    known = {**REQUIRED_FIELDS, **OPTIONAL_FIELDS}
+    unknown = set(saved) - set(known)
+    if unknown:
+        raise ValueError(f"{path}: unknown fields {_listed(unknown)}; an adapter config has {sorted(known)}")
+    missing = set(REQUIRED_FIELDS) - set(saved)
+    if missing:
+        raise ValueError(f"{path}: missing fields {_listed(missing)}")
+    for name, kind in known.items():
+        if name in saved and not _has_json_type(saved[name], kind):
+            raise ValueError(f"{path}: field {name!r} must be {JSON_TYPE_NAMES[kind]}, "
+                             f"got {type(saved[name]).__name__}")
+
+
+def _check_sparsedoctor_config(fields: dict, path: pathlib.Path) -> None:
+    # Every field is required: a default silently standing in for a lost field could hide a damaged file.
+    missing = set(SparseDoctorConfig.field_names()) - set(fields)
+    if missing:
+        raise ValueError(f"{path}: field 'sparsedoctor' lacks {_listed(missing)}")
+    try:
+        SparseDoctorConfig.from_dict(fields)
+    except ValueError as error:
+        raise ValueError(f"{path}: field 'sparsedoctor': {error}") from None
+
+
+def _check_modules(modules: dict, path: pathlib.Path) -> None:
+    for name, sizes in modules.items():
+        if not (isinstance(sizes, list) and len(sizes) == 2 and all(_is_int(s) and s > 0 for s in sizes)):
+            raise ValueError(f"{path}: modules[{name!r}] must be [in_features, out_features], got {sizes!r}")
+
+
+def _check_matches_model(saved: dict, expected: dict, path: pathlib.Path) -> None:
     saved_config = SparseDoctorConfig.from_dict(saved["sparsedoctor"]).to_dict()
-    differing = {k: (saved_config[k], expected["sparsedoctor"][k]) for k in saved_config
-                 if saved_config[k] != expected["sparsedoctor"][k]}
+    model_config = expected["sparsedoctor"]
+    differing = [f"{k}: adapter {saved_config[k]!r} vs model {model_config[k]!r}"
+                 for k in saved_config if saved_config[k] != model_config[k]]
     if differing:
-        raise ValueError("the adapter's SparseDoctorConfig does not match the model's: "
-                         + ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in differing.items()))
-    if saved["modules"] != expected["modules"]:
-        missing = sorted(set(expected["modules"]) ^ set(saved["modules"]))
-        raise ValueError(f"the adapter was saved for other modules or sizes than this model has "
-                         f"(differing: {missing[:5] or 'sizes'}); base model was {saved.get('base_model')}")
-    tensors = load_file(directory / WEIGHTS_FILE)
-    targets = _adapter_tensors(model)
-    if set(tensors) != set(targets):
-        raise ValueError(f"{WEIGHTS_FILE} holds tensors {sorted(set(tensors) ^ set(targets))[:5]} that do not "
-                         "match the model's adapter")
-    with torch.no_grad():
-        for key, target in targets.items():
-            if tensors[key].shape != target.shape:
-                raise ValueError(f"{key}: saved shape {list(tensors[key].shape)}, model has {list(target.shape)}")
-            target.copy_(tensors[key])
-    for module in model.adapted_modules().values():
-        module._staged.clear()
-    return model
+        raise ValueError(f"{path}: the adapter's SparseDoctorConfig does not match the model's: "
+                         + ", ".join(differing))
+    saved_modules, model_modules = saved["modules"], expected["modules"]
+    if saved_modules != model_modules:
+        only_saved = set(saved_modules) - set(model_modules)
+        only_model = set(model_modules) - set(saved_modules)
+        resized = {n for n in set(saved_modules) & set(model_modules) if saved_modules[n] != model_modules[n]}
+        raise ValueError(f"{path}: the adapter was saved for other modules or sizes than this model has "
+                         f"(only in the adapter: {_listed(only_saved)}, only in the model: {_listed(only_model)}, "
+                         f"other sizes: {_listed(resized)}); base model was {saved.get('base_model')}")
+
+
+def _read_tensors(path: pathlib.Path, targets: dict[str, torch.Tensor],
+                  module_names: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(target, value) pairs with every value already in its target's shape, dtype and device."""
+    try:
+        tensors = load_file(path)
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    missing, unexpected = set(targets) - set(tensors), set(tensors) - set(targets)
+    if missing or unexpected:
+        raise ValueError(f"{path}: the tensors do not match the model's adapter (missing: {_listed(missing)}, "
+                         f"unexpected: {_listed(unexpected)})")
+    for key, target in targets.items():
+        _check_tensor(path, key, tensors[key], target)
+    for name in module_names:
+        capacity = targets[f"{name}.queue.keys"].shape[1]
+        _check_queue_state(path, name, tensors[f"{name}.queue.ptr"], tensors[f"{name}.queue.size"], capacity)
+    return [(target, tensors[key].to(device=target.device, dtype=target.dtype)) for key, target in targets.items()]
+
+
+def _check_tensor(path: pathlib.Path, key: str, value: torch.Tensor, target: torch.Tensor) -> None:
+    if value.shape != target.shape:
+        raise ValueError(f"{path}: tensor {key}: shape {list(value.shape)}, the model has {list(target.shape)}")
+    # Floats load into floats of any precision, integers into integers; anything else would change meaning.
+    castable = (value.dtype.is_floating_point and target.dtype.is_floating_point) or (
+        _is_integer_dtype(value.dtype) and _is_integer_dtype(target.dtype))
+    if not castable:
+        raise ValueError(f"{path}: tensor {key}: dtype {value.dtype} cannot be loaded into the model's "
+                         f"{target.dtype}")
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+def _check_queue_state(path: pathlib.Path, name: str, ptr: torch.Tensor, size: torch.Tensor, capacity: int) -> None:
+    """A ring's next slot in [0, Q) (0 when Q = 0) and its fill in [0, Q]: anything else breaks enqueue."""
+    ptr, size = ptr.long(), size.long()
+    if bool(((ptr < 0) | (ptr >= max(capacity, 1))).any()):
+        raise ValueError(f"{path}: tensor {name}.queue.ptr: values {ptr.tolist()} outside [0, {capacity})")
+    if bool(((size < 0) | (size > capacity)).any()):
+        raise ValueError(f"{path}: tensor {name}.queue.size: values {size.tolist()} outside [0, {capacity}]")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 QWEN3_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FLOAT_FIELDS = ("lora_alpha", "lora_dropout", "temperature", "balance_coef", "contrastive_coef")
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,16 @@ class SparseDoctorConfig:
     contrastive_tokens: int = 256
 
     def __post_init__(self):
+        if isinstance(self.target_modules, str) or not isinstance(self.target_modules, (list, tuple)):
+            # A bare string would silently become a tuple of its characters.
+            raise ValueError(f"SparseDoctorConfig.target_modules must be a list of module names, "
+                             f"got {self.target_modules!r}")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            # Checked before any comparison, so a string or NaN read from JSON fails here, naming the field.
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"SparseDoctorConfig.{name} must be a finite number, got {value!r}")
         for name in ("num_experts", "top_k", "r", "proj_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -55,8 +66,16 @@ class SparseDoctorConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> SparseDoctorConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        """The config from `to_dict()`'s form; missing fields take their defaults, unknown ones are refused."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a SparseDoctorConfig is read from a dict of fields, got {type(data).__name__}")
+        known = cls.field_names()
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ValueError(f"unknown SparseDoctorConfig fields {unknown}; known: {sorted(known)}")
+            raise ValueError(f"unknown SparseDoctorConfig fields {unknown} (written by a newer version of "
+                             f"sparsedoctor_kernels?); known: {sorted(known)}")
         return cls(**data)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))

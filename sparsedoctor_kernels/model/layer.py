@@ -54,7 +54,8 @@ class LoraMoELinear(nn.Module):
         num_experts, rank = config.num_experts, config.r
         d_in, d_out = base.in_features, base.out_features
         device = base.weight.device
-        # Adapter parameters stay float32 (mixed-precision training casts them at use).
+        # Adapter parameters start float32; each forward casts them to the frozen layer's compute dtype, so
+        # autocast and `model.to(dtype)` (which casts them with the base) both work.
         self.router = nn.Parameter(torch.randn(num_experts, d_in, device=device) * ROUTER_INIT_STD)
         self.lora_a = nn.Parameter(torch.empty(num_experts, rank, d_in, device=device))
         for expert in range(num_experts):  # PEFT's LoRA A initialisation, per expert
@@ -103,11 +104,12 @@ class LoraMoELinear(nn.Module):
         if mask is None:
             return sdk.load_balance_loss(routing)
         num_experts, top_k = self.config.num_experts, self.config.top_k
-        valid = mask.to(torch.float32)
+        dtype = routing.probs_mean.dtype  # route's softmax dtype: float32, float64 for a float64 model
+        valid = mask.to(dtype)
         num_valid = valid.sum().clamp_min(1.0)
-        probs = torch.softmax(router_logits.float(), dim=-1)
+        probs = torch.softmax(router_logits.to(dtype), dim=-1)
         probs_mean = (probs * valid[:, None]).sum(0) / num_valid
-        counts = torch.zeros(num_experts, device=probs.device).index_add_(
+        counts = torch.zeros(num_experts, dtype=dtype, device=probs.device).index_add_(
             0, routing.experts.reshape(-1).long(), valid.repeat_interleave(top_k))
         return num_experts * ((counts / (num_valid * top_k)) * probs_mean).sum()
 
@@ -126,21 +128,46 @@ class LoraMoELinear(nn.Module):
         top1 = routing.experts[picked, :1]
         routed = self._experts(tokens, lora_a, lora_b, torch.ones_like(routing.weights[picked, :1]), top1)
         fused = self._experts(tokens, lora_a, lora_b, routing.weights[picked], routing.experts[picked])
-        query, positive = self.head(routed.float()), self.head(fused.float())
+        query, positive = self._project(routed), self._project(fused)
         query_experts = torch.where(picked_real, top1[:, 0].long(), -1)  # -1: padding, never enqueued
         rows = self._contrastive_rows(query, positive, query_experts)
         if self.context.recording:
-            self._staged.append((F.normalize(query.detach(), dim=-1), query_experts))
+            # Normalised in the queue's dtype: under autocast the head's output is bf16, the queue float32.
+            self._staged.append((F.normalize(query.detach().to(self.queue.keys.dtype), dim=-1), query_experts))
         weight = picked_real.to(rows.dtype)
         return (rows * weight).sum() / weight.sum().clamp_min(1.0)
 
+    def _project(self, views: torch.Tensor) -> torch.Tensor:
+        """The projection head in its own parameters' dtype (the views come in the compute dtype)."""
+        return self.head(views.to(self.head.weight.dtype))
+
     @torch.no_grad()
     def commit_queue(self) -> None:
-        """Write the routed views staged by earlier forwards into the queue (all ranks' under distributed)."""
+        """Write the routed views staged by earlier forwards into the queue (all ranks' under distributed).
+
+        Under an initialised process group this is a collective: every rank must call it, and it gathers
+        exactly once whatever each rank staged (possibly nothing), so ranks never disagree on the number of
+        all-gathers. The rows are written in staging order, as one enqueue per staged batch would."""
+        if self.config.contrastive_tokens == 0 or self.config.queue_size == 0:
+            self._staged.clear()  # nothing is ever queued; the same on every rank, so no collective is skipped
+            return
         gather = dist.is_available() and dist.is_initialized()
-        for keys, experts in self._staged:
-            self._enqueue(keys, experts, gather)
+        if not self._staged and not gather:
+            return
+        keys, experts = self._staged_rows()
+        self._enqueue(keys, experts, gather)
         self._staged.clear()
+
+    def _staged_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every staged row in order, in the queue's current dtype and device (the model may have been cast or
+        moved since they were staged)."""
+        queue_keys = self.queue.keys
+        if not self._staged:
+            return (queue_keys.new_empty((0, queue_keys.shape[-1])),
+                    torch.empty(0, dtype=torch.long, device=queue_keys.device))
+        keys = torch.cat([k.to(device=queue_keys.device, dtype=queue_keys.dtype) for k, _ in self._staged])
+        experts = torch.cat([e.to(device=queue_keys.device, dtype=torch.long) for _, e in self._staged])
+        return keys, experts
 
     # The four ops sit behind these methods so that a benchmark can put the usual alternatives (per-expert
     # loops, dense masking, a materialised InfoNCE) in their place and time the same model.

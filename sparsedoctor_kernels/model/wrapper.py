@@ -53,7 +53,9 @@ class SparseDoctorModel(nn.Module):
         return {name: m for name, m in self.base_model.named_modules() if isinstance(m, LoraMoELinear)}
 
     def commit_queues(self) -> None:
-        """Write every staged routed view into its module's expert queue (done by each training forward)."""
+        """Write every staged routed view into its module's expert queue (done by each training forward).
+        Under an initialised process group this is a collective (each rank's rows reach every rank's queues):
+        every rank must call it, as every rank runs the training forward and `save_adapter`."""
         for module in self.adapted_modules().values():
             module.commit_queue()
 
