@@ -20,14 +20,18 @@ import torch
 import torch.nn.functional as F
 
 
-def naive_routing(logits: torch.Tensor, top_k: int, renormalize: bool = True):
-    """(weights, experts, counts, probs_mean) the way model code computes them, one eager op at a time."""
+def naive_routing(logits: torch.Tensor, top_k: int, renormalize: bool = True, token_mask=None):
+    """(weights, experts, counts, probs_mean) the way model code computes them, one eager op at a time; with
+    `token_mask` the statistics cover the marked tokens only (padding left out, as a careful user would)."""
     probs = torch.softmax(logits.float(), dim=-1)
     weights, experts = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
-    counts = torch.bincount(experts.flatten(), minlength=logits.shape[1]).int()
-    return weights, experts.int(), counts, probs.mean(0)
+    if token_mask is None:
+        counts = torch.bincount(experts.flatten(), minlength=logits.shape[1]).int()
+        return weights, experts.int(), counts, probs.mean(0)
+    counts = torch.bincount(experts[token_mask].flatten(), minlength=logits.shape[1]).int()
+    return weights, experts.int(), counts, probs[token_mask].mean(0)
 
 
 def naive_lora_moe(x, lora_a, lora_b, weights, experts, scaling: float = 1.0, out=None):

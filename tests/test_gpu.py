@@ -77,6 +77,22 @@ def test_route_non_finite_rows_on_gpu(num_experts, top_k, dtype, backend):
     torch.testing.assert_close(got.weights.cpu(), want.weights, equal_nan=True, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", gpu_backends("route"))
+def test_route_token_mask_on_gpu(backend):
+    logits, grad_w, grad_p = _route_case(3001, 60, 4, torch.float32, seed=5)
+    mask = torch.Generator().manual_seed(6)
+    mask = torch.rand(3001, generator=mask) < 0.7
+    leaf = logits.cuda().requires_grad_()
+    got = sdk.route(leaf, 4, backend=backend, token_mask=mask.cuda())
+    ((got.weights.double() * grad_w.cuda()).sum() + (got.probs_mean.double() * grad_p.cuda()).sum()).backward()
+    oracle = logits.double().requires_grad_()
+    want = sdk.route(oracle, 4, backend="torch", token_mask=mask)
+    ((want.weights * grad_w).sum() + (want.probs_mean * grad_p).sum()).backward()
+    torch.testing.assert_close(got.counts.cpu(), want.counts, rtol=0, atol=0)
+    assert_close_scaled(got.probs_mean, want.probs_mean, torch.float32, "probs_mean")
+    assert_close_scaled(leaf.grad, oracle.grad, torch.float32, "grad logits")
+
+
 def _lora_case(num_tokens, d_in, d_out, num_experts, rank, top_k, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     f64 = dict(generator=gen, dtype=torch.float64)

@@ -130,6 +130,48 @@ def test_route_non_finite_rows_follow_the_reference_and_stay_in_bounds(num_exper
     torch.testing.assert_close(got_leaf.grad, want_leaf.grad, equal_nan=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_tokens, num_experts, top_k", [(37, 11, 3), (9, 256, 8), (5, 3, 1)])
+def test_route_token_mask_restricts_the_statistics_to_real_tokens(num_tokens, num_experts, top_k, backend, gen):
+    logits = torch.randn(num_tokens, num_experts, generator=gen, dtype=torch.float64) * 2
+    mask = torch.rand(num_tokens, generator=gen) < 0.6
+    mask[0] = True
+    leaf = logits.float().requires_grad_()
+    routing = sdk.route(leaf, top_k, backend=backend, token_mask=mask)
+    oracle = logits.float().double().requires_grad_()
+    weights, experts, _, _ = brute.route(oracle, top_k)
+    _, _, counts, probs_mean = brute.route(oracle[mask], top_k)
+    torch.testing.assert_close(routing.experts, experts, rtol=0, atol=0)  # every token is still routed
+    torch.testing.assert_close(routing.counts, counts, rtol=0, atol=0)
+    assert_close(routing.weights, weights, torch.float32, name="weights")
+    assert_close(routing.probs_mean, probs_mean, torch.float32, name="probs_mean")
+    balance = sdk.load_balance_loss(routing)
+    expected = brute.load_balance_loss(counts, probs_mean, int(mask.sum()), top_k)
+    assert_close(balance, expected, torch.float32, name="balance over real tokens")
+    grad_w = torch.randn(weights.shape, generator=gen, dtype=torch.float64)
+    ((routing.weights.double() * grad_w).sum() + 3 * balance).backward()
+    ((weights * grad_w).sum() + 3 * expected).backward()
+    assert_close(leaf.grad, oracle.grad, torch.float32, name="grad logits")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_route_token_mask_without_real_tokens(backend):
+    logits = torch.randn(6, 4, requires_grad=True)
+    routing = sdk.route(logits, 2, backend=backend, token_mask=torch.zeros(6, dtype=torch.bool))
+    assert routing.counts.sum() == 0 and torch.equal(routing.probs_mean, torch.zeros(4))
+    loss = sdk.load_balance_loss(routing)
+    assert loss.item() == 0.0
+    (loss + routing.weights.sum()).backward()
+    assert logits.grad.isfinite().all()
+
+
+def test_route_token_mask_is_checked():
+    with pytest.raises(TypeError, match="token_mask must have dtype bool"):
+        sdk.route(torch.zeros(3, 2), 1, token_mask=torch.ones(3))
+    with pytest.raises(ValueError, match=r"token_mask must have shape \[T=3\]"):
+        sdk.route(torch.zeros(3, 2), 1, token_mask=torch.ones(4, dtype=torch.bool))
+
+
 @settings(max_examples=40, deadline=None)
 @given(num_tokens=st.integers(0, 20), num_experts=st.integers(1, 40), data=st.data(),
        renormalize=st.booleans(), seed=st.integers(0, 2**31 - 1), backend=st.sampled_from(BACKENDS))

@@ -12,7 +12,8 @@ import torch
 def layer_step(num_experts: int = 8, top_k: int = 2, rank: int = 4, tokens: int = 24, d_in: int = 32,
                d_out: int = 40, backend: str = "triton", seed: int = 0):
     """A closure running one training forward + backward of a LoraMoELinear wrapped alone (no model), with the
-    contrastive term on and a queue committed once before, so every op of a training step runs."""
+    contrastive term on, a quarter of the tokens padding and a queue committed once before, so every op of a
+    training step runs."""
     from sparsedoctor_kernels.model import SparseDoctorConfig
     from sparsedoctor_kernels.model.layer import ForwardContext, LoraMoELinear
 
@@ -24,13 +25,14 @@ def layer_step(num_experts: int = 8, top_k: int = 2, rank: int = 4, tokens: int 
     with torch.no_grad():
         layer.lora_b.normal_()
     x = torch.randn(tokens, d_in, requires_grad=True)
+    real_tokens = torch.arange(tokens) < tokens - tokens // 4
     previous = os.environ.get("SPARSEDOCTOR_BACKEND")
 
     def step():
         os.environ["SPARSEDOCTOR_BACKEND"] = backend
         try:
             layer.commit_queue()
-            context.start(None)
+            context.start(real_tokens)
             out = layer(x)
             _, contrastive = context.stop()
             (out.square().mean() + sum(contrastive)).backward()

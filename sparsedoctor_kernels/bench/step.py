@@ -39,8 +39,8 @@ class NaiveLoraMoELinear(LoraMoELinear):
     """SparseDoctor written the way people do today: softmax + topk, a Python loop over experts with host
     syncs, the InfoNCE over the whole [N, E*Q] score matrix and a per-expert MoCo enqueue."""
 
-    def _route(self, router_logits):
-        return sdk.Routing(*baselines.naive_routing(router_logits, self.config.top_k))
+    def _route(self, router_logits, token_mask):
+        return sdk.Routing(*baselines.naive_routing(router_logits, self.config.top_k, token_mask=token_mask))
 
     def _experts(self, x, lora_a, lora_b, weights, experts, out=None):
         return baselines.naive_lora_moe(x, lora_a, lora_b, weights, experts, self.config.scaling, out=out)

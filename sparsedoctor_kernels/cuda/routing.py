@@ -8,10 +8,13 @@ import torch
 from sparsedoctor_kernels import _C
 from sparsedoctor_kernels._alloc import empty
 from sparsedoctor_kernels.cuda import MAX_EXPERTS
-from sparsedoctor_kernels.reference.routing import backward  # noqa: F401 - this backend's backward
+from sparsedoctor_kernels.reference.routing import (
+    backward,  # noqa: F401 - this backend's backward
+    masked_statistics,
+)
 
 
-def forward(logits: torch.Tensor, top_k: int, renormalize: bool):
+def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: torch.Tensor | None = None):
     num_tokens, num_experts = logits.shape
     if num_experts > MAX_EXPERTS:
         raise ValueError(f"backend='cuda' routes at most {MAX_EXPERTS} experts, got E={num_experts}; "
@@ -26,5 +29,8 @@ def forward(logits: torch.Tensor, top_k: int, renormalize: bool):
                                                   partial)
     else:
         counts.zero_()
-    probs_mean = partial.sum(0) / max(num_tokens, 1)
+    if token_mask is not None:  # the kernel counts every token: the masked statistics by the reference's expressions
+        counts, probs_mean = masked_statistics(logits, experts, token_mask)
+    else:
+        probs_mean = partial.sum(0) / max(num_tokens, 1)
     return weights, experts, counts, probs_mean

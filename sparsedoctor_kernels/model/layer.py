@@ -65,7 +65,7 @@ class LoraMoELinear(nn.Module):
         self.queue = sdk.ExpertQueue(num_experts, config.queue_size, config.proj_dim, device=device)
         self.dropout = nn.Dropout(config.lora_dropout)
         self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.last_load: torch.Tensor | None = None  # [E] pairs routed to each expert in the last forward
+        self.last_load: torch.Tensor | None = None  # [E] real tokens' pairs per expert in the last forward
 
     def extra_repr(self) -> str:
         c = self.config
@@ -79,12 +79,12 @@ class LoraMoELinear(nn.Module):
         dtype = out.dtype  # under autocast the frozen layer decides the compute dtype
         flat = flat.to(dtype)
         router_logits = flat @ self.router.to(dtype).T
-        routing = self._route(router_logits)
+        mask = self._token_mask(flat.shape[0])
+        routing = self._route(router_logits, mask)  # counts and probability means over real tokens only
         adapter_in = self.dropout(flat)
         lora_a, lora_b = self.lora_a.to(dtype), self.lora_b.to(dtype)
         out = self._experts(adapter_in, lora_a, lora_b, routing.weights, routing.experts, out=out)
-        mask = self._token_mask(flat.shape[0])
-        balance = self._balance(router_logits, routing, mask)
+        balance = sdk.load_balance_loss(routing)
         contrastive = None
         if self.training and self.config.contrastive_tokens > 0:
             contrastive = self._contrastive(adapter_in, lora_a, lora_b, routing, mask)
@@ -98,20 +98,6 @@ class LoraMoELinear(nn.Module):
     def _token_mask(self, num_tokens: int) -> torch.Tensor | None:
         mask = self.context.token_mask
         return mask if mask is not None and mask.numel() == num_tokens else None
-
-    def _balance(self, router_logits, routing, mask) -> torch.Tensor:
-        """The load-balancing loss over real tokens only (padding excluded from counts and probabilities)."""
-        if mask is None:
-            return sdk.load_balance_loss(routing)
-        num_experts, top_k = self.config.num_experts, self.config.top_k
-        dtype = routing.probs_mean.dtype  # route's softmax dtype: float32, float64 for a float64 model
-        valid = mask.to(dtype)
-        num_valid = valid.sum().clamp_min(1.0)
-        probs = torch.softmax(router_logits.to(dtype), dim=-1)
-        probs_mean = (probs * valid[:, None]).sum(0) / num_valid
-        counts = torch.zeros(num_experts, dtype=dtype, device=probs.device).index_add_(
-            0, routing.experts.reshape(-1).long(), valid.repeat_interleave(top_k))
-        return num_experts * ((counts / (num_valid * top_k)) * probs_mean).sum()
 
     def _contrastive(self, adapter_in, lora_a, lora_b, routing, mask) -> torch.Tensor:
         num_tokens = adapter_in.shape[0]
@@ -171,8 +157,8 @@ class LoraMoELinear(nn.Module):
 
     # The four ops sit behind these methods so that a benchmark can put the usual alternatives (per-expert
     # loops, dense masking, a materialised InfoNCE) in their place and time the same model.
-    def _route(self, router_logits: torch.Tensor) -> sdk.Routing:
-        return sdk.route(router_logits, self.config.top_k)
+    def _route(self, router_logits: torch.Tensor, token_mask: torch.Tensor | None) -> sdk.Routing:
+        return sdk.route(router_logits, self.config.top_k, token_mask=token_mask)
 
     def _experts(self, x, lora_a, lora_b, weights, experts, out=None) -> torch.Tensor:
         return sdk.lora_moe(x, lora_a, lora_b, weights, experts, scaling=self.config.scaling, out=out)

@@ -8,7 +8,14 @@ import torch
 
 from sparsedoctor_kernels import reference
 from sparsedoctor_kernels._backend import LazyImplementation, resolve_backend
-from sparsedoctor_kernels._validation import compute_dtype, require_float, require_positive_int
+from sparsedoctor_kernels._validation import (
+    compute_dtype,
+    require_dtype,
+    require_float,
+    require_positive_int,
+    require_same_device,
+    require_shape,
+)
 
 # Backends in order of preference on the GPU; the reference last.
 IMPLEMENTATIONS = {
@@ -27,13 +34,13 @@ class Routing(NamedTuple):
 
 @torch.library.custom_op("sparsedoctor::route_forward", mutates_args=())
 def _route_forward(
-    logits: torch.Tensor, top_k: int, renormalize: bool, backend: str
+    logits: torch.Tensor, top_k: int, renormalize: bool, backend: str, token_mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return IMPLEMENTATIONS[backend].forward(logits, top_k, renormalize)
+    return IMPLEMENTATIONS[backend].forward(logits, top_k, renormalize, token_mask)
 
 
 @_route_forward.register_fake
-def _(logits, top_k, renormalize, backend):
+def _(logits, top_k, renormalize, backend, token_mask):
     num_tokens, num_experts = logits.shape
     dtype = compute_dtype(logits.dtype)
     return (
@@ -47,21 +54,21 @@ def _(logits, top_k, renormalize, backend):
 @torch.library.custom_op("sparsedoctor::route_backward", mutates_args=())
 def _route_backward(
     grad_weights: torch.Tensor, grad_probs_mean: torch.Tensor, logits: torch.Tensor, experts: torch.Tensor,
-    renormalize: bool, backend: str,
+    renormalize: bool, backend: str, token_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    return IMPLEMENTATIONS[backend].backward(grad_weights, grad_probs_mean, logits, experts, renormalize)
+    return IMPLEMENTATIONS[backend].backward(grad_weights, grad_probs_mean, logits, experts, renormalize, token_mask)
 
 
 @_route_backward.register_fake
-def _(grad_weights, grad_probs_mean, logits, experts, renormalize, backend):
+def _(grad_weights, grad_probs_mean, logits, experts, renormalize, backend, token_mask):
     return torch.empty_like(logits)
 
 
 class _RouteFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, top_k, renormalize, backend):
-        weights, experts, counts, probs_mean = _route_forward(logits, top_k, renormalize, backend)
-        ctx.save_for_backward(logits, experts)
+    def forward(ctx, logits, top_k, renormalize, backend, token_mask):
+        weights, experts, counts, probs_mean = _route_forward(logits, top_k, renormalize, backend, token_mask)
+        ctx.save_for_backward(logits, experts, token_mask)
         ctx.renormalize, ctx.backend = renormalize, backend
         ctx.mark_non_differentiable(experts, counts)
         return weights, experts, counts, probs_mean
@@ -69,20 +76,21 @@ class _RouteFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_weights, grad_experts, grad_counts, grad_probs_mean):
-        logits, experts = ctx.saved_tensors
+        logits, experts, token_mask = ctx.saved_tensors
         dtype = compute_dtype(logits.dtype)
         if grad_weights is None:
             grad_weights = experts.new_zeros(experts.shape, dtype=dtype)
         if grad_probs_mean is None:
             grad_probs_mean = logits.new_zeros(logits.shape[1], dtype=dtype)
         grad_logits = _route_backward(
-            grad_weights.contiguous(), grad_probs_mean.contiguous(), logits, experts, ctx.renormalize, ctx.backend
+            grad_weights.contiguous(), grad_probs_mean.contiguous(), logits, experts, ctx.renormalize, ctx.backend,
+            token_mask,
         )
-        return grad_logits, None, None, None
+        return grad_logits, None, None, None, None
 
 
 def route(logits: torch.Tensor, top_k: int, *, renormalize: bool = True, backend: str | None = None,
-          validate: bool | None = None) -> Routing:
+          validate: bool | None = None, token_mask: torch.Tensor | None = None) -> Routing:
     """Route each token to its `top_k` most probable experts.
 
     `logits` [T, E] (float32, bfloat16 or float16; float64 computes in float64) gives
@@ -90,6 +98,9 @@ def route(logits: torch.Tensor, top_k: int, *, renormalize: bool = True, backend
     `p = softmax(logits.float())`, `weights[t, j] = p[t, experts[t, j]]` (divided by their sum when
     `renormalize`), `counts` the (token, slot) pairs per expert and `probs_mean = p.mean(0)`.
     `validate` is accepted like every op's; routing reads no ids, so it has nothing data-dependent to check.
+    `token_mask` ([T] bool, optional) restricts the statistics to the tokens it marks (padding left out):
+    `counts` counts their pairs only and `probs_mean` averages over them (0 when none is marked); weights and
+    experts are computed for every token.
     """
     require_float("logits", logits)
     if logits.dim() != 2 or logits.shape[1] < 1:
@@ -98,15 +109,21 @@ def route(logits: torch.Tensor, top_k: int, *, renormalize: bool = True, backend
     require_positive_int("top_k", top_k)
     if top_k > num_experts:
         raise ValueError(f"top_k must be in [1, E] = [1, {num_experts}], got {top_k}")
+    if token_mask is not None:
+        require_dtype("token_mask", token_mask, (torch.bool,))
+        require_shape("token_mask", token_mask, (logits.shape[0],), f"[T={logits.shape[0]}]")
+        require_same_device(logits=logits, token_mask=token_mask)
+        token_mask = token_mask.contiguous()
     backend = resolve_backend("route", backend, logits.device, tuple(IMPLEMENTATIONS))
-    return Routing(*_RouteFunction.apply(logits.contiguous(), top_k, bool(renormalize), backend))
+    return Routing(*_RouteFunction.apply(logits.contiguous(), top_k, bool(renormalize), backend, token_mask))
 
 
 def load_balance_loss(routing: Routing) -> torch.Tensor:
-    """Switch/Mixtral load-balancing loss `E * sum_e (counts[e] / (T * k)) * probs_mean[e]` (0 when T = 0)."""
+    """Switch/Mixtral load-balancing loss `E * sum_e (counts[e] / (T * k)) * probs_mean[e]` (0 when T = 0),
+    T the tokens `route` counted (all, or those of its `token_mask`): the pairs counted are `counts.sum()`."""
     if not isinstance(routing, tuple) or len(routing) != 4:
         raise TypeError(f"routing must be the sdk.Routing returned by route(), got {type(routing).__name__}")
-    num_tokens, top_k = routing.weights.shape
     num_experts = routing.counts.shape[0]
-    fraction = routing.counts.to(routing.probs_mean.dtype) / max(num_tokens * top_k, 1)
+    counts = routing.counts.to(routing.probs_mean.dtype)
+    fraction = counts / counts.sum().clamp_min(1)
     return num_experts * (fraction * routing.probs_mean).sum()

@@ -11,27 +11,52 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.to(compute_dtype(logits.dtype)), dim=-1)
 
 
-def forward(logits: torch.Tensor, top_k: int, renormalize: bool):
-    """Returns (weights [T,k], experts [T,k] int32, counts [E] int32, probs_mean [E])."""
+def real_tokens(token_mask: torch.Tensor | None, num_tokens: int, dtype: torch.dtype, device):
+    """([T] 1 for the tokens the statistics count, 0 for the others; their number, at least 1, as a tensor)."""
+    if token_mask is None:
+        return torch.ones(num_tokens, dtype=dtype, device=device), max(num_tokens, 1)
+    real = token_mask.to(dtype)
+    return real, real.sum().clamp_min(1)
+
+
+def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: torch.Tensor | None = None):
+    """Returns (weights [T,k], experts [T,k] int32, counts [E] int32, probs_mean [E]); with `token_mask` the
+    counts and the mean cover only the tokens it marks."""
     num_tokens, num_experts = logits.shape
     probs = _softmax(logits)
     # A stable descending sort keeps equal probabilities in expert-id order: ties go to the lower id.
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     top_probs, experts = sorted_probs[:, :top_k], order[:, :top_k]
     weights = top_probs / top_probs.sum(-1, keepdim=True) if renormalize else top_probs
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=logits.device)
-    counts.scatter_add_(0, experts.reshape(-1), torch.ones_like(experts, dtype=torch.int32).reshape(-1))
-    probs_mean = probs.sum(0) / max(num_tokens, 1)
+    counts, probs_mean = _statistics(probs, experts, token_mask)
     return weights.contiguous(), experts.to(torch.int32).contiguous(), counts, probs_mean
 
 
-def backward(grad_weights, grad_probs_mean, logits, experts, renormalize: bool) -> torch.Tensor:
+def _statistics(probs, experts, token_mask):
+    """(counts [E] int32, probs_mean [E]) over the tokens `token_mask` marks (all without one)."""
+    num_tokens, num_experts = probs.shape
+    real, num_real = real_tokens(token_mask, num_tokens, probs.dtype, probs.device)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=probs.device)
+    pairs = real.to(torch.int32)[:, None].expand(-1, experts.shape[1])
+    counts.scatter_add_(0, experts.reshape(-1).long(), pairs.reshape(-1))
+    probs_mean = (probs if token_mask is None else probs * real[:, None]).sum(0) / num_real
+    return counts, probs_mean
+
+
+def masked_statistics(logits, experts, token_mask):
+    """The statistics of `forward` for given experts (a backend whose kernel has no mask recomputes them)."""
+    return _statistics(_softmax(logits), experts, token_mask)
+
+
+def backward(grad_weights, grad_probs_mean, logits, experts, renormalize: bool,
+             token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """d loss / d logits given d loss / d weights [T,k] and d loss / d probs_mean [E]."""
     num_tokens = logits.shape[0]
     probs = _softmax(logits)
     experts = experts.long()
-    # d probs_mean / d probs[t, e] = 1 / T for every token.
-    grad_probs = grad_probs_mean.to(probs.dtype).expand_as(probs) / max(num_tokens, 1)
+    # d probs_mean / d probs[t, e] = 1 / (tokens counted) for every counted token, 0 for the others.
+    real, num_real = real_tokens(token_mask, num_tokens, probs.dtype, logits.device)
+    grad_probs = grad_probs_mean.to(probs.dtype).expand_as(probs) * (real / num_real)[:, None]
     grad_top = grad_weights.to(probs.dtype)
     if renormalize:
         # weights = top / sum(top): d/d top_j = (g_j - sum_i g_i w_i) / sum(top)

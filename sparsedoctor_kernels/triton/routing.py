@@ -39,11 +39,19 @@ def _softmax_rows(logits_ptr, stride_t, rows, cols, row_ok, col_ok, COMPUTE: tl.
 
 
 @triton.jit
+def _counted_rows(token_mask_ptr, rows, row_ok, HAS_MASK: tl.constexpr):
+    """The rows the statistics (counts, probability means) count: all real rows, or those `token_mask` marks."""
+    if HAS_MASK:
+        return row_ok & (tl.load(token_mask_ptr + rows, mask=row_ok, other=0) != 0)
+    return row_ok
+
+
+@triton.jit
 def _route_forward_kernel(
     logits_ptr, stride_t,
-    weights_ptr, experts_ptr, counts_ptr, partial_probs_ptr,
+    weights_ptr, experts_ptr, counts_ptr, partial_probs_ptr, token_mask_ptr,
     num_tokens, num_experts,
-    TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -53,8 +61,10 @@ def _route_forward_kernel(
     row_ok = rows < num_tokens
     col_ok = cols < num_experts
     probs, non_finite = _softmax_rows(logits_ptr, stride_t, rows, cols, row_ok, col_ok, COMPUTE)
+    counted = _counted_rows(token_mask_ptr, rows, row_ok, HAS_MASK)
     # Per-program column sums, reduced on the host side of the launch in a fixed order (deterministic).
-    tl.store(partial_probs_ptr + pid * num_experts + cols, tl.sum(probs, axis=0), mask=col_ok)
+    tl.store(partial_probs_ptr + pid * num_experts + cols, tl.sum(tl.where(counted[:, None], probs, 0.0), axis=0),
+             mask=col_ok)
 
     # Top-k by k rounds of argmax; padding columns sit at -1, below any probability, chosen ones at -2.
     # Non-finite rows compete with equal scores, so they pick experts 0..k-1 as torch's stable sort of NaNs does.
@@ -68,7 +78,7 @@ def _route_forward_kernel(
         chosen = tl.minimum(chosen, num_experts - 1)  # never index past the experts, whatever the scores
         top = tl.where(slots[None, :] == j, best[:, None], top)
         chosen_ids = tl.where(slots[None, :] == j, chosen[:, None], chosen_ids)
-        tl.atomic_add(counts_ptr + chosen, 1, mask=row_ok)  # integer adds: the result is order-independent
+        tl.atomic_add(counts_ptr + chosen, 1, mask=counted)  # integer adds: the result is order-independent
         candidates = tl.where(cols[None, :] == chosen[:, None], -2.0, candidates)
     top = tl.where(non_finite[:, None], float("nan"), top)
     if RENORMALIZE:
@@ -82,9 +92,9 @@ def _route_forward_kernel(
 @triton.jit
 def _route_backward_kernel(
     grad_weights_ptr, grad_probs_mean_ptr, logits_ptr, stride_t, experts_ptr, grad_logits_ptr, stride_grad_t,
-    num_tokens, num_experts, inv_num_tokens,
-    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    COMPUTE: tl.constexpr,
+    token_mask_ptr, num_tokens, num_experts, inv_num_tokens,
+    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -93,9 +103,10 @@ def _route_backward_kernel(
     col_ok = cols < num_experts
     probs, _ = _softmax_rows(logits_ptr, stride_t, rows, cols, row_ok, col_ok, COMPUTE)
 
-    # d probs_mean / d probs[t, e] = 1 / T for every token.
+    # d probs_mean / d probs[t, e] = 1 / (tokens counted) for every counted token (the launcher divides).
     grad_mean = tl.load(grad_probs_mean_ptr + cols, mask=col_ok, other=0.0).to(COMPUTE)
-    grad_probs = tl.zeros([BLOCK_T, BLOCK_E], dtype=COMPUTE) + grad_mean[None, :] * inv_num_tokens
+    counted = _counted_rows(token_mask_ptr, rows, row_ok, HAS_MASK)
+    grad_probs = tl.where(counted[:, None], grad_mean[None, :] * inv_num_tokens, 0.0)
 
     total = tl.zeros([BLOCK_T], dtype=COMPUTE)
     weighted = tl.zeros([BLOCK_T], dtype=COMPUTE)
@@ -132,7 +143,14 @@ def num_warps(block_e: int) -> int:
     return 8 if block_e >= 128 else 4
 
 
-def forward(logits: torch.Tensor, top_k: int, renormalize: bool):
+def _num_counted(token_mask, num_tokens: int, dtype, device):
+    """Tokens the statistics count, at least 1: a Python int, or a device tensor under a mask (no sync)."""
+    if token_mask is None:
+        return max(num_tokens, 1)
+    return token_mask.sum(dtype=dtype).clamp_min(1)
+
+
+def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: torch.Tensor | None = None):
     num_tokens, num_experts = logits.shape
     dtype = compute_dtype(logits.dtype)
     block_t, block_e = _blocks(num_experts)
@@ -143,24 +161,31 @@ def forward(logits: torch.Tensor, top_k: int, renormalize: bool):
     partial_probs = empty((num_programs, num_experts), dtype, logits.device)
     if num_tokens > 0:
         _route_forward_kernel[(num_programs,)](
-            logits, logits.stride(0), weights, experts, counts, partial_probs, num_tokens, num_experts,
+            logits, logits.stride(0), weights, experts, counts, partial_probs,
+            token_mask if token_mask is not None else counts, num_tokens, num_experts,
             TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
+            HAS_MASK=token_mask is not None,
             BLOCK_T=block_t, BLOCK_E=block_e, COMPUTE=compute_type(dtype), num_warps=num_warps(block_e),
         )
-    probs_mean = partial_probs.sum(0) / max(num_tokens, 1)
+    probs_mean = partial_probs.sum(0) / _num_counted(token_mask, num_tokens, dtype, logits.device)
     return weights, experts, counts, probs_mean
 
 
-def backward(grad_weights, grad_probs_mean, logits, experts, renormalize: bool) -> torch.Tensor:
+def backward(grad_weights, grad_probs_mean, logits, experts, renormalize: bool,
+             token_mask: torch.Tensor | None = None) -> torch.Tensor:
     num_tokens, num_experts = logits.shape
     top_k = experts.shape[1]
     block_t, block_e = _blocks(num_experts)
     grad_logits = empty((num_tokens, num_experts), logits.dtype, logits.device)
+    if token_mask is not None:  # the division by the counted tokens (a device tensor) happens here
+        grad_probs_mean = grad_probs_mean / _num_counted(token_mask, num_tokens, grad_probs_mean.dtype,
+                                                         logits.device)
+    inv_num_tokens = 1.0 if token_mask is not None else 1.0 / max(num_tokens, 1)
     if num_tokens > 0:
         _route_backward_kernel[(triton.cdiv(num_tokens, block_t),)](
             grad_weights, grad_probs_mean, logits, logits.stride(0), experts, grad_logits, grad_logits.stride(0),
-            num_tokens, num_experts, 1.0 / num_tokens,
-            TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
+            token_mask if token_mask is not None else experts, num_tokens, num_experts, inv_num_tokens,
+            TOP_K=top_k, RENORMALIZE=renormalize, HAS_MASK=token_mask is not None, BLOCK_T=block_t, BLOCK_E=block_e,
             COMPUTE=compute_type(compute_dtype(logits.dtype)), num_warps=num_warps(block_e),
         )
     return grad_logits
