@@ -49,9 +49,11 @@ def naive_lora_moe(x, lora_a, lora_b, weights, experts, scaling: float = 1.0, ou
 
 
 def dense_gates(weights, experts, num_experts: int, dtype) -> torch.Tensor:
-    """[T, E]: each token's summed gate weight on every expert (zero for the experts it did not choose)."""
+    """[T, E]: each token's summed gate weight on every expert (zero for the experts it did not choose; a slot
+    whose id is outside [0, E) adds nothing)."""
+    valid = (experts >= 0) & (experts < num_experts)
     gate = weights.new_zeros(weights.shape[0], num_experts, dtype=dtype)
-    return gate.scatter_add_(1, experts.long(), weights.to(dtype))
+    return gate.scatter_add_(1, torch.where(valid, experts, 0).long(), torch.where(valid, weights.to(dtype), 0))
 
 
 def dense_lora_moe(x, lora_a, lora_b, weights, experts, scaling: float = 1.0, out=None):

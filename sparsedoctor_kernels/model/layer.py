@@ -110,18 +110,28 @@ class LoraMoELinear(nn.Module):
             scores = scores.masked_fill(~mask, -1.0)
         picked = scores.topk(picked_count).indices
         picked_real = scores[picked] >= 0
-        tokens = adapter_in[picked]
-        top1 = routing.experts[picked, :1]
-        routed = self._experts(tokens, lora_a, lora_b, torch.ones_like(routing.weights[picked, :1]), top1)
-        fused = self._experts(tokens, lora_a, lora_b, routing.weights[picked], routing.experts[picked])
-        query, positive = self._project(routed), self._project(fused)
-        query_experts = torch.where(picked_real, top1[:, 0].long(), -1)  # -1: padding, never enqueued
+        query, positive, top1 = self._views(adapter_in[picked], lora_a, lora_b, routing.weights[picked],
+                                            routing.experts[picked])
+        query_experts = torch.where(picked_real, top1.long(), -1)  # -1: padding, never enqueued
         rows = self._contrastive_rows(query, positive, query_experts)
         if self.context.recording:
             # Normalised in the queue's dtype: under autocast the head's output is bf16, the queue float32.
             self._staged.append((F.normalize(query.detach().to(self.queue.keys.dtype), dim=-1), query_experts))
         weight = picked_real.to(rows.dtype)
         return (rows * weight).sum() / weight.sum().clamp_min(1.0)
+
+    def _views(self, tokens, lora_a, lora_b, weights, experts):
+        """(routed view, fused view, top-1 expert) of the picked tokens through the projection head, from one
+        expert call over both: the routed view is the top-1 expert's own output (slot 0 alone, weight 1; the
+        other slots get id -1, which contributes nothing), the fused view the gate-weighted top-k output."""
+        count, top_k = experts.shape
+        first_slot = torch.arange(top_k, device=experts.device) == 0
+        routed_experts = torch.where(first_slot, experts, -1)
+        routed_weights = first_slot.to(weights.dtype).expand(count, top_k)
+        views = self._experts(torch.cat([tokens, tokens]), lora_a, lora_b, torch.cat([routed_weights, weights]),
+                              torch.cat([routed_experts, experts]))
+        projected = self._project(views)
+        return projected[:count], projected[count:], experts[:, 0]
 
     def _project(self, views: torch.Tensor) -> torch.Tensor:
         """The projection head in its own parameters' dtype (the views come in the compute dtype)."""
@@ -161,7 +171,9 @@ class LoraMoELinear(nn.Module):
         return sdk.route(router_logits, self.config.top_k, token_mask=token_mask)
 
     def _experts(self, x, lora_a, lora_b, weights, experts, out=None) -> torch.Tensor:
-        return sdk.lora_moe(x, lora_a, lora_b, weights, experts, scaling=self.config.scaling, out=out)
+        # The ids come from `route`, always in [0, E): no data-dependent check (a host sync) is needed.
+        return sdk.lora_moe(x, lora_a, lora_b, weights, experts, scaling=self.config.scaling, out=out,
+                            validate=False)
 
     def _contrastive_rows(self, query, positive, query_experts) -> torch.Tensor:
         return sdk.infonce_queue_loss(query, positive, self.queue, query_experts,
