@@ -14,3 +14,14 @@ def test_readme_python_example_runs():
     exec(compile(blocks[0], str(README), "exec"), namespace)
     assert namespace["queue"].size.sum() == namespace["T"]
     assert namespace["x"].grad is not None and namespace["lora_b"].grad.abs().sum() > 0
+
+
+def test_readme_roofline_table_is_the_scripts_output():
+    """The README's modelled roofline is what `benchmarks/roofline.py` prints today (a model change must
+    regenerate it)."""
+    import subprocess
+    import sys
+
+    script = README.parent / "benchmarks" / "roofline.py"
+    table = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout.strip()
+    assert table in README.read_text()
