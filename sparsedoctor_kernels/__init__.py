@@ -1,6 +1,6 @@
 """sparsedoctor_kernels: fused ops for contrastive LoRA mixture-of-experts fine-tuning (SparseDoctor).
 
-The public ops (contract: SPEC.md): `route`, `Routing`, `load_balance_loss`, `lora_moe`, `ExpertQueue`,
+The public ops (contract: docs/ops.md): `route`, `Routing`, `load_balance_loss`, `lora_moe`, `ExpertQueue`,
 `infonce_queue_loss`. Each takes `backend=` ("torch", "triton", "cuda" or None for automatic).
 """
 

@@ -1,4 +1,4 @@
-"""Float64 brute-force oracles: one token, one pair, one row at a time, straight from SPEC.md.
+"""Float64 brute-force oracles: one token, one pair, one row at a time, straight from the op contract (docs/ops.md).
 
 Deliberately unlike the library's reference (no dense tricks, no analytic gradients: autograd through
 loops), so that agreement means something.
