@@ -11,7 +11,7 @@ import torch
 
 from sparsedoctor_kernels.data import demo_records, write_jsonl
 from sparsedoctor_kernels.model import SparseDoctorConfig, apply_sparsedoctor, load_adapter
-from sparsedoctor_kernels.training import TrainSettings, collate, encode, load_base, train
+from sparsedoctor_kernels.training import TrainSettings, check_output_dir, collate, encode, load_base, train
 
 # Sized for two CPU cores: about a second a step. The method's structure is the default's, at toy sizes.
 DEMO_ADAPTER = SparseDoctorConfig(num_experts=8, top_k=2, r=8, lora_alpha=16, proj_dim=32, queue_size=256,
@@ -26,11 +26,15 @@ def run_demo(output_dir: str = "sparsedoctor-demo", steps: int = 100, device: st
              progress: bool = True, log=print) -> int:
     began = time.perf_counter()
     output = pathlib.Path(output_dir)
+    # The demo owns its directory and is meant to be run again and again: each run starts over in it.
+    check_output_dir(output)
+    log(f"sparsedoctor demo: starting over in {output}/ (a previous demo run there is replaced)")
     data_path = write_jsonl(demo_records(), output / "demo_data.jsonl")
     log(f"bundled data: {data_path} ({len(demo_records())} Chinese medical QA records)")
     settings = TrainSettings(output_dir=str(output), data=[str(data_path)], steps=steps, batch_size=8,
                              learning_rate=1e-2, warmup_steps=10, max_length=80, device=device,
-                             save_every=max(1, steps // 2), progress=progress, adapter=DEMO_ADAPTER)
+                             save_every=max(1, steps // 2), overwrite=True, progress=progress,
+                             adapter=DEMO_ADAPTER)
     result = train(settings, log=log)
     window = max(1, min(10, steps // 4))
     first, last = result.history[:window], result.history[-window:]

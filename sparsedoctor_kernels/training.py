@@ -2,31 +2,73 @@
 
 A SparseDoctor adapter on a frozen causal LM (a local Hugging Face directory, or `tiny`: a small random Qwen3
 with a BPE tokenizer trained on the data), AdamW on the adapter only, warmup + cosine learning rate, optional
-bf16 autocast, gradient checkpointing and DDP (under `torchrun`). Writes into the output directory:
+bf16 autocast, gradient checkpointing and DDP (under `torchrun`). A run directory holds one run: `run_config.json`,
 `metrics.jsonl` (one line a step), `loss.png` and `expert_load.png`, `checkpoint-<step>/` (adapter + optimizer
-state, for `--resume`), and finally `adapter/` and `tokenizer/`.
-"""
+state, for `--resume`) with `latest` naming the newest, and finally `adapter/` and `tokenizer/`.
+
+Every user error (settings, data, model path, output directory, resume state) raises TrainError before anything
+is written; under DDP every rank checks, and only rank 0 writes (save_adapter runs on every rank: it is a
+collective)."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import pathlib
 import random
+import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from sparsedoctor_kernels.data import build_tokenizer, corpus, demo_records, format_example, load_jsonl
+from sparsedoctor_kernels.data import (  # noqa: F401  (encode, collate: this module's API too)
+    build_tokenizer,
+    collate,
+    corpus,
+    demo_records,
+    encode,
+    load_jsonl,
+    supervised_tokens_in,
+    trainable_examples,
+)
 from sparsedoctor_kernels.model import SparseDoctorConfig, apply_sparsedoctor, load_adapter, save_adapter
 
 RUN_FILE = "run_config.json"
+METRICS_FILE = "metrics.jsonl"
+LATEST_FILE = "latest"
 STATE_TENSORS = "trainer_state.safetensors"  # optimizer moments and the RNG state: no pickle anywhere
 STATE_JSON = "trainer_state.json"
+# What a run writes at the top of its directory (besides checkpoint-<step>[.tmp]/): a fresh run refuses a
+# directory that holds any of them, --overwrite removes them. Other files are the user's and are left alone.
+RUN_ENTRIES = (RUN_FILE, METRICS_FILE, LATEST_FILE, "adapter", "tokenizer", "loss.png", "expert_load.png")
+# checkpoint-<step>/, one being written (.tmp), and what a killed save_adapter leaves of adapter/.
+UNNAMED_ENTRIES = re.compile(r"checkpoint-\d+(\.tmp)?|\.adapter\.partial-\w+")
+PARTIAL = ".partial"  # the suffix of a file being written by _write_atomically
+# Settings a resumed run may change: they do not alter what is being trained.
+RESUMABLE_CHANGES = frozenset({"output_dir", "steps", "resume", "overwrite", "progress", "save_every", "device",
+                               "gradient_checkpointing"})
+# The CLI flag of a TrainSettings / SparseDoctorConfig field, where it is not "--" + the field with dashes.
+# `r` is `--lora-r`: torchrun's own parser reads `--r` as an ambiguous prefix of its `--rdzv-*` flags.
+FLAG_NAMES = {"learning_rate": "--lr", "r": "--lora-r", "progress": "--no-progress"}
+
+
+def flag_for(name: str) -> str:
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+class TrainError(ValueError):
+    """A user error (settings, data, model path, output directory, resume state), said in one line."""
+
+
+class NoCheckpointError(TrainError, FileNotFoundError):
+    """--resume where there is no checkpoint to resume from."""
 
 
 @dataclass
@@ -38,13 +80,14 @@ class TrainSettings:
     batch_size: int = 8
     learning_rate: float = 5e-3
     warmup_steps: int = 10
-    max_length: int = 96
+    max_length: int = 512  # tokens of prompt + response; longer examples are cut (and reported)
     seed: int = 0
     device: str | None = None
     bf16: bool = False
     gradient_checkpointing: bool = False
     save_every: int = 50
     resume: bool = False
+    overwrite: bool = False  # start over: remove the previous run's files from output_dir first
     progress: bool = True
     tiny_vocab_size: int = 1500
     adapter: SparseDoctorConfig = field(default_factory=SparseDoctorConfig)
@@ -64,59 +107,238 @@ class TrainResult:
     tokenizer: object
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+# --- settings -------------------------------------------------------------------------------------------------
+
+def validate_settings(settings: TrainSettings) -> None:
+    minimums = {"steps": 1, "batch_size": 1, "max_length": 1, "warmup_steps": 0, "save_every": 0,
+                "tiny_vocab_size": 1}
+    for name, minimum in minimums.items():
+        value = getattr(settings, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise TrainError(f"{flag_for(name)} must be an integer >= {minimum}, got {value!r}")
+    rate = settings.learning_rate
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not (math.isfinite(rate) and rate > 0):
+        raise TrainError(f"--lr must be a finite number > 0, got {rate!r}")
+    if not isinstance(settings.data, (list, tuple)) or not all(isinstance(p, str) for p in settings.data):
+        raise TrainError(f"--data must be a list of JSONL file paths, got {settings.data!r}")
+    if settings.resume and settings.overwrite:
+        raise TrainError("--resume continues the run in --output-dir and --overwrite removes it: pass one of them")
+    if not isinstance(settings.adapter, SparseDoctorConfig):
+        raise TrainError(f"adapter must be a SparseDoctorConfig, got {type(settings.adapter).__name__}")
 
 
-def _maybe_init_distributed(device: torch.device) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+def pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"--device {name!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {name}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise TrainError(f"--device {name}: training runs on cpu or cuda")
+    return device
+
+
+# --- the run directory ----------------------------------------------------------------------------------------
+
+def run_entries(output_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The files and directories a previous run left in `output_dir` (empty for a fresh or missing one)."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(p for p in output_dir.iterdir()
+                  if p.name.removesuffix(PARTIAL) in RUN_ENTRIES or UNNAMED_ENTRIES.fullmatch(p.name))
+
+
+def unfinished_entries(output_dir: pathlib.Path) -> list[pathlib.Path]:
+    """What an interrupted run left half-written: checkpoint-<step>.tmp/ and *.partial files."""
+    return [p for p in run_entries(output_dir) if p.name.endswith((".tmp", PARTIAL)) or ".partial-" in p.name]
+
+
+def check_output_dir(output_dir: pathlib.Path) -> None:
+    """The directory is (or can be created as) a directory we can write in: tried, not guessed from the mode
+    bits, which root ignores. Nothing is left behind."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise TrainError(f"--output-dir {output_dir} is a file, not a directory")
+    existing = output_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TrainError(f"--output-dir {output_dir}: {existing} is a file, not a directory")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".sparsedoctor-write-probe-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise TrainError(f"--output-dir {output_dir}: cannot write in {existing} ({error.strerror})") from None
+
+
+def check_run_dir(settings: TrainSettings, output_dir: pathlib.Path) -> tuple[pathlib.Path, int] | None:
+    """A fresh run needs a directory without another run in it (or --overwrite); --resume needs a compatible
+    run with a checkpoint. Returns (checkpoint directory, step) to resume from, or None."""
+    if settings.resume:
+        return find_checkpoint(settings, output_dir)
+    entries = run_entries(output_dir)
+    if entries and not settings.overwrite:
+        names = ", ".join(p.name for p in entries[:6]) + (", ..." if len(entries) > 6 else "")
+        raise TrainError(f"--output-dir {output_dir} already holds a training run ({names}); pass --resume to "
+                         "continue it or --overwrite to start over")
+    return None
+
+
+def find_checkpoint(settings: TrainSettings, output_dir: pathlib.Path) -> tuple[pathlib.Path, int]:
+    latest = output_dir / LATEST_FILE
+    if not latest.is_file():
+        raise NoCheckpointError(f"--resume: no checkpoint in {output_dir} (no '{LATEST_FILE}' file)")
+    directory = output_dir / latest.read_text(encoding="utf-8").strip()
+    if not (directory / STATE_JSON).is_file() or not (directory / STATE_TENSORS).is_file():
+        raise NoCheckpointError(f"--resume: {latest} names {directory.name}, which is missing or incomplete")
+    check_same_run(settings, output_dir)
+    step = _read_json(directory / STATE_JSON).get("step")
+    if not isinstance(step, int):
+        raise TrainError(f"--resume: {directory / STATE_JSON} holds no step")
+    if step >= settings.steps:
+        raise TrainError(f"--resume: {directory.name} is at step {step} and --steps is {settings.steps}: nothing "
+                         "is left to train; raise --steps")
+    return directory, step
+
+
+def check_same_run(settings: TrainSettings, output_dir: pathlib.Path) -> None:
+    """Refuse to resume with settings that change what is trained (data, model, schedule, adapter...)."""
+    run_file = output_dir / RUN_FILE
+    if not run_file.is_file():
+        raise TrainError(f"--resume: {output_dir} has no {RUN_FILE}, so its settings cannot be checked")
+    now = json.loads(json.dumps(settings.to_dict()))  # tuples as lists, as the saved file has them
+    differences = settings_differences(_read_json(run_file), now)
+    if differences:
+        raise TrainError(f"--resume: the run in {output_dir} was trained with other settings ("
+                         + "; ".join(differences) + "); resume with the run's settings or pass --overwrite")
+
+
+def settings_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    missing = "<absent>"
+    differences = []
+    for key in sorted(set(saved) | set(now)):
+        if not prefix and key in RESUMABLE_CHANGES:
+            continue
+        old, new = saved.get(key, missing), now.get(key, missing)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += settings_differences(old, new, prefix=f"{prefix}{key}.")
+        elif old != new:
+            differences.append(f"{prefix}{key}: {old!r} in the run, {new!r} now")
+    return differences
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TrainError(f"{path}: cannot read it ({error})") from None
+    if not isinstance(value, dict):
+        raise TrainError(f"{path}: expected a JSON object")
+    return value
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    partial = path.with_name(path.name + PARTIAL)
+    with partial.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def _remove(paths: list[pathlib.Path]) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def prepare_run_dir(settings: TrainSettings, output_dir: pathlib.Path, resumed_step: int, log) -> None:
+    """Rank 0, once every check has passed: start over (--overwrite) or tidy up for a resume, then record the
+    settings."""
+    if settings.overwrite and (entries := run_entries(output_dir)):
+        _remove(entries)
+        log(f"--overwrite: removed the previous run from {output_dir}: " + ", ".join(p.name for p in entries))
+    if settings.resume:
+        leftovers = unfinished_entries(output_dir)
+        if leftovers:
+            _remove(leftovers)  # a checkpoint or file an interrupted run did not finish writing
+            log("--resume: removed unfinished " + ", ".join(p.name for p in leftovers))
+        _cut_metrics(output_dir / METRICS_FILE, resumed_step)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomically(output_dir / RUN_FILE, json.dumps(settings.to_dict(), indent=2, ensure_ascii=False) + "\n")
+
+
+def _cut_metrics(path: pathlib.Path, step: int) -> None:
+    """Keep the rows up to the checkpoint's step, so the resumed steps are not there twice."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the interruption
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    _write_atomically(path, "".join(kept))
+
+
+# --- data and model -------------------------------------------------------------------------------------------
+
+def load_records(settings: TrainSettings) -> list[dict]:
+    return [r for path in settings.data for r in load_jsonl(path)] if settings.data else demo_records()
+
+
+def check_model_path(model: str) -> None:
+    if model != "tiny" and not (pathlib.Path(model) / "config.json").is_file():
+        raise TrainError(f"--model must be 'tiny' or a local Hugging Face model directory (with config.json); "
+                         f"{model} is not one")
+
+
+def load_tokenizer(settings: TrainSettings, records: list[dict]):
+    if settings.model == "tiny":
+        return build_tokenizer(corpus(records), vocab_size=settings.tiny_vocab_size)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    except (OSError, ValueError) as error:
+        raise TrainError(f"--model {settings.model}: cannot load its tokenizer ({_first_line(error)})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(settings: TrainSettings, tokenizer):
+    if settings.model == "tiny":
+        from sparsedoctor_kernels.model.tiny import tiny_qwen3
+
+        return tiny_qwen3(vocab_size=len(tokenizer), seed=settings.seed)
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if settings.bf16 else torch.float32
+    try:
+        return AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise TrainError(f"--model {settings.model}: cannot load it ({_first_line(error)})") from None
 
 
 def load_base(settings: TrainSettings, records: list[dict]):
     """(base model, tokenizer) for `settings.model`."""
-    if settings.model == "tiny":
-        from sparsedoctor_kernels.model.tiny import tiny_qwen3
-
-        tokenizer = build_tokenizer(corpus(records), vocab_size=settings.tiny_vocab_size)
-        return tiny_qwen3(vocab_size=len(tokenizer), seed=settings.seed), tokenizer
-    path = pathlib.Path(settings.model)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--model must be 'tiny' or a local Hugging Face model directory; {path} is not one")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if settings.bf16 else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), tokenizer
+    check_model_path(settings.model)
+    tokenizer = load_tokenizer(settings, records)
+    return load_model(settings, tokenizer), tokenizer
 
 
-def encode(records: list[dict], tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per record; labels are -100 on the prompt, so only the response is learnt."""
-    examples = []
-    for record in records:
-        prompt, response = format_example(record)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (prompt_ids + response_ids)[:max_length]
-        labels = ([-100] * len(prompt_ids) + response_ids)[:max_length]
-        examples.append((ids, labels))
-    return examples
-
-
-def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
-    length = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, (ids, target) in enumerate(examples):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(target)] = torch.tensor(target)
-        mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def learning_rate(step: int, settings: TrainSettings) -> float:
@@ -144,10 +366,89 @@ def _layer_of(module_name: str) -> str:
     return f"layer {parts[parts.index('layers') + 1]}" if "layers" in parts else module_name
 
 
-def _save_checkpoint(model, optimizer, step: int, directory: pathlib.Path) -> None:
+# --- distributed ----------------------------------------------------------------------------------------------
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _maybe_init_distributed(device: torch.device) -> bool:
+    """Join the process group torchrun describes; True when this call created it (and so must destroy it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return True
+    return False
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _step_problem(step: int, loss: torch.Tensor, supervised: int, world: int) -> str | None:
+    """Why training cannot go on after this step's forward, agreed by every rank (so none is left waiting in a
+    collective): a batch without a supervised token, or a loss that is not finite."""
+    code = 1 if supervised == 0 else 2 if not math.isfinite(float(loss.detach())) else 0
+    if world > 1:
+        flag = torch.tensor([code], dtype=torch.int32, device=loss.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        code = int(flag.item())
+    if code == 1:
+        return f"step {step}: a batch has no supervised (response) token; raise --max-length"
+    if code == 2:
+        return f"step {step}: the loss is not finite; lower --lr or check the data"
+    return None
+
+
+def queue_digest(model) -> str:
+    """A checksum of every expert queue (keys, pointers, sizes), to compare the ranks' queues."""
+    digest = hashlib.sha256()
+    for name, module in sorted(model.adapted_modules().items()):
+        for tensor in (module.queue.keys, module.queue.ptr, module.queue.size):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _check_queues_agree(model, world: int, log) -> None:
+    if world == 1:
+        return
+    digests = [None] * world
+    dist.all_gather_object(digests, queue_digest(model))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the expert queues differ between ranks (digests {digests})")
+    log(f"expert queues identical on all {world} ranks (digest {digests[0]})")
+
+
+def _save_adapter(model, directory: pathlib.Path) -> None:
+    """On every rank: under a process group save_adapter commits the staged queue rows with a collective
+    all-gather, and rank 0 alone writes."""
+    save_adapter(model, directory)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------
+
+def _save_checkpoint(model, optimizer, step: int, output_dir: pathlib.Path, rank: int) -> None:
+    """Written into checkpoint-<step>.tmp/ and renamed when complete; then `latest` is replaced. A run killed
+    in between leaves the previous checkpoint and `latest` intact."""
+    staging = output_dir / f"checkpoint-{step}.tmp"
+    _save_adapter(model, staging / "adapter")
+    if rank != 0:
+        return
+    _write_trainer_state(optimizer, step, staging)
+    final = output_dir / f"checkpoint-{step}"
+    if final.exists():
+        shutil.rmtree(final)  # this step's checkpoint from an attempt that died before updating `latest`
+    os.replace(staging, final)
+    _write_atomically(output_dir / LATEST_FILE, final.name + "\n")
+
+
+def _write_trainer_state(optimizer, step: int, directory: pathlib.Path) -> None:
     from safetensors.torch import save_file
 
-    save_adapter(model, directory / "adapter")
+    directory.mkdir(parents=True, exist_ok=True)
     optimizer_state = optimizer.state_dict()
     tensors = {"torch_rng": torch.get_rng_state()}
     for index, state in optimizer_state["state"].items():
@@ -155,16 +456,11 @@ def _save_checkpoint(model, optimizer, step: int, directory: pathlib.Path) -> No
             tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
     save_file(tensors, directory / STATE_TENSORS)
     (directory / STATE_JSON).write_text(json.dumps({"step": step, "param_groups": optimizer_state["param_groups"]}))
-    (directory.parent / "latest").write_text(directory.name + "\n")
 
 
-def _resume(model, optimizer, output_dir: pathlib.Path) -> int:
+def _load_checkpoint(model, optimizer, directory: pathlib.Path) -> None:
     from safetensors.torch import load_file
 
-    latest = output_dir / "latest"
-    if not latest.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint in {output_dir} (no 'latest' file)")
-    directory = output_dir / latest.read_text().strip()
     load_adapter(model, directory / "adapter")
     tensors = load_file(directory / STATE_TENSORS)
     saved = json.loads((directory / STATE_JSON).read_text())
@@ -178,86 +474,128 @@ def _resume(model, optimizer, output_dir: pathlib.Path) -> int:
                                          for i, entry in state.items()},
                                "param_groups": saved["param_groups"]})
     torch.set_rng_state(tensors["torch_rng"])
-    return int(saved["step"])
 
+
+# --- the loop -------------------------------------------------------------------------------------------------
 
 def train(settings: TrainSettings, *, log=print) -> TrainResult:
-    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    _maybe_init_distributed(device)
+    validate_settings(settings)
+    device = pick_device(settings.device)
+    created_group = _maybe_init_distributed(device)
+    try:
+        return _train(settings, device, log)
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _train(settings: TrainSettings, device: torch.device, log) -> TrainResult:
     rank, world = _rank_and_world()
+    say = log if rank == 0 else (lambda *_: None)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     output_dir = pathlib.Path(settings.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(settings.seed)
-
-    records = [r for path in settings.data for r in load_jsonl(path)] if settings.data else demo_records()
-    base, tokenizer = load_base(settings, records)
-    examples = encode(records, tokenizer, settings.max_length)
+    # Every check before any long work, and before anything is written.
+    check_output_dir(output_dir)
+    resume_from = check_run_dir(settings, output_dir)
+    check_model_path(settings.model)
+    records = load_records(settings)
+    tokenizer = load_tokenizer(settings, records)
+    examples = trainable_examples(records, tokenizer, settings.max_length, say)
     if len(examples) < settings.batch_size * world:
-        raise ValueError(f"{len(examples)} examples cannot fill one batch of {settings.batch_size} x {world} ranks")
+        raise TrainError(f"{len(examples)} examples cannot fill one batch of --batch-size {settings.batch_size} "
+                         f"x {world} ranks")
+    torch.manual_seed(settings.seed)
+    base = load_model(settings, tokenizer)
     torch.manual_seed(settings.seed)  # the adapter's initialisation, identical on every rank
     model = apply_sparsedoctor(base, settings.adapter).to(device)
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
-    start = _resume(model, optimizer, output_dir) if settings.resume else 0
+    start = 0
+    if resume_from is not None:
+        _load_checkpoint(model, optimizer, resume_from[0])
+        start = resume_from[1]
+    _barrier(world)  # every rank has checked the directory before rank 0 changes it
     if rank == 0:
-        (output_dir / RUN_FILE).write_text(json.dumps(settings.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        prepare_run_dir(settings, output_dir, start, log)
+
+    history, load_totals = _loop(settings, model, optimizer, examples, tokenizer, device, start, output_dir)
+    expert_load = {layer: (total / total.sum()).tolist() for layer, total in sorted(load_totals.items())}
+    _save_adapter(model, output_dir / "adapter")
+    _check_queues_agree(model, world, say)
+    if rank == 0:
+        _write_outputs(output_dir, tokenizer, expert_load)
+        log(f"adapter, tokenizer, metrics.jsonl and plots written to {output_dir}")
+    _barrier(world)  # no rank leaves while another still needs the group
+    return TrainResult(output_dir, history, expert_load, model, tokenizer)
+
+
+def _loop(settings, model, optimizer, examples, tokenizer, device, start: int, output_dir: pathlib.Path):
+    rank, world = _rank_and_world()
     trained = model
     if world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                             else None)
-
     batches = _batches(len(examples), settings.batch_size, settings.seed, rank, world)
     for _ in range(start):  # the same data order as an uninterrupted run
         next(batches)
     history, load_totals = [], {}
-    metrics = (output_dir / "metrics.jsonl").open("a" if settings.resume else "w") if rank == 0 else None
+    metrics = (output_dir / METRICS_FILE).open("a", encoding="utf-8") if rank == 0 else None
     progress = _progress(range(start, settings.steps), enabled=settings.progress and rank == 0)
     model.train()
-    for step in progress:
-        began = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, settings)
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in next(batches)],
-                                                     tokenizer.pad_token_id).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
-            out = trained(**batch)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        row = {"step": step + 1, "loss": float(out.loss.detach()),
-               **{k: float(v.detach()) for k, v in out.aux_losses.items()},
-               "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - began, 4)}
-        history.append(row)
-        for name, counts in model.expert_load().items():
-            layer = _layer_of(name)
-            load_totals[layer] = load_totals.get(layer, 0) + counts.double().cpu()
+    try:
+        for step in progress:
+            batch = collate([examples[i] for i in next(batches)], tokenizer.pad_token_id)
+            row = _train_step(trained, optimizer, batch, step, settings, device, world)
+            history.append(row)
+            for name, counts in model.expert_load().items():
+                layer = _layer_of(name)
+                load_totals[layer] = load_totals.get(layer, 0) + counts.double().cpu()
+            if metrics is not None:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            if hasattr(progress, "set_postfix"):
+                progress.set_postfix(lm=f"{row['lm']:.3f}", bal=f"{row['balance']:.3f}",
+                                     con=f"{row['contrastive']:.3f}")
+            if settings.save_every and (step + 1) % settings.save_every == 0:
+                _save_checkpoint(model, optimizer, step + 1, output_dir, rank)
+    finally:
         if metrics is not None:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-        if hasattr(progress, "set_postfix"):
-            progress.set_postfix(lm=f"{row['lm']:.3f}", bal=f"{row['balance']:.3f}", con=f"{row['contrastive']:.3f}")
-        if settings.save_every and (step + 1) % settings.save_every == 0 and rank == 0:
-            _save_checkpoint(model, optimizer, step + 1, output_dir / f"checkpoint-{step + 1}")
-    if metrics is not None:
-        metrics.close()
+            metrics.close()
+    return history, load_totals
 
-    expert_load = {layer: (total / total.sum()).tolist() for layer, total in sorted(load_totals.items())}
-    if rank == 0:
-        save_adapter(model, output_dir / "adapter")
-        tokenizer.save_pretrained(output_dir / "tokenizer")
-        from sparsedoctor_kernels.plots import plot_expert_load, plot_losses
 
-        full_history = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-        plot_losses(full_history, output_dir / "loss.png")
-        if expert_load:
-            plot_expert_load(expert_load, output_dir / "expert_load.png")
-        log(f"adapter, tokenizer, metrics.jsonl and plots written to {output_dir}")
-    return TrainResult(output_dir, history, expert_load, model, tokenizer)
+def _train_step(trained, optimizer, batch: dict, step: int, settings: TrainSettings, device, world: int) -> dict:
+    """One optimizer step; its metrics row. Stops (on every rank) before a step that would learn nothing or NaN."""
+    began = time.perf_counter()
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, settings)
+    supervised = supervised_tokens_in(batch["labels"])
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+        out = trained(**{k: v.to(device) for k, v in batch.items()})
+    problem = _step_problem(step + 1, out.loss, supervised, world)
+    if problem:
+        raise TrainError(problem)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"step": step + 1, "loss": float(out.loss.detach()),
+            **{k: float(v.detach()) for k, v in out.aux_losses.items()},
+            "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - began, 4)}
+
+
+def _write_outputs(output_dir: pathlib.Path, tokenizer, expert_load: dict) -> None:
+    from sparsedoctor_kernels.plots import plot_expert_load, plot_losses
+
+    tokenizer.save_pretrained(output_dir / "tokenizer")
+    full_history = [json.loads(line) for line in (output_dir / METRICS_FILE).read_text().splitlines()]
+    plot_losses(full_history, output_dir / "loss.png")
+    if expert_load:
+        plot_expert_load(expert_load, output_dir / "expert_load.png")
 
 
 def _progress(steps, enabled: bool):

@@ -42,7 +42,7 @@ def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
         backward = staticmethod(real.backward)
 
     monkeypatch.setitem(IMPLEMENTATIONS["lora_moe"], "torch", SkewedLoraMoE)
-    results = [r for r in run_checks(["cpu"]) if r.op == "lora_moe" and r.backend == "torch"]
+    results = [r for r in run_checks(["cpu"]) if r.case == "lora_moe (grouped)" and r.backend == "torch"]
     assert results and all(r.passed is False for r in results)
     assert cli.main(["check", "--device", "cpu"]) == 1
     assert "FAIL" in capsys.readouterr().out
@@ -77,3 +77,44 @@ def test_auto_build_skips_the_extension_and_says_why():
     assert result.stdout.strip() == "sparsedoctor_kernels"
     if torch.version.cuda is None:
         assert "skipping the optional CUDA extension" in result.stderr
+
+
+def _train_parser():
+    return cli.build_parser()._subparsers._group_actions[0].choices["train"]
+
+
+def _every_train_flag_with_a_value() -> list[str]:
+    argv = []
+    for action in _train_parser()._actions:
+        flag = next((o for o in action.option_strings if o.startswith("--")), None)
+        if flag is None or flag == "--help":
+            continue
+        if action.nargs == 0:
+            argv.append(flag)  # a switch
+        elif action.nargs == "+":
+            argv += [flag, "first", "second"]
+        else:
+            argv += [flag, "3"]
+    return argv
+
+
+def test_every_train_flag_passes_through_torchrun():
+    """torchrun's parser reads abbreviations of its own flags anywhere on the line (`--r` was an ambiguous
+    prefix of `--rdzv-*`, `--role`, `--run-path`, `--redirects`); every train flag must reach the script."""
+    from torch.distributed.run import get_args_parser
+
+    flags = _every_train_flag_with_a_value()
+    assert {"--lora-r", "--lora-alpha", "--resume", "--overwrite", "--max-length", "--target-modules"} <= set(flags)
+    assert "--r" not in flags
+    launched = get_args_parser().parse_args(["--nproc-per-node", "2", "-m", "sparsedoctor_kernels.cli", "train",
+                                             *flags])
+    assert launched.module and launched.training_script == "sparsedoctor_kernels.cli"
+    assert launched.training_script_args == ["train", *flags]
+    args = cli.build_parser().parse_args(launched.training_script_args)
+    assert args.r == 3 and args.lora_alpha == 3 and args.target_modules == ["first", "second"] and args.overwrite
+
+
+def test_train_flags_are_not_abbreviated():
+    """`--r` must not quietly become `--resume` now that the rank flag is `--lora-r`."""
+    with pytest.raises(SystemExit):
+        _train_parser().parse_args(["--r", "2"])

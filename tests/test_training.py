@@ -1,16 +1,15 @@
-"""Data, tokenizer, the training loop (checkpoints, resume, plots, metrics), DDP, and the train/demo commands."""
+"""Data, tokenizer, the training loop (checkpoints, resume, plots, metrics), and the train/demo commands.
+Multi-process training under torchrun is in test_distributed.py; errors in test_train_errors.py; run
+directories (fresh, --overwrite, --resume) in test_train_run_dir.py."""
 
 import json
-import os
-import socket
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+from train_helpers import PNG, settings  # noqa: E402
 
 from sparsedoctor_kernels import cli  # noqa: E402
 from sparsedoctor_kernels.data import (  # noqa: E402
@@ -23,21 +22,9 @@ from sparsedoctor_kernels.data import (  # noqa: E402
     write_jsonl,
 )
 from sparsedoctor_kernels.demo import run_demo  # noqa: E402
-from sparsedoctor_kernels.model import SparseDoctorConfig  # noqa: E402
 from sparsedoctor_kernels.training import TrainSettings, encode, train  # noqa: E402
 
 from conftest import SHARED  # noqa: E402
-
-SMALL = SparseDoctorConfig(num_experts=4, top_k=2, r=4, lora_alpha=8, proj_dim=16, queue_size=32,
-                           contrastive_tokens=16)
-PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def settings(tmp_path, name="run", **overrides):
-    values = dict(output_dir=str(tmp_path / name), steps=4, batch_size=4, max_length=48, save_every=0,
-                  progress=False, tiny_vocab_size=600, adapter=SMALL)
-    values.update(overrides)
-    return TrainSettings(**values)
 
 
 def test_demo_records_are_valid_and_answers_point_at_the_truth():
@@ -126,39 +113,9 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
         train(settings(tmp_path, "empty", resume=True), log=lambda *_: None)
 
 
-def _ddp_worker(rank, world, port, base_dir, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        result = train(TrainSettings(output_dir=f"{base_dir}/ddp", steps=3, batch_size=2, max_length=48,
-                                     save_every=0, progress=False, tiny_vocab_size=600, adapter=SMALL, device="cpu"),
-                       log=lambda *_: None)
-        result.model.commit_queues()
-        results[rank] = {name: t.detach().clone() for name, t in result.model.state_dict().items()
-                         if any(key in name for key in ("router", "lora_", "head.", "queue."))}
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def test_two_process_ddp_keeps_parameters_and_queues_identical(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), results), nprocs=2, join=True)
-        states = [dict(results[r]) for r in range(2)]
-    assert states[0] and set(states[0]) == set(states[1])
-    assert any(k.endswith("queue.size") and v.sum() > 0 for k, v in states[0].items())
-    for name, value in states[0].items():
-        assert torch.equal(value, states[1][name]), name
-
-
 def test_train_command(tmp_path, capsys):
     code = cli.main(["train", "--output-dir", str(tmp_path / "cli"), "--steps", "2", "--batch-size", "2",
-                     "--max-length", "40", "--no-progress", "--num-experts", "3", "--r", "2", "--proj-dim", "8",
+                     "--max-length", "40", "--no-progress", "--num-experts", "3", "--lora-r", "2", "--proj-dim", "8",
                      "--queue-size", "16", "--target-modules", "q_proj", "down_proj"])
     assert code == 0
     assert "final step: loss" in capsys.readouterr().out
@@ -167,9 +124,26 @@ def test_train_command(tmp_path, capsys):
                                                                                                       "down_proj"]
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    lines = []
-    assert run_demo(str(tmp_path / "demo"), steps=4, progress=False, log=lines.append) == 0
-    text = "\n".join(lines)
-    assert "logits identical" in text and "expert load" in text
-    assert (tmp_path / "demo" / "loss.png").read_bytes()[:8] == PNG
+def test_demo_runs_end_to_end_and_again_in_the_same_directory(tmp_path):
+    for attempt in range(2):  # `sparsedoctor demo` is run again and again in one checkout
+        lines = []
+        assert run_demo(str(tmp_path / "demo"), steps=4, progress=False, log=lines.append) == 0, attempt
+        text = "\n".join(lines)
+        assert "logits identical" in text and "expert load" in text
+        assert "starting over in" in text
+        assert (tmp_path / "demo" / "loss.png").read_bytes()[:8] == PNG
+    assert "--overwrite: removed the previous run" in text and "checkpoint-4" in text
+    assert [json.loads(line)["step"] for line in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()] \
+        == [1, 2, 3, 4]
+
+
+def test_max_length_default_is_the_settings_default_and_every_train_default_matches():
+    train_parser = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    args = train_parser.parse_args([])
+    defaults = TrainSettings()
+    assert defaults.max_length == 512 and args.max_length == defaults.max_length
+    assert (args.steps, args.batch_size, args.lr, args.warmup_steps, args.seed, args.save_every, args.output_dir,
+            args.model) == (defaults.steps, defaults.batch_size, defaults.learning_rate, defaults.warmup_steps,
+                            defaults.seed, defaults.save_every, defaults.output_dir, defaults.model)
+    max_length_help = next(a.help for a in train_parser._actions if a.dest == "max_length")
+    assert f"default: {defaults.max_length}" in max_length_help
