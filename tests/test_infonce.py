@@ -5,6 +5,8 @@ from hypothesis import strategies as st
 from torch.utils.checkpoint import checkpoint
 
 import sparsedoctor_kernels as sdk
+import sparsedoctor_kernels._alloc
+from sparsedoctor_kernels.launches import count_launches, report
 
 import brute
 from conftest import assert_close, backend_supports, cpu_backends
@@ -236,3 +238,153 @@ def _bad_call(**overrides):
 def test_infonce_rejects_bad_input(overrides, error, match):
     with pytest.raises(error, match=match):
         _bad_call(**overrides)
+
+
+# The Triton path's queue splits: the launcher and its split rule, called directly.
+needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (the interpreter on CPU)")
+# Launches of one infonce_queue_loss forward + backward (mean), Triton backend: the two kernels, the op's
+# reduction and its backward's scaling. 32 before the normalisation and temperature moved into the kernels.
+INFONCE_STEP_LAUNCHES = 8
+
+
+def _triton_infonce():
+    from sparsedoctor_kernels.triton import infonce
+
+    return infonce
+
+
+def _launcher_inputs(gen, num_rows, queue, query_experts=None, dtype=torch.float64, positive_noise=0.5):
+    query = torch.randn(num_rows, queue.dim, generator=gen, dtype=torch.float64)
+    positive = query + positive_noise * torch.randn(num_rows, queue.dim, generator=gen, dtype=torch.float64)
+    if query_experts is None:
+        query_experts = torch.randint(-1, queue.num_experts + 1, (num_rows,), generator=gen)  # some out of range
+    return query.to(dtype), positive.to(dtype), query_experts
+
+
+def _brute_rows_and_grads(query, positive, queue, query_experts, temperature, normalize=True):
+    """Brute-force per-row losses and d loss_i / d query_i, d loss_i / d positive_i (rows are independent)."""
+    leaves = query.double().requires_grad_(), positive.double().requires_grad_()
+    rows = brute.infonce_rows(*leaves, queue.keys, queue.size, query_experts, temperature, normalize)
+    grads = torch.autograd.grad(rows.sum(), leaves) if rows.numel() else (leaves[0] * 0, leaves[1] * 0)
+    return rows.detach(), *grads
+
+
+def _launch(query, positive, queue, query_experts, temperature=0.1, normalize=True, num_splits=None):
+    return _triton_infonce().forward(query, positive, queue.keys, queue.size, query_experts, temperature, normalize,
+                                     num_splits=num_splits)
+
+
+def _assert_matches_brute(got, expected, dtype=torch.float64, scale=1.0):
+    for name, have, want in zip(("loss", "grad query", "grad positive"), got, expected):
+        assert have.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), name
+        assert_close(have, want, dtype, scale=scale, name=name)
+
+
+@needs_triton
+@pytest.mark.parametrize("normalize", [True, False])
+def test_forced_split_counts_agree_with_brute_force_and_each_other(normalize, gen):
+    """Splits cut inside experts and tiles, splits of one slot, more splits asked than slots; a partly filled
+    queue (one expert empty, one full), p not a power of two, ids -1 and E seeing every expert."""
+    queue = make_queue(gen, 5, 37, 20, sizes=[37, 12, 0, 30, 1], dtype=torch.float64)
+    query, positive, experts = _launcher_inputs(gen, 41, queue)
+    expected = _brute_rows_and_grads(query, positive, queue, experts, 0.1, normalize)
+    one_split = _launch(query, positive, queue, experts, normalize=normalize, num_splits=1)
+    _assert_matches_brute(one_split, expected, scale=1.0 if normalize else 10.0)
+    for num_splits in (2, 3, 7, 64, 5 * 37, 10_000):
+        got = _launch(query, positive, queue, experts, normalize=normalize, num_splits=num_splits)
+        _assert_matches_brute(got, expected, scale=1.0 if normalize else 10.0)
+        for have, want in zip(got, one_split):  # the split count changes only the rounding
+            torch.testing.assert_close(have, want, rtol=1e-13, atol=1e-13)
+
+
+@needs_triton
+def test_split_rule_fills_the_gpu_at_the_model_shapes_and_never_makes_an_empty_split():
+    infonce = _triton_infonce()
+    # N = 256 rows: 16 row blocks of 16 at p = 128, 8 of 32 at p = 64; E x Q = 8 x 1024 slots.
+    assert infonce.split_queue(16, 8 * 1024) == (32, 256)
+    assert infonce.split_queue(8, 8 * 1024) == (64, 128)
+    assert infonce.split_queue(1024, 8 * 1024) == (1, 8 * 1024)  # a large batch fills the GPU by itself
+    assert infonce.split_queue(1, 40) == (1, 64)  # at least MIN_TILES_PER_SPLIT tiles a split
+    assert infonce.split_queue(4, 0) == (0, 1)
+    for num_slots in (1, 5, 31, 32, 33, 100, 8192, 64 * 1024):
+        for row_blocks in (1, 3, 16, 600):
+            for forced in (None, 1, 2, 7, 64, 10**6):
+                splits, slots_per_split = infonce.split_queue(row_blocks, num_slots, forced)
+                assert splits >= 1 and (splits - 1) * slots_per_split < num_slots <= splits * slots_per_split
+                assert forced is None or splits <= forced
+
+
+@needs_triton
+def test_merge_rescales_splits_whose_maximum_beats_the_positive(gen):
+    """One split per expert: the own expert 0 gives no negative (max -inf); expert 1 holds rows 0..7's own
+    queries, whose scores 1/T beat their positives; experts 2 and 3 hold keys scoring <= 0, far below every
+    positive. Merging without rescaling each side to the new maximum gets the rows wrong."""
+    num_rows, dim, temperature = 16, 8, 0.05
+    query = torch.zeros(num_rows, dim, dtype=torch.float64)
+    query[:, :4] = torch.randn(num_rows, 4, generator=gen, dtype=torch.float64).abs()  # one orthant of 4 dims
+    positive = query + 0.3 * torch.randn(num_rows, dim, generator=gen, dtype=torch.float64)
+    queue = make_queue(gen, 4, 8, dim, sizes=[8, 8, 8, 8], dtype=torch.float64)
+    unit = torch.nn.functional.normalize(query, dim=-1)
+    queue.keys[1] = unit[:8]
+    queue.keys[2:, :, :4] = -queue.keys[2:, :, :4].abs()
+    queue.keys[2:, :, 4:] = 0.0
+    experts = torch.zeros(num_rows, dtype=torch.long)
+    scores = unit @ queue.keys.reshape(32, dim).T / temperature
+    positive_score = (unit * torch.nn.functional.normalize(positive, dim=-1)).sum(-1) / temperature
+    assert (scores[:8, 8:16].max(1).values > positive_score[:8]).all()  # the case is as described
+    assert (scores[:, 16:].max(1).values <= 0).all() and (positive_score > 5).all()
+    expected = _brute_rows_and_grads(query, positive, queue, experts, temperature)
+    assert _triton_infonce().split_queue(1, 32, 4) == (4, 8)
+    _assert_matches_brute(_launch(query, positive, queue, experts, temperature=temperature, num_splits=4), expected)
+
+
+@needs_triton
+@pytest.mark.parametrize("num_experts, capacity, sizes", [(64, 5, None), (3, 0, [0, 0, 0]), (6, 9, [0] * 6)])
+def test_split_launcher_edge_queues(num_experts, capacity, sizes, gen):
+    """E = 64 (splits spanning several experts), Q = 0 (no split kernel at all), every slot unfilled."""
+    queue = make_queue(gen, num_experts, capacity, 7, sizes=sizes, dtype=torch.float64)
+    query, positive, experts = _launcher_inputs(gen, 19, queue)
+    expected = _brute_rows_and_grads(query, positive, queue, experts, 0.1)
+    for num_splits in (None, 1, 5, 97):
+        _assert_matches_brute(_launch(query, positive, queue, experts, num_splits=num_splits), expected)
+
+
+@needs_triton
+def test_split_launcher_empty_batch_and_float32(gen):
+    queue = make_queue(gen, 4, 50, 12, sizes=[50, 20, 0, 49])
+    query, positive, experts = _launcher_inputs(gen, 0, queue)
+    assert [t.shape for t in _launch(query, positive, queue, experts)] == [(0,), (0, 12), (0, 12)]
+    query, positive, experts = _launcher_inputs(gen, 70, queue, dtype=torch.float32)
+    expected = _brute_rows_and_grads(query, positive, queue, experts, 0.1)
+    for num_splits in (None, 3):
+        _assert_matches_brute(_launch(query, positive, queue, experts, num_splits=num_splits), expected,
+                              dtype=torch.float32)
+
+
+@needs_triton
+def test_triton_infonce_is_bitwise_deterministic(gen):
+    queue = make_queue(gen, 8, 64, 16, sizes=[64, 10, 0, 33, 64, 64, 1, 5])
+    num_rows = 40
+    assert _triton_infonce().split_queue(1, 8 * 64)[0] > 1  # the default split count merges several partials
+    query, positive, experts = _launcher_inputs(gen, num_rows, queue, dtype=torch.float32, positive_noise=3.0)
+
+    def run():
+        q, k = query.clone().requires_grad_(), positive.clone().requires_grad_()
+        loss = sdk.infonce_queue_loss(q, k, queue, experts, reduction="none", backend="triton", validate=False)
+        (loss * torch.linspace(0.5, 1.5, num_rows)).sum().backward()
+        return loss.detach(), q.grad, k.grad
+
+    for first, second in zip(run(), run()):
+        assert torch.equal(first, second)
+
+
+@needs_triton
+def test_triton_infonce_step_launches(monkeypatch, gen):
+    monkeypatch.setattr(sparsedoctor_kernels._alloc, "poison_outputs", False)  # the tests' NaN fills are no launch
+    queue = make_queue(gen, 8, 64, 16, sizes=[64, 10, 0, 33, 64, 64, 1, 5])
+    query, positive, experts = _launcher_inputs(gen, 32, queue, dtype=torch.float32)
+    q, k = query.requires_grad_(), positive.requires_grad_()
+    counts = count_launches(lambda: sdk.infonce_queue_loss(q, k, queue, experts, backend="triton",
+                                                           validate=False).backward())
+    assert counts.triton == 2, counts
+    assert counts.total <= INFONCE_STEP_LAUNCHES, report(counts)
