@@ -1,6 +1,7 @@
 import os
 import pathlib
 import sys
+import tempfile
 import zlib
 
 import torch
@@ -55,3 +56,12 @@ def _no_backend_env(monkeypatch):
 def _poisoned_outputs(monkeypatch):
     """Kernel outputs start as NaN / a sentinel, so an element a kernel fails to write fails the test."""
     monkeypatch.setattr(sparsedoctor_kernels._alloc, "poison_outputs", True)
+
+
+@pytest.fixture(autouse=True)
+def _temporary_files_under_pytest(tmp_path_factory, monkeypatch):
+    """Whatever a test (or torch, torchrun and their workers) puts in "the temporary directory" lands in a
+    directory of pytest's own temporary tree, beside the test's tmp_path: no test writes outside it."""
+    scratch = tmp_path_factory.mktemp("tmpdir")
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
