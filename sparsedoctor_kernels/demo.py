@@ -28,7 +28,9 @@ def run_demo(output_dir: str = "sparsedoctor-demo", steps: int = 100, device: st
     output = pathlib.Path(output_dir)
     # The demo owns its directory and is meant to be run again and again: each run starts over in it.
     check_output_dir(output)
-    log(f"sparsedoctor demo: starting over in {output}/ (a previous demo run there is replaced)")
+    again = (output / "demo_data.jsonl").exists()
+    log(f"sparsedoctor demo: {'starting over' if again else 'writing'} in {output}/"
+        + (" (the previous demo run there is replaced)" if again else ""))
     data_path = write_jsonl(demo_records(), output / "demo_data.jsonl")
     log(f"bundled data: {data_path} ({len(demo_records())} Chinese medical QA records)")
     settings = TrainSettings(output_dir=str(output), data=[str(data_path)], steps=steps, batch_size=8,

@@ -1,14 +1,9 @@
-"""The training loop behind `sparsedoctor train` and `sparsedoctor demo`.
-
-A SparseDoctor adapter on a frozen causal LM (a local Hugging Face directory, or `tiny`: a small random Qwen3
-with a BPE tokenizer trained on the data), AdamW on the adapter only, warmup + cosine learning rate, optional
-bf16 autocast, gradient checkpointing and DDP (under `torchrun`). A run directory holds one run: `run_config.json`,
-`metrics.jsonl` (one line a step), `loss.png` and `expert_load.png`, `checkpoint-<step>/` (adapter + optimizer
-state, for `--resume`) with `latest` naming the newest, and finally `adapter/` and `tokenizer/`.
-
-Every user error (settings, data, model path, output directory, resume state) raises TrainError before anything
-is written; under DDP every rank checks, and only rank 0 writes (save_adapter runs on every rank: it is a
-collective)."""
+"""The training loop behind `sparsedoctor train` and `sparsedoctor demo`: a SparseDoctor adapter on a frozen causal
+LM (a local Hugging Face directory, or `tiny`: a small random Qwen3 with a BPE tokenizer trained on the data),
+AdamW on the adapter only, warmup + cosine learning rate, optional bf16 autocast, gradient checkpointing and DDP
+(under `torchrun`). Every user error (settings, data, model path, output directory, resume state) raises
+TrainError before anything is written; under DDP every rank checks, and only rank 0 writes. The run directory is
+kept in run_dir.py, checkpoints in checkpoints.py."""
 
 from __future__ import annotations
 
@@ -19,15 +14,13 @@ import math
 import os
 import pathlib
 import random
-import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from sparsedoctor_kernels.checkpoints import load_checkpoint, save_adapter, save_checkpoint
 from sparsedoctor_kernels.data import (  # noqa: F401  (encode, collate: this module's API too)
     build_tokenizer,
     collate,
@@ -38,22 +31,10 @@ from sparsedoctor_kernels.data import (  # noqa: F401  (encode, collate: this mo
     supervised_tokens_in,
     trainable_examples,
 )
-from sparsedoctor_kernels.model import SparseDoctorConfig, apply_sparsedoctor, load_adapter, save_adapter
+from sparsedoctor_kernels.model import SparseDoctorConfig, apply_sparsedoctor
+from sparsedoctor_kernels.run_dir import METRICS_FILE, check_output_dir, check_run_dir, prepare_run_dir
+from sparsedoctor_kernels.train_errors import TrainError
 
-RUN_FILE = "run_config.json"
-METRICS_FILE = "metrics.jsonl"
-LATEST_FILE = "latest"
-STATE_TENSORS = "trainer_state.safetensors"  # optimizer moments and the RNG state: no pickle anywhere
-STATE_JSON = "trainer_state.json"
-# What a run writes at the top of its directory (besides checkpoint-<step>[.tmp]/): a fresh run refuses a
-# directory that holds any of them, --overwrite removes them. Other files are the user's and are left alone.
-RUN_ENTRIES = (RUN_FILE, METRICS_FILE, LATEST_FILE, "adapter", "tokenizer", "loss.png", "expert_load.png")
-# checkpoint-<step>/, one being written (.tmp), and what a killed save_adapter leaves of adapter/.
-UNNAMED_ENTRIES = re.compile(r"checkpoint-\d+(\.tmp)?|\.adapter\.partial-\w+")
-PARTIAL = ".partial"  # the suffix of a file being written by _write_atomically
-# Settings a resumed run may change: they do not alter what is being trained.
-RESUMABLE_CHANGES = frozenset({"output_dir", "steps", "resume", "overwrite", "progress", "save_every", "device",
-                               "gradient_checkpointing"})
 # The CLI flag of a TrainSettings / SparseDoctorConfig field, where it is not "--" + the field with dashes.
 # `r` is `--lora-r`: torchrun's own parser reads `--r` as an ambiguous prefix of its `--rdzv-*` flags.
 FLAG_NAMES = {"learning_rate": "--lr", "r": "--lora-r", "progress": "--no-progress"}
@@ -61,14 +42,6 @@ FLAG_NAMES = {"learning_rate": "--lr", "r": "--lora-r", "progress": "--no-progre
 
 def flag_for(name: str) -> str:
     return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-
-
-class TrainError(ValueError):
-    """A user error (settings, data, model path, output directory, resume state), said in one line."""
-
-
-class NoCheckpointError(TrainError, FileNotFoundError):
-    """--resume where there is no checkpoint to resume from."""
 
 
 @dataclass
@@ -139,154 +112,6 @@ def pick_device(name: str | None) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise TrainError(f"--device {name}: training runs on cpu or cuda")
     return device
-
-
-# --- the run directory ----------------------------------------------------------------------------------------
-
-def run_entries(output_dir: pathlib.Path) -> list[pathlib.Path]:
-    """The files and directories a previous run left in `output_dir` (empty for a fresh or missing one)."""
-    if not output_dir.is_dir():
-        return []
-    return sorted(p for p in output_dir.iterdir()
-                  if p.name.removesuffix(PARTIAL) in RUN_ENTRIES or UNNAMED_ENTRIES.fullmatch(p.name))
-
-
-def unfinished_entries(output_dir: pathlib.Path) -> list[pathlib.Path]:
-    """What an interrupted run left half-written: checkpoint-<step>.tmp/ and *.partial files."""
-    return [p for p in run_entries(output_dir) if p.name.endswith((".tmp", PARTIAL)) or ".partial-" in p.name]
-
-
-def check_output_dir(output_dir: pathlib.Path) -> None:
-    """The directory is (or can be created as) a directory we can write in: tried, not guessed from the mode
-    bits, which root ignores. Nothing is left behind."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise TrainError(f"--output-dir {output_dir} is a file, not a directory")
-    existing = output_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise TrainError(f"--output-dir {output_dir}: {existing} is a file, not a directory")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".sparsedoctor-write-probe-", dir=existing)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as error:
-        raise TrainError(f"--output-dir {output_dir}: cannot write in {existing} ({error.strerror})") from None
-
-
-def check_run_dir(settings: TrainSettings, output_dir: pathlib.Path) -> tuple[pathlib.Path, int] | None:
-    """A fresh run needs a directory without another run in it (or --overwrite); --resume needs a compatible
-    run with a checkpoint. Returns (checkpoint directory, step) to resume from, or None."""
-    if settings.resume:
-        return find_checkpoint(settings, output_dir)
-    entries = run_entries(output_dir)
-    if entries and not settings.overwrite:
-        names = ", ".join(p.name for p in entries[:6]) + (", ..." if len(entries) > 6 else "")
-        raise TrainError(f"--output-dir {output_dir} already holds a training run ({names}); pass --resume to "
-                         "continue it or --overwrite to start over")
-    return None
-
-
-def find_checkpoint(settings: TrainSettings, output_dir: pathlib.Path) -> tuple[pathlib.Path, int]:
-    latest = output_dir / LATEST_FILE
-    if not latest.is_file():
-        raise NoCheckpointError(f"--resume: no checkpoint in {output_dir} (no '{LATEST_FILE}' file)")
-    directory = output_dir / latest.read_text(encoding="utf-8").strip()
-    if not (directory / STATE_JSON).is_file() or not (directory / STATE_TENSORS).is_file():
-        raise NoCheckpointError(f"--resume: {latest} names {directory.name}, which is missing or incomplete")
-    check_same_run(settings, output_dir)
-    step = _read_json(directory / STATE_JSON).get("step")
-    if not isinstance(step, int):
-        raise TrainError(f"--resume: {directory / STATE_JSON} holds no step")
-    if step >= settings.steps:
-        raise TrainError(f"--resume: {directory.name} is at step {step} and --steps is {settings.steps}: nothing "
-                         "is left to train; raise --steps")
-    return directory, step
-
-
-def check_same_run(settings: TrainSettings, output_dir: pathlib.Path) -> None:
-    """Refuse to resume with settings that change what is trained (data, model, schedule, adapter...)."""
-    run_file = output_dir / RUN_FILE
-    if not run_file.is_file():
-        raise TrainError(f"--resume: {output_dir} has no {RUN_FILE}, so its settings cannot be checked")
-    now = json.loads(json.dumps(settings.to_dict()))  # tuples as lists, as the saved file has them
-    differences = settings_differences(_read_json(run_file), now)
-    if differences:
-        raise TrainError(f"--resume: the run in {output_dir} was trained with other settings ("
-                         + "; ".join(differences) + "); resume with the run's settings or pass --overwrite")
-
-
-def settings_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    missing = "<absent>"
-    differences = []
-    for key in sorted(set(saved) | set(now)):
-        if not prefix and key in RESUMABLE_CHANGES:
-            continue
-        old, new = saved.get(key, missing), now.get(key, missing)
-        if isinstance(old, dict) and isinstance(new, dict):
-            differences += settings_differences(old, new, prefix=f"{prefix}{key}.")
-        elif old != new:
-            differences.append(f"{prefix}{key}: {old!r} in the run, {new!r} now")
-    return differences
-
-
-def _read_json(path: pathlib.Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TrainError(f"{path}: cannot read it ({error})") from None
-    if not isinstance(value, dict):
-        raise TrainError(f"{path}: expected a JSON object")
-    return value
-
-
-def _write_atomically(path: pathlib.Path, text: str) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    partial = path.with_name(path.name + PARTIAL)
-    with partial.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-
-
-def _remove(paths: list[pathlib.Path]) -> None:
-    for path in paths:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
-def prepare_run_dir(settings: TrainSettings, output_dir: pathlib.Path, resumed_step: int, log) -> None:
-    """Rank 0, once every check has passed: start over (--overwrite) or tidy up for a resume, then record the
-    settings."""
-    if settings.overwrite and (entries := run_entries(output_dir)):
-        _remove(entries)
-        log(f"--overwrite: removed the previous run from {output_dir}: " + ", ".join(p.name for p in entries))
-    if settings.resume:
-        leftovers = unfinished_entries(output_dir)
-        if leftovers:
-            _remove(leftovers)  # a checkpoint or file an interrupted run did not finish writing
-            log("--resume: removed unfinished " + ", ".join(p.name for p in leftovers))
-        _cut_metrics(output_dir / METRICS_FILE, resumed_step)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(output_dir / RUN_FILE, json.dumps(settings.to_dict(), indent=2, ensure_ascii=False) + "\n")
-
-
-def _cut_metrics(path: pathlib.Path, step: int) -> None:
-    """Keep the rows up to the checkpoint's step, so the resumed steps are not there twice."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by the interruption
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            kept.append(line + "\n")
-    _write_atomically(path, "".join(kept))
 
 
 # --- data and model -------------------------------------------------------------------------------------------
@@ -422,60 +247,6 @@ def _check_queues_agree(model, world: int, log) -> None:
     log(f"expert queues identical on all {world} ranks (digest {digests[0]})")
 
 
-def _save_adapter(model, directory: pathlib.Path) -> None:
-    """On every rank: under a process group save_adapter commits the staged queue rows with a collective
-    all-gather, and rank 0 alone writes."""
-    save_adapter(model, directory)
-
-
-# --- checkpoints ----------------------------------------------------------------------------------------------
-
-def _save_checkpoint(model, optimizer, step: int, output_dir: pathlib.Path, rank: int) -> None:
-    """Written into checkpoint-<step>.tmp/ and renamed when complete; then `latest` is replaced. A run killed
-    in between leaves the previous checkpoint and `latest` intact."""
-    staging = output_dir / f"checkpoint-{step}.tmp"
-    _save_adapter(model, staging / "adapter")
-    if rank != 0:
-        return
-    _write_trainer_state(optimizer, step, staging)
-    final = output_dir / f"checkpoint-{step}"
-    if final.exists():
-        shutil.rmtree(final)  # this step's checkpoint from an attempt that died before updating `latest`
-    os.replace(staging, final)
-    _write_atomically(output_dir / LATEST_FILE, final.name + "\n")
-
-
-def _write_trainer_state(optimizer, step: int, directory: pathlib.Path) -> None:
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    optimizer_state = optimizer.state_dict()
-    tensors = {"torch_rng": torch.get_rng_state()}
-    for index, state in optimizer_state["state"].items():
-        for key, value in state.items():
-            tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
-    save_file(tensors, directory / STATE_TENSORS)
-    (directory / STATE_JSON).write_text(json.dumps({"step": step, "param_groups": optimizer_state["param_groups"]}))
-
-
-def _load_checkpoint(model, optimizer, directory: pathlib.Path) -> None:
-    from safetensors.torch import load_file
-
-    load_adapter(model, directory / "adapter")
-    tensors = load_file(directory / STATE_TENSORS)
-    saved = json.loads((directory / STATE_JSON).read_text())
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        if name.startswith("state."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    device = next(p for p in model.parameters() if p.requires_grad).device
-    optimizer.load_state_dict({"state": {i: {k: v.to(device) if k != "step" else v for k, v in entry.items()}
-                                         for i, entry in state.items()},
-                               "param_groups": saved["param_groups"]})
-    torch.set_rng_state(tensors["torch_rng"])
-
-
 # --- the loop -------------------------------------------------------------------------------------------------
 
 def train(settings: TrainSettings, *, log=print) -> TrainResult:
@@ -516,7 +287,7 @@ def _train(settings: TrainSettings, device: torch.device, log) -> TrainResult:
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
     start = 0
     if resume_from is not None:
-        _load_checkpoint(model, optimizer, resume_from[0])
+        load_checkpoint(model, optimizer, resume_from[0])
         start = resume_from[1]
     _barrier(world)  # every rank has checked the directory before rank 0 changes it
     if rank == 0:
@@ -524,7 +295,7 @@ def _train(settings: TrainSettings, device: torch.device, log) -> TrainResult:
 
     history, load_totals = _loop(settings, model, optimizer, examples, tokenizer, device, start, output_dir)
     expert_load = {layer: (total / total.sum()).tolist() for layer, total in sorted(load_totals.items())}
-    _save_adapter(model, output_dir / "adapter")
+    save_adapter(model, output_dir / "adapter")
     _check_queues_agree(model, world, say)
     if rank == 0:
         _write_outputs(output_dir, tokenizer, expert_load)
@@ -561,7 +332,7 @@ def _loop(settings, model, optimizer, examples, tokenizer, device, start: int, o
                 progress.set_postfix(lm=f"{row['lm']:.3f}", bal=f"{row['balance']:.3f}",
                                      con=f"{row['contrastive']:.3f}")
             if settings.save_every and (step + 1) % settings.save_every == 0:
-                _save_checkpoint(model, optimizer, step + 1, output_dir, rank)
+                save_checkpoint(model, optimizer, step + 1, output_dir, rank)
     finally:
         if metrics is not None:
             metrics.close()

@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 
 from train_helpers import SMALL_FLAGS, metric_steps, quiet, settings, snapshot  # noqa: E402
 
-from sparsedoctor_kernels import cli, training  # noqa: E402
+from sparsedoctor_kernels import cli, run_dir, training  # noqa: E402
 from sparsedoctor_kernels.data import demo_records, load_jsonl, write_jsonl  # noqa: E402
 from sparsedoctor_kernels.model.wrapper import SparseDoctorModel  # noqa: E402
 from sparsedoctor_kernels.training import TrainError, train  # noqa: E402
@@ -144,9 +144,9 @@ def test_output_dir_writability_is_tried_not_guessed(tmp_path, monkeypatch):
     def read_only(*_args, **_kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(training.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(run_dir.tempfile, "mkstemp", read_only)
     with pytest.raises(TrainError, match="cannot write in .* \\(Permission denied\\)"):
-        training.check_output_dir(tmp_path / "out")
+        run_dir.check_output_dir(tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

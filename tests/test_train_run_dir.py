@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 
 from train_helpers import PNG, SMALL_FLAGS, metric_steps, quiet, settings, snapshot  # noqa: E402
 
-from sparsedoctor_kernels import cli, training  # noqa: E402
+from sparsedoctor_kernels import checkpoints, cli  # noqa: E402
 from sparsedoctor_kernels.training import TrainError, train  # noqa: E402
 
 
@@ -103,28 +103,28 @@ def test_checkpoints_and_latest_are_renamed_into_place(tmp_path, monkeypatch):
         renames.append((os.path.basename(source), os.path.basename(target)))
         real_replace(source, target)
 
-    monkeypatch.setattr(training.os, "replace", recording_replace)
+    monkeypatch.setattr(checkpoints.os, "replace", recording_replace)
     train(settings(tmp_path, steps=2, save_every=2), log=quiet)
     assert ("checkpoint-2.tmp", "checkpoint-2") in renames and ("latest.partial", "latest") in renames
     assert renames.index(("checkpoint-2.tmp", "checkpoint-2")) < renames.index(("latest.partial", "latest"))
 
 
 def test_an_interrupted_checkpoint_leaves_the_previous_one_and_resume_tolerates_its_tmp(tmp_path, monkeypatch):
-    real_write = training._write_trainer_state
+    real_write = checkpoints._write_trainer_state
 
     def dies_at_step_4(optimizer, step, directory):
         if step == 4:
             raise OSError("disk full")  # the save dies while checkpoint-4.tmp/ is half-written
         real_write(optimizer, step, directory)
 
-    monkeypatch.setattr(training, "_write_trainer_state", dies_at_step_4)
+    monkeypatch.setattr(checkpoints, "_write_trainer_state", dies_at_step_4)
     with pytest.raises(OSError, match="disk full"):
         train(settings(tmp_path, steps=4, save_every=2), log=quiet)
     run_dir = tmp_path / "run"
     assert (run_dir / "checkpoint-4.tmp" / "adapter").is_dir() and not (run_dir / "checkpoint-4").exists()
     assert (run_dir / "latest").read_text().strip() == "checkpoint-2"
 
-    monkeypatch.setattr(training, "_write_trainer_state", real_write)
+    monkeypatch.setattr(checkpoints, "_write_trainer_state", real_write)
     lines = []
     resumed = train(settings(tmp_path, steps=4, save_every=2, resume=True), log=lines.append)
     assert [row["step"] for row in resumed.history] == [3, 4]

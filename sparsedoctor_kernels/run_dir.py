@@ -1,0 +1,181 @@
+"""What a run directory is, and how it is kept to one run. It holds `run_config.json`, `metrics.jsonl` (one line
+a step), `loss.png` and `expert_load.png`, `checkpoint-<step>/` (adapter + trainer state, for `--resume`) with
+`latest` naming the newest, and finally `adapter/` and `tokenizer/`. Before a run starts, a fresh run refuses a
+directory holding another run (unless --overwrite) and --resume needs a compatible run with a checkpoint; then
+rank 0 prepares the directory. Files here are written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+from typing import TYPE_CHECKING
+
+from sparsedoctor_kernels.train_errors import NoCheckpointError, TrainError
+
+if TYPE_CHECKING:
+    from sparsedoctor_kernels.training import TrainSettings
+
+RUN_FILE = "run_config.json"
+METRICS_FILE = "metrics.jsonl"
+LATEST_FILE = "latest"
+STATE_TENSORS = "trainer_state.safetensors"  # optimizer moments and the RNG state: no pickle anywhere
+STATE_JSON = "trainer_state.json"
+# What a run writes at the top of its directory (besides checkpoint-<step>[.tmp]/): a fresh run refuses a
+# directory that holds any of them, --overwrite removes them. Other files are the user's and are left alone.
+RUN_ENTRIES = (RUN_FILE, METRICS_FILE, LATEST_FILE, "adapter", "tokenizer", "loss.png", "expert_load.png")
+# checkpoint-<step>/, one being written (.tmp), and what a killed save_adapter leaves of adapter/.
+UNNAMED_ENTRIES = re.compile(r"checkpoint-\d+(\.tmp)?|\.adapter\.partial-\w+")
+PARTIAL = ".partial"  # the suffix of a file being written by write_atomically
+# Settings a resumed run may change: they do not alter what is being trained.
+RESUMABLE_CHANGES = frozenset({"output_dir", "steps", "resume", "overwrite", "progress", "save_every", "device",
+                               "gradient_checkpointing"})
+
+
+def run_entries(output_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The files and directories a previous run left in `output_dir` (empty for a fresh or missing one)."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(p for p in output_dir.iterdir()
+                  if p.name.removesuffix(PARTIAL) in RUN_ENTRIES or UNNAMED_ENTRIES.fullmatch(p.name))
+
+
+def unfinished_entries(output_dir: pathlib.Path) -> list[pathlib.Path]:
+    """What an interrupted run left half-written: checkpoint-<step>.tmp/ and *.partial files."""
+    return [p for p in run_entries(output_dir) if p.name.endswith((".tmp", PARTIAL)) or ".partial-" in p.name]
+
+
+def check_output_dir(output_dir: pathlib.Path) -> None:
+    """The directory is (or can be created as) a directory we can write in: tried, not guessed from the mode
+    bits, which root ignores. Nothing is left behind."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise TrainError(f"--output-dir {output_dir} is a file, not a directory")
+    existing = output_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TrainError(f"--output-dir {output_dir}: {existing} is a file, not a directory")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".sparsedoctor-write-probe-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise TrainError(f"--output-dir {output_dir}: cannot write in {existing} ({error.strerror})") from None
+
+
+def check_run_dir(settings: TrainSettings, output_dir: pathlib.Path) -> tuple[pathlib.Path, int] | None:
+    """A fresh run needs a directory without another run in it (or --overwrite); --resume needs a compatible
+    run with a checkpoint. Returns (checkpoint directory, step) to resume from, or None."""
+    if settings.resume:
+        return find_checkpoint(settings, output_dir)
+    entries = run_entries(output_dir)
+    if entries and not settings.overwrite:
+        names = ", ".join(p.name for p in entries[:6]) + (", ..." if len(entries) > 6 else "")
+        raise TrainError(f"--output-dir {output_dir} already holds a training run ({names}); pass --resume to "
+                         "continue it or --overwrite to start over")
+    return None
+
+
+def find_checkpoint(settings: TrainSettings, output_dir: pathlib.Path) -> tuple[pathlib.Path, int]:
+    latest = output_dir / LATEST_FILE
+    if not latest.is_file():
+        raise NoCheckpointError(f"--resume: no checkpoint in {output_dir} (no '{LATEST_FILE}' file)")
+    directory = output_dir / latest.read_text(encoding="utf-8").strip()
+    if not (directory / STATE_JSON).is_file() or not (directory / STATE_TENSORS).is_file():
+        raise NoCheckpointError(f"--resume: {latest} names {directory.name}, which is missing or incomplete")
+    check_same_run(settings, output_dir)
+    step = _read_json(directory / STATE_JSON).get("step")
+    if not isinstance(step, int):
+        raise TrainError(f"--resume: {directory / STATE_JSON} holds no step")
+    if step >= settings.steps:
+        raise TrainError(f"--resume: {directory.name} is at step {step} and --steps is {settings.steps}: nothing "
+                         "is left to train; raise --steps")
+    return directory, step
+
+
+def check_same_run(settings: TrainSettings, output_dir: pathlib.Path) -> None:
+    """Refuse to resume with settings that change what is trained (data, model, schedule, adapter...)."""
+    run_file = output_dir / RUN_FILE
+    if not run_file.is_file():
+        raise TrainError(f"--resume: {output_dir} has no {RUN_FILE}, so its settings cannot be checked")
+    now = json.loads(json.dumps(settings.to_dict()))  # tuples as lists, as the saved file has them
+    differences = settings_differences(_read_json(run_file), now)
+    if differences:
+        raise TrainError(f"--resume: the run in {output_dir} was trained with other settings ("
+                         + "; ".join(differences) + "); resume with the run's settings or pass --overwrite")
+
+
+def settings_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    missing = "<absent>"
+    differences = []
+    for key in sorted(set(saved) | set(now)):
+        if not prefix and key in RESUMABLE_CHANGES:
+            continue
+        old, new = saved.get(key, missing), now.get(key, missing)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += settings_differences(old, new, prefix=f"{prefix}{key}.")
+        elif old != new:
+            differences.append(f"{prefix}{key}: {old!r} in the run, {new!r} now")
+    return differences
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TrainError(f"{path}: cannot read it ({error})") from None
+    if not isinstance(value, dict):
+        raise TrainError(f"{path}: expected a JSON object")
+    return value
+
+
+def write_atomically(path: pathlib.Path, text: str) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    partial = path.with_name(path.name + PARTIAL)
+    with partial.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def _remove(paths: list[pathlib.Path]) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def prepare_run_dir(settings: TrainSettings, output_dir: pathlib.Path, resumed_step: int, log) -> None:
+    """Rank 0, once every check has passed: start over (--overwrite) or tidy up for a resume, then record the
+    settings."""
+    if settings.overwrite and (entries := run_entries(output_dir)):
+        _remove(entries)
+        log(f"--overwrite: removed the previous run from {output_dir}: " + ", ".join(p.name for p in entries))
+    if settings.resume:
+        leftovers = unfinished_entries(output_dir)
+        if leftovers:
+            _remove(leftovers)  # a checkpoint or file an interrupted run did not finish writing
+            log("--resume: removed unfinished " + ", ".join(p.name for p in leftovers))
+        _cut_metrics(output_dir / METRICS_FILE, resumed_step)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(output_dir / RUN_FILE, json.dumps(settings.to_dict(), indent=2, ensure_ascii=False) + "\n")
+
+
+def _cut_metrics(path: pathlib.Path, step: int) -> None:
+    """Keep the rows up to the checkpoint's step, so the resumed steps are not there twice."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the interruption
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    write_atomically(path, "".join(kept))
