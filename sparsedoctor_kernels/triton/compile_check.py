@@ -79,8 +79,10 @@ def _scenarios() -> tuple[dict[str, str], list[Scenario]]:
 
     def route(dtype, num_experts, top_k):
         logits = torch.empty(TOKENS, num_experts, dtype=dtype)
-        weights, experts, _, probs_mean = routing.forward(logits, top_k, True)
-        routing.backward(torch.empty_like(weights), torch.empty_like(probs_mean), logits, experts, True)
+        for token_mask in (None, torch.ones(TOKENS, dtype=torch.bool)):  # the model passes its padding mask
+            weights, experts, _, probs_mean = routing.forward(logits, top_k, True, token_mask)
+            routing.backward(torch.empty_like(weights), torch.empty_like(probs_mean), logits, experts, True,
+                             token_mask)
 
     for name, dtype in dtypes.items():
         for num_experts, top_k in ((EXPERTS, TOP_K), (WIDE_EXPERTS, WIDE_TOP_K)):

@@ -13,6 +13,7 @@ from sparsedoctor_kernels.triton._dtypes import compute_type
 
 # Tokens per program: a [BLOCK_T, BLOCK_E] tile of about this many elements stays in registers.
 TILE_ELEMENTS = 4096
+STATISTICS_ELEMENTS = 4096  # partial sums ([programs, experts]) per step of the statistics kernel
 
 
 @triton.jit
@@ -44,6 +45,40 @@ def _counted_rows(token_mask_ptr, rows, row_ok, HAS_MASK: tl.constexpr):
     if HAS_MASK:
         return row_ok & (tl.load(token_mask_ptr + rows, mask=row_ok, other=0) != 0)
     return row_ok
+
+
+@triton.jit
+def _num_counted(token_mask_ptr, num_tokens, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """Tokens the statistics count, at least 1 (as a float): every token, or the marked ones. Each program that
+    needs it reads the whole mask (T bytes, from L2), which costs less than a separate launch."""
+    if HAS_MASK:
+        count = tl.zeros([BLOCK], dtype=tl.int32)
+        for start in range(0, num_tokens, BLOCK):
+            offsets = start + tl.arange(0, BLOCK)
+            marked = tl.load(token_mask_ptr + offsets, mask=offsets < num_tokens, other=0) != 0
+            count += marked.to(tl.int32)
+        total = tl.sum(count, axis=0)
+    else:
+        total = num_tokens
+    return tl.maximum(total, 1).to(tl.float32)
+
+
+@triton.jit
+def _route_statistics_kernel(
+    partial_probs_ptr, num_programs, num_experts, token_mask_ptr, num_tokens, probs_mean_ptr,
+    HAS_MASK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """probs_mean = (sum of the forward programs' column sums, in program order) / tokens counted."""
+    cols = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    col_ok = cols < num_experts
+    total = tl.zeros([BLOCK_E], dtype=COMPUTE)
+    for start in range(0, num_programs, BLOCK_P):
+        programs = start + tl.arange(0, BLOCK_P)
+        block = tl.load(partial_probs_ptr + programs[:, None] * num_experts + cols[None, :],
+                        mask=(programs < num_programs)[:, None] & col_ok[None, :], other=0.0)
+        total += tl.sum(block, axis=0)
+    count = _num_counted(token_mask_ptr, num_tokens, HAS_MASK, 1024).to(COMPUTE)
+    tl.store(probs_mean_ptr + cols, total / count, mask=col_ok)
 
 
 @triton.jit
@@ -92,7 +127,7 @@ def _route_forward_kernel(
 @triton.jit
 def _route_backward_kernel(
     grad_weights_ptr, grad_probs_mean_ptr, logits_ptr, stride_t, experts_ptr, grad_logits_ptr, stride_grad_t,
-    token_mask_ptr, num_tokens, num_experts, inv_num_tokens,
+    token_mask_ptr, num_tokens, num_experts,
     TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr, COMPUTE: tl.constexpr,
 ):
@@ -103,10 +138,11 @@ def _route_backward_kernel(
     col_ok = cols < num_experts
     probs, _ = _softmax_rows(logits_ptr, stride_t, rows, cols, row_ok, col_ok, COMPUTE)
 
-    # d probs_mean / d probs[t, e] = 1 / (tokens counted) for every counted token (the launcher divides).
+    # d probs_mean / d probs[t, e] = 1 / (tokens counted) for every counted token.
     grad_mean = tl.load(grad_probs_mean_ptr + cols, mask=col_ok, other=0.0).to(COMPUTE)
+    grad_mean = grad_mean / _num_counted(token_mask_ptr, num_tokens, HAS_MASK, 1024).to(COMPUTE)
     counted = _counted_rows(token_mask_ptr, rows, row_ok, HAS_MASK)
-    grad_probs = tl.where(counted[:, None], grad_mean[None, :] * inv_num_tokens, 0.0)
+    grad_probs = tl.where(counted[:, None], grad_mean[None, :], 0.0)
 
     total = tl.zeros([BLOCK_T], dtype=COMPUTE)
     weighted = tl.zeros([BLOCK_T], dtype=COMPUTE)
@@ -143,13 +179,6 @@ def num_warps(block_e: int) -> int:
     return 8 if block_e >= 128 else 4
 
 
-def _num_counted(token_mask, num_tokens: int, dtype, device):
-    """Tokens the statistics count, at least 1: a Python int, or a device tensor under a mask (no sync)."""
-    if token_mask is None:
-        return max(num_tokens, 1)
-    return token_mask.sum(dtype=dtype).clamp_min(1)
-
-
 def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: torch.Tensor | None = None):
     num_tokens, num_experts = logits.shape
     dtype = compute_dtype(logits.dtype)
@@ -167,7 +196,13 @@ def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: tor
             HAS_MASK=token_mask is not None,
             BLOCK_T=block_t, BLOCK_E=block_e, COMPUTE=compute_type(dtype), num_warps=num_warps(block_e),
         )
-    probs_mean = partial_probs.sum(0) / _num_counted(token_mask, num_tokens, dtype, logits.device)
+    probs_mean = empty((num_experts,), dtype, logits.device)
+    block_e = min(block_e, 256)
+    _route_statistics_kernel[(triton.cdiv(num_experts, block_e),)](
+        partial_probs, num_programs, num_experts, token_mask if token_mask is not None else counts, num_tokens,
+        probs_mean, HAS_MASK=token_mask is not None, BLOCK_P=max(1, STATISTICS_ELEMENTS // block_e),
+        BLOCK_E=block_e, COMPUTE=compute_type(dtype),
+    )
     return weights, experts, counts, probs_mean
 
 
@@ -177,14 +212,10 @@ def backward(grad_weights, grad_probs_mean, logits, experts, renormalize: bool,
     top_k = experts.shape[1]
     block_t, block_e = _blocks(num_experts)
     grad_logits = empty((num_tokens, num_experts), logits.dtype, logits.device)
-    if token_mask is not None:  # the division by the counted tokens (a device tensor) happens here
-        grad_probs_mean = grad_probs_mean / _num_counted(token_mask, num_tokens, grad_probs_mean.dtype,
-                                                         logits.device)
-    inv_num_tokens = 1.0 if token_mask is not None else 1.0 / max(num_tokens, 1)
     if num_tokens > 0:
         _route_backward_kernel[(triton.cdiv(num_tokens, block_t),)](
             grad_weights, grad_probs_mean, logits, logits.stride(0), experts, grad_logits, grad_logits.stride(0),
-            token_mask if token_mask is not None else experts, num_tokens, num_experts, inv_num_tokens,
+            token_mask if token_mask is not None else experts, num_tokens, num_experts,
             TOP_K=top_k, RENORMALIZE=renormalize, HAS_MASK=token_mask is not None, BLOCK_T=block_t, BLOCK_E=block_e,
             COMPUTE=compute_type(compute_dtype(logits.dtype)), num_warps=num_warps(block_e),
         )
