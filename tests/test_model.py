@@ -375,3 +375,12 @@ def test_fused_and_reference_training_curves_agree(monkeypatch):
         for key in ("lm", "balance", "contrastive"):
             assert got[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-4), key
     assert curves["torch"][-1]["lm"] < curves["torch"][0]["lm"]
+
+
+def test_a_contrastive_term_without_a_queue_is_refused_and_top1_warns():
+    with pytest.raises(ValueError, match="queue_size=0 leaves the contrastive term without negatives"):
+        SparseDoctorConfig(queue_size=0)
+    SparseDoctorConfig(queue_size=0, contrastive_coef=0.0)  # the term is off: nothing to refuse
+    SparseDoctorConfig(queue_size=0, contrastive_tokens=0)
+    with pytest.warns(UserWarning, match="top_k=1: the routed and fused views"):
+        SparseDoctorConfig(top_k=1)

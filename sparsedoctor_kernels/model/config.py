@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 QWEN3_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -53,6 +54,20 @@ class SparseDoctorConfig:
         if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
             raise ValueError(f"SparseDoctorConfig.target_modules must name at least one module, "
                              f"got {self.target_modules!r}")
+        self._check_contrastive_term()
+
+    def _check_contrastive_term(self) -> None:
+        """The contrastive term must be able to do something when it is on."""
+        if self.contrastive_coef == 0 or self.contrastive_tokens == 0:
+            return
+        if self.queue_size == 0:
+            # No queue, no negatives: the loss would be a constant 0 and silently train nothing.
+            raise ValueError("SparseDoctorConfig.queue_size=0 leaves the contrastive term without negatives; "
+                             "set queue_size >= 1, or contrastive_coef=0 to train without the term")
+        if self.top_k == 1:
+            warnings.warn("SparseDoctorConfig.top_k=1: the routed and fused views of a token are then identical, "
+                          "so the contrastive term gives the router no gradient (it can still move the experts "
+                          "and heads); use top_k >= 2 for the method as described", UserWarning, stacklevel=4)
 
     @property
     def scaling(self) -> float:
