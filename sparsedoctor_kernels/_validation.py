@@ -60,8 +60,11 @@ def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
 
 
 def _inspectable(tensor: torch.Tensor) -> bool:
-    """Real memory to compare: not while torch.compile traces (fake tensors), not meta, not empty."""
-    return tensor.numel() > 0 and tensor.device.type != "meta" and not torch.compiler.is_compiling()
+    """Real memory to compare: not while torch.compile traces, not fake or meta tensors, not empty."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return (tensor.numel() > 0 and tensor.device.type != "meta" and not torch.compiler.is_compiling()
+            and not is_fake(tensor))
 
 
 def require_writable_output(name: str, out: torch.Tensor, **inputs: torch.Tensor) -> None:
@@ -79,7 +82,8 @@ def require_writable_output(name: str, out: torch.Tensor, **inputs: torch.Tensor
         reach = stride * size
     out_low, out_high = _byte_span(out)
     for input_name, tensor in inputs.items():
-        if not _inspectable(tensor) or tensor.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+        # Byte spans, whichever storage object holds them: two storages can alias one buffer (from_numpy, dlpack).
+        if not _inspectable(tensor) or tensor.device != out.device:
             continue
         low, high = _byte_span(tensor)
         if low < out_high and out_low < high:

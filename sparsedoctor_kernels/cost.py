@@ -51,14 +51,26 @@ _DEFAULT_GPU = "H100"
 _CPU_RATES = DeviceRates("cpu", 20e9, 100e9)  # a few cores; only the order of magnitude matters here
 
 
+_rates_by_device: dict[tuple[str, int | None, bool], DeviceRates] = {}
+
+
 def device_rates(device: torch.device | str, dtype: torch.dtype) -> DeviceRates:
+    """The rates of `device` for `dtype`, looked up once per device (the ops call this on every call)."""
     device = torch.device(device)
+    sixteen_bit = dtype in (torch.bfloat16, torch.float16)
+    key = (device.type, device.index, sixteen_bit)
+    if key not in _rates_by_device:
+        _rates_by_device[key] = _lookup_rates(device, sixteen_bit)
+    return _rates_by_device[key]
+
+
+def _lookup_rates(device: torch.device, sixteen_bit: bool) -> DeviceRates:
     if device.type != "cuda":
         return _CPU_RATES
-    name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else _DEFAULT_GPU
+    # get_device_properties (not get_device_name): torch.compile folds it to a constant instead of breaking.
+    name = torch.cuda.get_device_properties(device).name if torch.cuda.is_available() else _DEFAULT_GPU
     known = next((key for key in GPU_RATES if key in name), _DEFAULT_GPU)
     bandwidth, half_flops, single_flops = GPU_RATES[known]
-    sixteen_bit = dtype in (torch.bfloat16, torch.float16)
     return DeviceRates(known, bandwidth, half_flops if sixteen_bit else single_flops)
 
 
@@ -108,7 +120,7 @@ def choose_strategy(num_tokens: int, d_in: int, d_out: int, num_experts: int, to
                     dtype: torch.dtype, device: torch.device | str) -> str:
     """The strategy the model expects to be faster for one forward + backward at these shapes."""
     rates = device_rates(device, dtype)
-    element = torch.empty((), dtype=dtype).element_size()
+    element = dtype.itemsize
     times = {s: lora_moe_cost(s, num_tokens, d_in, d_out, num_experts, top_k, rank, element).seconds(rates)
              for s in STRATEGIES}
     return min(STRATEGIES, key=lambda s: (times[s], s != "dense"))

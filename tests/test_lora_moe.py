@@ -140,21 +140,29 @@ def test_non_finite_expert_reaches_only_the_tokens_that_chose_it(backend, gen, s
 def test_out_sharing_memory_with_an_input_is_refused(backend, gen):
     """`out=x` would overwrite x while it is read and saved for the backward (a wrong lora_a gradient)."""
     inputs = make_inputs(gen, 9, 6, 6, 3, 2, 2)
-    wide = torch.randn(9, 10, generator=gen)
-    cases = [(inputs, inputs["x"]), (inputs, inputs["x"][:, :]), (dict(inputs, x=wide[:, 2:8]), wide[:, 4:])]
+    window = torch.randn(100, generator=gen)
+    cases = [(inputs, inputs["x"]), (inputs, inputs["x"][:, :]),
+             (dict(inputs, x=window[:54].view(9, 6)), window[30:84].view(9, 6))]  # overlapping windows
     for args, out in cases:
         with pytest.raises(ValueError, match="out shares memory with x"):
             sdk.lora_moe(**args, out=out, backend=backend)
+    shared = torch.from_numpy(inputs["x"].numpy())  # another storage object over the same bytes
+    with pytest.raises(ValueError, match="out shares memory with x"):
+        sdk.lora_moe(**inputs, out=shared, backend=backend)
     packed = torch.randn(100, generator=gen)
     with pytest.raises(ValueError, match="out shares memory with lora_b"):
         sdk.lora_moe(**dict(inputs, lora_b=packed[:36].view(3, 6, 2)), out=packed[30:84].view(9, 6), backend=backend)
     with pytest.raises(ValueError, match="out has overlapping elements"):
         sdk.lora_moe(**inputs, out=torch.zeros(1, 6).expand(9, 6), backend=backend)
-    # Disjoint parts of one buffer are fine.
+    # Disjoint parts of one buffer are fine, and so is an x the op copies to make it contiguous.
     buffer = torch.zeros(2, 9, 6)
     buffer[0] = inputs["x"]
     sdk.lora_moe(**dict(inputs, x=buffer[0]), out=buffer[1], backend=backend)
     assert_close(buffer[1], brute.lora_moe(**inputs), torch.float32)
+    interleaved = torch.zeros(9, 12)
+    interleaved[:, :6] = inputs["x"]
+    sdk.lora_moe(**dict(inputs, x=interleaved[:, :6]), out=interleaved[:, 6:], backend=backend)
+    assert_close(interleaved[:, 6:], brute.lora_moe(**inputs), torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -165,6 +165,17 @@ def test_route_token_mask_without_real_tokens(backend):
     assert logits.grad.isfinite().all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_route_token_mask_leaves_out_a_padding_row_without_a_finite_softmax(backend):
+    logits = torch.randn(5, 4)
+    logits[3] = float("nan")  # padding whose hidden state went NaN
+    mask = torch.tensor([True, True, True, False, True])
+    routing = sdk.route(logits, 2, backend=backend, token_mask=mask)
+    want = sdk.route(logits[mask], 2, backend="torch")
+    torch.testing.assert_close(routing.probs_mean, want.probs_mean)
+    assert sdk.load_balance_loss(routing).isfinite()
+
+
 def test_route_token_mask_is_checked():
     with pytest.raises(TypeError, match="token_mask must have dtype bool"):
         sdk.route(torch.zeros(3, 2), 1, token_mask=torch.ones(3))

@@ -131,7 +131,6 @@ def _check_arguments(x, lora_a, lora_b, weights, experts, scaling, out):
     if out is not None:
         require_dtype("out", out, (x.dtype,))
         require_shape("out", out, (num_tokens, lora_b.shape[1]), f"[T={num_tokens}, d_out={lora_b.shape[1]}]")
-        require_writable_output("out", out, **tensors)  # out=x (a residual-style call) is refused here
         tensors["out"] = out
     return require_same_device(**tensors)
 
@@ -161,7 +160,9 @@ def lora_moe(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weight
     strategy = resolve_strategy(strategy, backend, shapes, x.dtype, device)
     if default_validate(validate, device):
         check_ids_in_range("experts", experts, num_experts)
-    return _LoraMoEFunction.apply(
-        out, x.contiguous(), lora_a.contiguous(), lora_b.contiguous(), weights.contiguous(), experts.contiguous(),
-        float(scaling), backend, strategy,
-    )
+    inputs = {"x": x.contiguous(), "lora_a": lora_a.contiguous(), "lora_b": lora_b.contiguous(),
+              "weights": weights.contiguous(), "experts": experts.contiguous()}
+    if out is not None:
+        # Checked on what the kernels read: an input that was copied to be contiguous cannot alias `out`.
+        require_writable_output("out", out, **inputs)  # out=x (a residual-style call) is refused here
+    return _LoraMoEFunction.apply(out, *inputs.values(), float(scaling), backend, strategy)

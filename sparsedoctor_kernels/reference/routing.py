@@ -39,7 +39,8 @@ def _statistics(probs, experts, token_mask):
     counts = torch.zeros(num_experts, dtype=torch.int32, device=probs.device)
     pairs = real.to(torch.int32)[:, None].expand(-1, experts.shape[1])
     counts.scatter_add_(0, experts.reshape(-1).long(), pairs.reshape(-1))
-    probs_mean = (probs if token_mask is None else probs * real[:, None]).sum(0) / num_real
+    # Selected, not multiplied: a left-out token's NaN probabilities (padding) must not reach the mean.
+    probs_mean = (probs if token_mask is None else torch.where(token_mask[:, None], probs, 0.0)).sum(0) / num_real
     return counts, probs_mean
 
 

@@ -118,7 +118,7 @@ def _dense_expand_kernel(
         weight = tl.load(weight_rows[:, None] + outs[None, :] * stride_wn, mask=col_ok[:, None] & out_ok[None, :],
                          other=0.0)
         acc = tl.dot(projected.to(DOT), weight.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
-    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out_t + outs[None, :] * stride_out_n
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out_t + outs.to(tl.int64)[None, :] * stride_out_n
     mask = row_ok[:, None] & out_ok[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=mask, other=0.0).to(ACC)

@@ -49,8 +49,8 @@ def _counted_rows(token_mask_ptr, rows, row_ok, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def _num_counted(token_mask_ptr, num_tokens, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """Tokens the statistics count, at least 1 (as a float): every token, or the marked ones. Each program that
-    needs it reads the whole mask (T bytes, from L2), which costs less than a separate launch."""
+    """Tokens the statistics count, at least 1 (as a float): every token, or the marked ones. Read by the one
+    statistics program per 256 experts (T bytes each), which costs less than a separate launch."""
     if HAS_MASK:
         count = tl.zeros([BLOCK], dtype=tl.int32)
         for start in range(0, num_tokens, BLOCK):
@@ -127,7 +127,7 @@ def _route_forward_kernel(
 @triton.jit
 def _route_backward_kernel(
     grad_weights_ptr, grad_probs_mean_ptr, logits_ptr, stride_t, experts_ptr, grad_logits_ptr, stride_grad_t,
-    token_mask_ptr, num_tokens, num_experts,
+    token_mask_ptr, num_counted_ptr, num_tokens, num_experts,
     TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr, COMPUTE: tl.constexpr,
 ):
@@ -140,7 +140,9 @@ def _route_backward_kernel(
 
     # d probs_mean / d probs[t, e] = 1 / (tokens counted) for every counted token.
     grad_mean = tl.load(grad_probs_mean_ptr + cols, mask=col_ok, other=0.0).to(COMPUTE)
-    grad_mean = grad_mean / _num_counted(token_mask_ptr, num_tokens, HAS_MASK, 1024).to(COMPUTE)
+    # The tokens counted: counted once by the launcher, since every program here would otherwise read the mask.
+    num_counted = tl.maximum(tl.load(num_counted_ptr), 1) if HAS_MASK else tl.maximum(num_tokens, 1)
+    grad_mean = grad_mean / num_counted.to(COMPUTE)
     counted = _counted_rows(token_mask_ptr, rows, row_ok, HAS_MASK)
     grad_probs = tl.where(counted[:, None], grad_mean[None, :], 0.0)
 
@@ -215,7 +217,8 @@ def backward(grad_weights, grad_probs_mean, logits, experts, renormalize: bool,
     if num_tokens > 0:
         _route_backward_kernel[(triton.cdiv(num_tokens, block_t),)](
             grad_weights, grad_probs_mean, logits, logits.stride(0), experts, grad_logits, grad_logits.stride(0),
-            token_mask if token_mask is not None else experts, num_tokens, num_experts,
+            token_mask if token_mask is not None else experts,
+            token_mask.sum(dtype=torch.int32) if token_mask is not None else experts, num_tokens, num_experts,
             TOP_K=top_k, RENORMALIZE=renormalize, HAS_MASK=token_mask is not None, BLOCK_T=block_t, BLOCK_E=block_e,
             COMPUTE=compute_type(compute_dtype(logits.dtype)), num_warps=num_warps(block_e),
         )
