@@ -369,3 +369,24 @@ def test_a_failed_save_on_rank_0_is_raised_on_every_rank(tmp_path):
     assert errors[0].startswith("ValueError: ") and "replaces the whole directory" in errors[0]
     assert errors[1] == f"RuntimeError: rank 0 failed to write the adapter to {directory} (its error says why)"
     assert sorted(p.name for p in directory.iterdir()) == ["notes.txt"]
+
+
+def test_saving_refuses_the_working_directory_and_a_peft_adapter_and_follows_a_symlink(tmp_path, monkeypatch):
+    model = make_model()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="the working directory or holds it"):
+        save_adapter(model, ".")
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    (peft / "adapter_model.safetensors").write_bytes(b"not ours")
+    with pytest.raises(ValueError, match="not a sparsedoctor adapter's"):
+        save_adapter(model, peft)
+    assert (peft / "adapter_model.safetensors").read_bytes() == b"not ours"
+    real = tmp_path / "real"
+    save_adapter(model, real)
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    save_adapter(model, link)
+    assert link.is_symlink() and (real / "adapter_config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

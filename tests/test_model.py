@@ -384,3 +384,9 @@ def test_a_contrastive_term_without_a_queue_is_refused_and_top1_warns():
     SparseDoctorConfig(queue_size=0, contrastive_tokens=0)
     with pytest.warns(UserWarning, match="top_k=1: the routed and fused views"):
         SparseDoctorConfig(top_k=1)
+
+
+@pytest.mark.parametrize("field", ["balance_coef", "contrastive_coef"])
+def test_negative_loss_weights_are_refused(field):
+    with pytest.raises(ValueError, match=f"{field} must be >= 0"):
+        SparseDoctorConfig(**{field: -1.0})

@@ -27,10 +27,15 @@ class DataError(ValueError):
 
 def normalize_options(options) -> dict[str, str]:
     if isinstance(options, list):
+        if len(options) > len(LETTERS):
+            raise DataError(f"options: {len(options)} given, at most {len(LETTERS)} ({LETTERS[0]}-{LETTERS[-1]})")
         options = dict(zip(LETTERS, options))
     if not isinstance(options, dict) or not options or not all(isinstance(v, str) for v in options.values()):
         raise DataError(f"options must be a non-empty list or letter->text mapping of strings, got {options!r}")
-    return {str(k).strip().upper(): v for k, v in options.items()}
+    normalized = {str(k).strip().upper(): v for k, v in options.items()}
+    if len(normalized) != len(options):  # "a" and "A" would silently become one option
+        raise DataError(f"options name the same letter twice (letters are case-insensitive): {sorted(options)}")
+    return normalized
 
 
 def multiple_choice_prompt(question: str, options) -> str:

@@ -114,7 +114,8 @@ def _share_outcome(model: SparseDoctorModel, written: bool, directory: pathlib.P
 def _write_adapter(model: SparseDoctorModel, directory: pathlib.Path) -> None:
     tensors = {key: value.detach().contiguous().cpu() for key, value in _adapter_tensors(model).items()}
     description = json.dumps(_describe(model), indent=2, ensure_ascii=False) + "\n"
-    directory = pathlib.Path(os.path.abspath(directory))  # a real last component for the sibling names
+    # The real directory: a symlink keeps pointing at the adapter it names, and the sibling names are real.
+    directory = pathlib.Path(os.path.realpath(directory))
     _check_replaceable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.with_name(f".{directory.name}.partial-{uuid.uuid4().hex}")
@@ -135,10 +136,26 @@ def _check_replaceable(directory: pathlib.Path) -> None:
         return
     if not directory.is_dir():
         raise ValueError(f"cannot save an adapter to {directory}: it exists and is not a directory")
+    working = pathlib.Path(os.path.realpath(os.getcwd()))
+    if directory == working or directory in working.parents:
+        raise ValueError(f"cannot save an adapter to {directory}: saving replaces the whole directory, and it is "
+                         "the working directory or holds it; name a directory of its own, e.g. ./adapter")
     foreign = [p.name for p in directory.iterdir() if p.name not in (CONFIG_FILE, WEIGHTS_FILE)]
     if foreign:
         raise ValueError(f"cannot save an adapter to {directory}: saving replaces the whole directory and it holds "
                          f"other files {_listed(foreign)}")
+    existing = directory / CONFIG_FILE
+    if existing.is_file() and not _is_sparsedoctor_config(existing):
+        raise ValueError(f"cannot save an adapter to {directory}: its {CONFIG_FILE} is not a sparsedoctor adapter's "
+                         "(a PEFT adapter uses the same file names); it is left as it is")
+
+
+def _is_sparsedoctor_config(path: pathlib.Path) -> bool:
+    try:
+        described = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(described, dict) and "sparsedoctor" in described and "peft_type" not in described
 
 
 def _move_into_place(staging: pathlib.Path, directory: pathlib.Path) -> None:

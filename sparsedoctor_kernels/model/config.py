@@ -49,6 +49,10 @@ class SparseDoctorConfig:
             raise ValueError(f"SparseDoctorConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"SparseDoctorConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        for name in ("balance_coef", "contrastive_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SparseDoctorConfig.{name} must be >= 0 (a negative loss weight rewards the "
+                                 f"term's failure), got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ValueError(f"SparseDoctorConfig.temperature must be > 0, got {self.temperature}")
         if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
