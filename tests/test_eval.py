@@ -405,3 +405,112 @@ def test_limit_applies_per_subject_and_keeps_every_subject(tmp_path):
     records = (tmp_path / "sparsedoctor-eval" / "predictions.jsonl").read_text().splitlines()  # the default dir
     assert [json.loads(r)["id"] for r in records] == ["anatomy/0", "anatomy/1", "virology/0", "virology/1"]
     assert json.loads((tmp_path / "sparsedoctor-eval" / "report.json").read_text())["missing"] == 0
+
+
+# Without an answer cue, only a capital letter standing alone is an answer: never an article ("A patient"), a
+# name ("Hepatitis B virus"), an abbreviation or code ("ECG", "BCG", "ACE", "CD4") or a vitamin ("B12").
+FALLBACK_NEGATIVES = ["A patient with fever", "应做ECG检查", "BCG疫苗", "ACE抑制剂", "CD4细胞", "维生素B12缺乏",
+                      "Hepatitis B virus", "A patient presenting like this...", "B-cell lymphoma", "Vitamin B's role"]
+FALLBACK_POSITIVES = [("B. 皮肤", "B"), ("B", "B"), ("正确答案是 B 。", "B"), ("A、C、D 都对", "ACD"),
+                      ("A, C", "AC"), ("A and C are correct", "AC"), ("我认为是 C。", "C"), ("B皮肤", "B")]
+
+
+@pytest.mark.parametrize("text", FALLBACK_NEGATIVES)
+def test_extract_answer_ignores_letters_of_words_and_abbreviations(text):
+    assert extract_answer(text, "ABCD") == ""
+    assert extract_answer(text) == ""  # nor with the default A-H (CMB's key)
+
+
+@pytest.mark.parametrize(("text", "expected"), FALLBACK_POSITIVES)
+def test_extract_answer_reads_standalone_letters(text, expected):
+    assert extract_answer(text, "ABCD") == expected
+
+
+def test_prose_predictions_are_no_answers_not_lucky_hits():
+    items = [MCQ(str(n), "q", {}, "A", "s") for n in range(3)]
+    with pytest.warns(UserWarning, match=r"3 prediction\(s\) hold no answer letter"):
+        result = score("cmb", items, {str(n): "A patient presenting like this..." for n in range(3)})
+    assert (result["correct"], result["no_answer"]) == (0, 3)
+
+
+def _saved_tiny_adapter(directory):
+    from sparsedoctor_kernels.model import SparseDoctorConfig, apply_sparsedoctor, save_adapter
+
+    base, _ = command.load_model("tiny", None, None, "cpu")
+    config = SparseDoctorConfig(num_experts=2, top_k=2, r=2, proj_dim=4, queue_size=4, target_modules=["q_proj"])
+    save_adapter(apply_sparsedoctor(base, config), directory)
+    return directory
+
+
+def test_bad_adapters_and_models_are_one_line_errors(tmp_path, capsys):
+    questions, key = write_cmb_fixture(tmp_path)
+    pickled = _saved_tiny_adapter(tmp_path / "pickled")
+    (pickled / "x.bin").write_bytes(b"\x80\x04")
+    typed = _saved_tiny_adapter(tmp_path / "typed")
+    config = json.loads((typed / "adapter_config.json").read_text())
+    config["sparsedoctor"]["num_experts"] = "3"
+    (typed / "adapter_config.json").write_text(json.dumps(config))
+    garbage = _saved_tiny_adapter(tmp_path / "garbage")
+    (garbage / "adapter_model.safetensors").write_bytes(b"not a safetensors file at all")
+    (tmp_path / "empty-model").mkdir()
+    runs = [(["--adapter", str(pickled)], "pickle"), (["--adapter", str(typed)], "num_experts"),
+            (["--adapter", str(garbage)], "safetensors"), (["--model", str(tmp_path / "empty-model")], "config.json")]
+    for flags, message in runs:
+        code = cli.main(["eval", "--benchmark", "cmb", "--data", str(questions), "--answers", str(key), *flags,
+                         "--output-dir", str(tmp_path / "out"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and flags[0] in err and err.count("\n") == 1, (flags, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_adapter_config_is_checked_before_any_loading(tmp_path, capsys, nothing_may_load):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"format_version": 1}')
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    assert cli.main(["eval", "--benchmark", "cmb", "--data", "q.json", "--adapter", str(tmp_path / "adapter")]) == 2
+    assert "--adapter" in capsys.readouterr().err
+    (tmp_path / "empty-model").mkdir()
+    assert cli.main(["eval", "--benchmark", "cmb", "--data", "q.json", "--model", str(tmp_path / "empty-model")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_score_applies_limit_as_the_run_does(tmp_path, capsys):
+    write_cmmlu_fixture(tmp_path / "cmmlu", ["anatomy", "virology"])
+    common = ["--benchmark", "cmmlu-med", "--data", str(tmp_path / "cmmlu"), "--subjects", "anatomy", "virology",
+              "--limit", "2"]
+    assert cli.main(["eval", *common, "--no-progress", "--output-dir", str(tmp_path / "run")]) == 0
+    run = json.loads((tmp_path / "run" / "report.json").read_text())
+    capsys.readouterr()
+    assert cli.main(["eval", "--score", *common, "--predictions", str(tmp_path / "run" / "predictions.jsonl"),
+                     "--output-dir", str(tmp_path / "scored")]) == 0
+    scored = json.loads((tmp_path / "scored" / "report.json").read_text())
+    assert (scored["n"], scored["missing"], scored["correct"]) == (4, 0, run["correct"])
+    assert scored["by_group"] == run["by_group"]
+    questions, key = write_cmb_fixture(tmp_path)
+    (tmp_path / "p.jsonl").write_text('{"id": 1, "prediction": "A"}\n')
+    assert cli.main(["eval", "--score", "--benchmark", "cmb", "--predictions", str(tmp_path / "p.jsonl"),
+                     "--answers", str(key), "--limit", "1"]) == 0
+    assert "overall accuracy: **1.0000** (1/1)" in capsys.readouterr().out
+
+
+def test_output_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_atomically(tmp_path / "report.json", "{}")
+        assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
+        os.umask(0o002)
+        write_atomically(tmp_path / "report.md", "x")
+        assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o664
+    finally:
+        os.umask(old)
+
+
+def test_a_partial_answer_key_says_which_items_it_lacks(tmp_path, capsys):
+    questions, key = write_cmb_fixture(tmp_path)
+    (tmp_path / "partial.json").write_text(json.dumps(json.loads(key.read_text())[:1], ensure_ascii=False))
+    (tmp_path / "p.jsonl").write_text('{"id": 1, "prediction": "A"}\n')
+    assert cli.main(["eval", "--score", "--benchmark", "cmb", "--data", str(questions), "--answers",
+                     str(tmp_path / "partial.json"), "--predictions", str(tmp_path / "p.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "partial.json: the key lacks 1 of the 2 item(s)" in err and "(id(s) 2)" in err
+    assert "pass --answers" not in err and err.count("\n") == 1

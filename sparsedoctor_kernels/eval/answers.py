@@ -1,7 +1,8 @@
 """The one answer extractor, for generated text and for prediction files alike, in the way evaluation harnesses
 (lm-evaluation-harness, OpenCompass, CMB's and CMExam's scripts) read answers: an explicit answer cue first
 ("答案：B", "正确答案为 A、C", "选B", "The answer is (C)", "Answer: B"), then the first standalone option letters
-(a letter that is not part of a Latin word: "B. 皮肤" -> "B", "A、C、D" -> "ACD"). Only the item's option
+(a single capital letter that is no part of a word, abbreviation or code: "B. 皮肤" -> "B", "A、C、D" -> "ACD",
+but "A patient", "Hepatitis B virus", "ECG", "BCG", "CD4", "维生素B12" give nothing). Only the item's option
 letters count; "" when the text holds no answer."""
 
 from __future__ import annotations
@@ -62,6 +63,51 @@ def _letter_group(text: str, start: int, valid: str, any_case: bool) -> str:
         letters += found
     return normalize_letters(letters)
 
+# After a standalone letter, the lower-case words that still let it be an answer ("I think B is right",
+# "A and C are correct"); any other lower-case word makes it an article or a name ("A patient", "Hepatitis B
+# virus").
+_ANSWER_VERBS = frozenset({"is", "are", "was", "were", "seems", "seem", "looks", "appears", "should", "would"})
+_NEXT_WORD = re.compile(r"\s+([a-z]+)")
+_SPACE = re.compile(r"\s+")
+_CONNECTORS = "-'’_"  # "B-cell", "B's", "T_1": the letter belongs to a longer token
+
+
+def _standalone_letter(text: str, match: re.Match, valid: str) -> str:
+    """The letter of a Latin run that names one option on its own, without an answer cue: one capital letter
+    of `valid`, not touching a digit or a hyphen-joined token and not followed by an ordinary lower-case
+    word; '' otherwise (multi-letter runs such as 'ECG', 'BCG', 'CD' are abbreviations, never answers here)."""
+    letter, start, end = match.group(), match.start(), match.end()
+    if len(letter) != 1 or not letter.isupper() or letter not in valid:
+        return ""
+    before, after = text[start - 1: start], text[end: end + 1]
+    if after.isdigit() or before.isdigit() or (after and after in _CONNECTORS and text[end + 1: end + 2].isalnum()):
+        return ""
+    if before and before in _CONNECTORS and text[start - 2: start - 1].isalnum():
+        return ""
+    word = _NEXT_WORD.match(text, end)
+    if word and word.group(1) not in _ANSWER_VERBS:
+        if word.group(1) != "and":
+            return ""
+        space = _SPACE.match(text, word.end())  # "A and C": only when a standalone letter follows
+        following = _LATIN_RUN.match(text, space.end()) if space else None
+        if following is None or not _standalone_letter(text, following, valid):
+            return ""
+    return letter
+
+
+def _standalone_group(text: str, first: re.Match, valid: str) -> str:
+    """The standalone letters from `first` on, separated by joiners ("A、C、D", "A, C", "A和C", "A and C")."""
+    letters = ""
+    for match in _PIECE.finditer(text, first.start()):
+        piece = match.group()
+        if piece in _JOINERS or (letters and piece == "and"):
+            continue
+        found = _standalone_letter(text, match, valid) if piece.isascii() and piece.isalpha() else ""
+        if not found:
+            break
+        letters += found
+    return normalize_letters(letters)
+
 
 def _bare_answer(text: str, valid: str) -> str | None:
     """The letters of a text that is nothing but option letters and punctuation, in any case; None otherwise."""
@@ -85,6 +131,6 @@ def extract_answer(text, valid: str | None = None) -> str:
             if letters:
                 return letters
     for match in _LATIN_RUN.finditer(text):
-        if _option_letters(match.group(), valid, any_case=False):
-            return _letter_group(text, match.start(), valid, any_case=False)
+        if _standalone_letter(text, match, valid):
+            return _standalone_group(text, match, valid)
     return ""

@@ -31,15 +31,39 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _adapter_description(adapter_dir: pathlib.Path) -> dict:
-    path = adapter_dir / "adapter_config.json"
+def check_adapter(adapter) -> dict:
+    """The adapter directory's config, read and checked (no pickle files, both files there, every field valid)
+    before any data or model is loaded; a bad adapter is an EvalDataError naming --adapter."""
+    from sparsedoctor_kernels.model.adapter import read_adapter_config
+
     try:
-        described = json.loads(read_text(path, "--adapter"))
-    except json.JSONDecodeError as error:
-        raise EvalDataError(f"{path}: malformed JSON at line {error.lineno}: {error.msg}") from None
-    if not isinstance(described, dict) or "sparsedoctor" not in described:
-        raise EvalDataError(f"{path}: not a SparseDoctor adapter config (no 'sparsedoctor' entry)")
-    return described
+        return read_adapter_config(adapter)
+    except (OSError, ValueError, TypeError) as error:
+        raise EvalDataError(f"--adapter {adapter}: {error}") from None
+
+
+def check_model_dir(model: str) -> None:
+    """`tiny`, or a directory that at least looks like a Hugging Face model (config.json)."""
+    if model == "tiny":
+        return
+    path = pathlib.Path(model)
+    if not path.is_dir():
+        raise EvalDataError(f"--model {model}: must be 'tiny' or a local Hugging Face model directory")
+    if not (path / "config.json").is_file():
+        raise EvalDataError(f"--model {model}: no config.json there, so not a Hugging Face model directory")
+
+
+@contextlib.contextmanager
+def _user_error(flag: str, value):
+    """Loading errors caused by the files a flag names (ValueError, OSError, KeyError from transformers or
+    safetensors) as one EvalDataError naming the flag."""
+    try:
+        yield
+    except EvalDataError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise EvalDataError(f"{flag} {value}: cannot be loaded ({message})") from None
 
 
 def load_model(model: str, adapter: str | None, tokenizer_path: str | None, device: str, seed: int = 0):
@@ -56,24 +80,27 @@ def load_model(model: str, adapter: str | None, tokenizer_path: str | None, devi
         if tokenizer_path:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+            with _user_error("--tokenizer", tokenizer_path):
+                tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         else:
             tokenizer = build_tokenizer(corpus(demo_records()))
         base = tiny_qwen3(vocab_size=len(tokenizer), seed=seed)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if not pathlib.Path(model).is_dir():
-            raise FileNotFoundError(f"--model must be 'tiny' or a local Hugging Face model directory; {model} is not")
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model)
-        base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16 if device == "cuda" else None)
+        check_model_dir(model)
+        with _user_error("--tokenizer" if tokenizer_path else "--model", tokenizer_path or model):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model)
+        with _user_error("--model", model):
+            base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16 if device == "cuda" else None)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if adapter_dir is not None:
-        described = _adapter_description(adapter_dir)
+        described = check_adapter(adapter_dir)
         torch.manual_seed(seed)
-        base = apply_sparsedoctor(base, SparseDoctorConfig.from_dict(described["sparsedoctor"]))
-        load_adapter(base, adapter_dir)
+        with _user_error("--adapter", adapter_dir):
+            base = apply_sparsedoctor(base, SparseDoctorConfig.from_dict(described["sparsedoctor"]))
+            load_adapter(base, adapter_dir)
     return base.to(device).eval(), tokenizer
 
 
@@ -118,11 +145,12 @@ def _check_eval_flags(args) -> None:
     if args.shots and args.benchmark != "cmmlu-med":
         raise EvalDataError(f"--shots {args.shots}: few-shot examples come from CMMLU's dev split; "
                             f"{args.benchmark} has none here")
-    if args.model != "tiny" and not pathlib.Path(args.model).is_dir():
-        raise EvalDataError(f"--model {args.model}: must be 'tiny' or a local Hugging Face model directory")
+    check_model_dir(args.model)
     for flag, value in (("--adapter", args.adapter), ("--tokenizer", args.tokenizer)):
         if value is not None and not pathlib.Path(value).is_dir():
             raise EvalDataError(f"{flag} {value}: not a directory")
+    if args.adapter is not None:
+        check_adapter(args.adapter)
     if (args.device or "").startswith("cuda") and not torch.cuda.is_available():
         raise EvalDataError(f"--device {args.device}: CUDA is not available here")
 
@@ -228,17 +256,27 @@ def read_predictions(path) -> dict[str, str]:
 
 
 def _items_to_score(args) -> list:
+    """The items a run with the same flags evaluates (--limit included, per subject for CMMLU-Med), with their
+    answers."""
+    per_subject = args.benchmark == "cmmlu-med"
     if args.benchmark == "cmb" and args.data is None:
         if not args.answers:
             raise EvalDataError("--score --benchmark cmb needs --answers CMB-test-choice-answer.json")
-        return load_cmb_key_items(args.answers)  # the key carries the exam metadata the grouping needs
+        # The key carries the exam metadata the grouping needs.
+        return _limited(load_cmb_key_items(args.answers), args.limit, per_subject)
     if args.data is None:
         raise EvalDataError(f"--score --benchmark {args.benchmark} needs --data (the benchmark with its answers)")
     items = load_benchmark(args.benchmark, args.data, split=args.split, subjects=args.subjects,
                            answers=args.answers)
-    unanswered = sum(not item.answer for item in items)
+    items = _limited(items, args.limit, per_subject)
+    unanswered = [item.id for item in items if not item.answer]
     if unanswered:
-        raise EvalDataError(f"--data {args.data}: {unanswered} item(s) have no answer; pass --answers KEY")
+        examples = ", ".join(unanswered[:3]) + (", ..." if len(unanswered) > 3 else "")
+        if args.answers:
+            raise EvalDataError(f"--answers {args.answers}: the key lacks {len(unanswered)} of the {len(items)} "
+                                f"item(s) of --data {args.data} (id(s) {examples})")
+        raise EvalDataError(f"--data {args.data}: {len(unanswered)} item(s) have no answer (id(s) {examples}); "
+                            f"pass --answers KEY")
     return items
 
 

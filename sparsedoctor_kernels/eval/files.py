@@ -29,10 +29,18 @@ def read_text(path, flag: str = "") -> str:
                             f"save it as UTF-8") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; it is restored at once
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: pathlib.Path, text: str) -> None:
-    """Write through a temporary file and a rename, so an interrupted or failed write leaves no partial file."""
+    """Write through a temporary file and a rename, so an interrupted or failed write leaves no partial file.
+    The file gets the permissions an ordinary write would (0o666 less the umask), not mkstemp's 0o600."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(temporary, 0o666 & ~_umask())
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
         os.replace(temporary, path)

@@ -211,6 +211,14 @@ def load_adapter(model: SparseDoctorModel, directory: str | pathlib.Path) -> Spa
     return model
 
 
+def read_adapter_config(directory: str | pathlib.Path) -> dict:
+    """The adapter directory's `adapter_config.json`, checked field by field (no pickle files beside it, both
+    files present), without loading any weights: what a tool reads before it builds the model to load into.
+    Raises ValueError or FileNotFoundError naming the file and the field."""
+    directory = _adapter_directory(pathlib.Path(directory))
+    return _read_config(directory / CONFIG_FILE)
+
+
 def _adapter_directory(directory: pathlib.Path) -> pathlib.Path:
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
