@@ -109,21 +109,25 @@ def _bench(args: argparse.Namespace) -> int:
 def _add_adapter_flags(parser: argparse.ArgumentParser) -> None:
     """Every SparseDoctorConfig field as a flag, with the config's default (`r` is `--lora-r`)."""
     import dataclasses
+    import typing
 
     from sparsedoctor_kernels.model import SparseDoctorConfig
     from sparsedoctor_kernels.training import flag_for
 
     group = parser.add_argument_group("adapter (SparseDoctorConfig)")
     defaults = SparseDoctorConfig()
+    declared = typing.get_type_hints(SparseDoctorConfig)  # `lora_alpha: float = 32` takes 0.5, not just ints
     for f in dataclasses.fields(SparseDoctorConfig):
         default = getattr(defaults, f.name)
+        kind = declared.get(f.name)
         flag = flag_for(f.name)
         renamed = f"SparseDoctorConfig.{f.name}; " if flag != "--" + f.name.replace("_", "-") else ""
         if isinstance(default, tuple):
             group.add_argument(flag, dest=f.name, nargs="+", default=default,
                                help=f"{renamed}default: {' '.join(default)}")
         else:
-            group.add_argument(flag, dest=f.name, type=type(default), default=default,
+            group.add_argument(flag, dest=f.name, type=kind if kind in (int, float, str) else type(default),
+                               default=default,
                                help=f"{renamed}default: {default}")
 
 
@@ -195,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mode", default="logits", choices=["logits", "generate"],
                           help="logits: option-letter log-probs (multi-answer items are generated anyway)")
     evaluate.add_argument("--limit", type=positive_int, help="only the first N items of each CMMLU subject "
-                          "(every requested subject is kept); cmb, cmexam: the first N items")
+                          "(every requested subject is kept); cmb, cmexam: the first N items. With --score: "
+                          "the same items")
     evaluate.add_argument("--batch-size", type=positive_int, default=8)
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the tiny model")

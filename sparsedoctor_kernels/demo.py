@@ -4,6 +4,8 @@ logits, print the expert load and write the plots."""
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 import time
 
@@ -11,11 +13,34 @@ import torch
 
 from sparsedoctor_kernels.data import demo_records, write_jsonl
 from sparsedoctor_kernels.model import SparseDoctorConfig, apply_sparsedoctor, load_adapter
-from sparsedoctor_kernels.training import TrainSettings, check_output_dir, collate, encode, load_base, train
+from sparsedoctor_kernels.run_dir import RUN_FILE, run_entries
+from sparsedoctor_kernels.train_errors import TrainError
+from sparsedoctor_kernels.training import (
+    TrainSettings,
+    check_output_dir,
+    collate,
+    encode,
+    load_base,
+    pick_device,
+    train,
+    validate_settings,
+)
 
 # Sized for two CPU cores: about a second a step. The method's structure is the default's, at toy sizes.
 DEMO_ADAPTER = SparseDoctorConfig(num_experts=8, top_k=2, r=8, lora_alpha=16, proj_dim=32, queue_size=256,
                                   balance_coef=0.1, contrastive_tokens=64)
+
+
+def _holds_a_demo(output: pathlib.Path, data_path: pathlib.Path) -> bool:
+    """A previous demo: its demo_data.jsonl, and a run_config.json whose data is that file."""
+    if not data_path.is_file() or not (output / RUN_FILE).is_file():
+        return False
+    try:
+        data = json.loads((output / RUN_FILE).read_text(encoding="utf-8")).get("data")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+    return (isinstance(data, list) and len(data) == 1 and isinstance(data[0], str)
+            and os.path.abspath(data[0]) == os.path.abspath(data_path))
 
 
 def _mean(rows, key):
@@ -26,17 +51,26 @@ def run_demo(output_dir: str = "sparsedoctor-demo", steps: int = 100, device: st
              progress: bool = True, log=print) -> int:
     began = time.perf_counter()
     output = pathlib.Path(output_dir)
-    # The demo owns its directory and is meant to be run again and again: each run starts over in it.
-    check_output_dir(output)
-    again = (output / "demo_data.jsonl").exists()
-    log(f"sparsedoctor demo: {'starting over' if again else 'writing'} in {output}/"
-        + (" (the previous demo run there is replaced)" if again else ""))
-    data_path = write_jsonl(demo_records(), output / "demo_data.jsonl")
-    log(f"bundled data: {data_path} ({len(demo_records())} Chinese medical QA records)")
+    data_path = output / "demo_data.jsonl"
+    # The demo is meant to be run again and again: it starts over in a directory holding a previous demo (or
+    # nothing of a run), and refuses any other run's directory. Everything is checked before anything is written.
     settings = TrainSettings(output_dir=str(output), data=[str(data_path)], steps=steps, batch_size=8,
                              learning_rate=1e-2, warmup_steps=10, max_length=80, device=device,
-                             save_every=max(1, steps // 2), overwrite=True, progress=progress,
-                             adapter=DEMO_ADAPTER)
+                             save_every=max(1, steps // 2) if isinstance(steps, int) else 0,
+                             progress=progress, adapter=DEMO_ADAPTER)
+    validate_settings(settings)
+    pick_device(device)
+    check_output_dir(output)
+    again = _holds_a_demo(output, data_path)
+    if not again and run_entries(output):
+        names = ", ".join(p.name for p in run_entries(output)[:6])
+        raise TrainError(f"--output-dir {output} holds a run that is not a previous demo ({names}); the demo "
+                         "starts over only in its own directory: choose another --output-dir")
+    settings.overwrite = again
+    log(f"sparsedoctor demo: {'starting over' if again else 'writing'} in {output}/"
+        + (" (the previous demo run there is replaced)" if again else ""))
+    write_jsonl(demo_records(), data_path)
+    log(f"bundled data: {data_path} ({len(demo_records())} Chinese medical QA records)")
     result = train(settings, log=log)
     window = max(1, min(10, steps // 4))
     first, last = result.history[:window], result.history[-window:]

@@ -6,6 +6,7 @@ rank 0 prepares the directory. Files here are written atomically."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -66,12 +67,29 @@ def check_output_dir(output_dir: pathlib.Path) -> None:
         raise TrainError(f"--output-dir {output_dir}: cannot write in {existing} ({error.strerror})") from None
 
 
+def holds_run(output_dir: pathlib.Path) -> bool:
+    """A directory holds a run only when it has run_config.json or a checkpoint-<step>/ with trainer state: an
+    `adapter/`, `latest` or `loss.png` alone may be the user's own."""
+    if (output_dir / RUN_FILE).is_file():
+        return True
+    return output_dir.is_dir() and any(re.fullmatch(r"checkpoint-\d+", p.name) and (p / STATE_JSON).is_file()
+                                       for p in output_dir.iterdir())
+
+
 def check_run_dir(settings: TrainSettings, output_dir: pathlib.Path) -> tuple[pathlib.Path, int] | None:
     """A fresh run needs a directory without another run in it (or --overwrite); --resume needs a compatible
-    run with a checkpoint. Returns (checkpoint directory, step) to resume from, or None."""
+    run with a checkpoint. Entries named like a run's but without a run (no run_config.json, no checkpoint)
+    are not ours: refused, never removed. Returns (checkpoint directory, step) to resume from, or None."""
     if settings.resume:
-        return find_checkpoint(settings, output_dir)
+        found = find_checkpoint(settings, output_dir)
+        check_outputs_writable(settings, output_dir, found[1])
+        return found
     entries = run_entries(output_dir)
+    if entries and not holds_run(output_dir):
+        names = ", ".join(p.name for p in entries[:6]) + (", ..." if len(entries) > 6 else "")
+        raise TrainError(f"--output-dir {output_dir} holds {names}, which a run would write over, but no "
+                         f"training run ({RUN_FILE}): they are not removed; move them away or choose another "
+                         "--output-dir")
     if entries and not settings.overwrite:
         names = ", ".join(p.name for p in entries[:6]) + (", ..." if len(entries) > 6 else "")
         raise TrainError(f"--output-dir {output_dir} already holds a training run ({names}); pass --resume to "
@@ -90,10 +108,61 @@ def find_checkpoint(settings: TrainSettings, output_dir: pathlib.Path) -> tuple[
     step = _read_json(directory / STATE_JSON).get("step")
     if not isinstance(step, int):
         raise TrainError(f"--resume: {directory / STATE_JSON} holds no step")
+    if step == settings.steps and not final_outputs_written(output_dir):
+        return directory, step  # killed after its last checkpoint: the final outputs are still to be written
     if step >= settings.steps:
         raise TrainError(f"--resume: {directory.name} is at step {step} and --steps is {settings.steps}: nothing "
                          "is left to train; raise --steps")
     return directory, step
+
+
+def final_outputs_written(output_dir: pathlib.Path) -> bool:
+    from sparsedoctor_kernels.model.adapter import WEIGHTS_FILE
+
+    return (output_dir / "adapter" / WEIGHTS_FILE).is_file() and (output_dir / "tokenizer").is_dir()
+
+
+def check_outputs_writable(settings: TrainSettings, output_dir: pathlib.Path, start: int) -> None:
+    """Before a resumed run trains: the final adapter/ (replaced whole, so holding only an adapter's files),
+    tokenizer/ and the checkpoints still to come can be written."""
+    from sparsedoctor_kernels.model.adapter import CONFIG_FILE, WEIGHTS_FILE
+
+    adapter = output_dir / "adapter"
+    if adapter.exists() or adapter.is_symlink():
+        if not adapter.is_dir():
+            raise TrainError(f"--resume: {adapter} is not a directory, so the final adapter cannot be written there")
+        foreign = sorted(p.name for p in adapter.iterdir() if p.name not in (CONFIG_FILE, WEIGHTS_FILE))
+        if foreign:
+            raise TrainError(f"--resume: {adapter} holds other files ({', '.join(foreign[:6])}) and the final "
+                             "adapter replaces the whole directory; move them away first")
+    tokenizer = output_dir / "tokenizer"
+    if tokenizer.exists() and not tokenizer.is_dir():
+        raise TrainError(f"--resume: {tokenizer} is not a directory, so the tokenizer cannot be written there")
+    if settings.save_every:
+        for step in range(start + 1, settings.steps + 1):
+            checkpoint = output_dir / f"checkpoint-{step}"
+            if step % settings.save_every == 0 and checkpoint.exists() and not checkpoint.is_dir():
+                raise TrainError(f"--resume: {checkpoint} is not a directory, so that checkpoint cannot be written")
+
+
+def data_digests(settings: TrainSettings) -> dict[str, str]:
+    """The sha256 of each data file that can be read (one that cannot is reported when the data is loaded)."""
+    digests = {}
+    for path in settings.data:
+        try:
+            with open(path, "rb") as handle:
+                digests[path] = hashlib.file_digest(handle, "sha256").hexdigest()
+        except OSError:
+            continue
+    return digests
+
+
+def run_record(settings: TrainSettings) -> dict:
+    """What run_config.json holds: the settings and the sha256 of each data file."""
+    return {**json.loads(json.dumps(settings.to_dict())), DATA_DIGESTS: data_digests(settings)}
+
+
+DATA_DIGESTS = "data_sha256"
 
 
 def check_same_run(settings: TrainSettings, output_dir: pathlib.Path) -> None:
@@ -102,10 +171,17 @@ def check_same_run(settings: TrainSettings, output_dir: pathlib.Path) -> None:
     if not run_file.is_file():
         raise TrainError(f"--resume: {output_dir} has no {RUN_FILE}, so its settings cannot be checked")
     now = json.loads(json.dumps(settings.to_dict()))  # tuples as lists, as the saved file has them
-    differences = settings_differences(_read_json(run_file), now)
+    saved = _read_json(run_file)
+    saved_digests = saved.pop(DATA_DIGESTS, None)
+    differences = settings_differences(saved, now)
     if differences:
         raise TrainError(f"--resume: the run in {output_dir} was trained with other settings ("
                          + "; ".join(differences) + "); resume with the run's settings or pass --overwrite")
+    if isinstance(saved_digests, dict):
+        for path, digest in data_digests(settings).items():
+            if path in saved_digests and saved_digests[path] != digest:
+                raise TrainError(f"--resume: the data file {path} changed since the run in {output_dir} began "
+                                 "(its sha256 differs); resume with the run's data or pass --overwrite")
 
 
 def settings_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
@@ -153,7 +229,7 @@ def _remove(paths: list[pathlib.Path]) -> None:
 def prepare_run_dir(settings: TrainSettings, output_dir: pathlib.Path, resumed_step: int, log) -> None:
     """Rank 0, once every check has passed: start over (--overwrite) or tidy up for a resume, then record the
     settings."""
-    if settings.overwrite and (entries := run_entries(output_dir)):
+    if settings.overwrite and holds_run(output_dir) and (entries := run_entries(output_dir)):
         _remove(entries)
         log(f"--overwrite: removed the previous run from {output_dir}: " + ", ".join(p.name for p in entries))
     if settings.resume:
@@ -163,7 +239,7 @@ def prepare_run_dir(settings: TrainSettings, output_dir: pathlib.Path, resumed_s
             log("--resume: removed unfinished " + ", ".join(p.name for p in leftovers))
         _cut_metrics(output_dir / METRICS_FILE, resumed_step)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(output_dir / RUN_FILE, json.dumps(settings.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    write_atomically(output_dir / RUN_FILE, json.dumps(run_record(settings), indent=2, ensure_ascii=False) + "\n")
 
 
 def _cut_metrics(path: pathlib.Path, step: int) -> None:

@@ -280,7 +280,13 @@ def _train(settings: TrainSettings, device: torch.device, log) -> TrainResult:
     torch.manual_seed(settings.seed)
     base = load_model(settings, tokenizer)
     torch.manual_seed(settings.seed)  # the adapter's initialisation, identical on every rank
-    model = apply_sparsedoctor(base, settings.adapter).to(device)
+    try:
+        model = apply_sparsedoctor(base, settings.adapter).to(device)
+    except ValueError as error:
+        if "no nn.Linear named" not in str(error):
+            raise
+        raise TrainError(f"--target-modules {' '.join(settings.adapter.target_modules)}: {_first_line(error)}"
+                         ) from None
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -289,6 +295,9 @@ def _train(settings: TrainSettings, device: torch.device, log) -> TrainResult:
     if resume_from is not None:
         load_checkpoint(model, optimizer, resume_from[0])
         start = resume_from[1]
+        if start >= settings.steps:
+            say(f"--resume: {resume_from[0].name} is at step {start} = --steps and the run's final outputs are "
+                "missing: nothing is left to train; writing the final adapter, tokenizer and plots")
     _barrier(world)  # every rank has checked the directory before rank 0 changes it
     if rank == 0:
         prepare_run_dir(settings, output_dir, start, log)

@@ -118,3 +118,9 @@ def test_train_flags_are_not_abbreviated():
     """`--r` must not quietly become `--resume` now that the rank flag is `--lora-r`."""
     with pytest.raises(SystemExit):
         _train_parser().parse_args(["--r", "2"])
+
+
+def test_adapter_flags_take_their_declared_type():
+    """`lora_alpha: float = 32`: the flag takes 0.5 (its type is the field's, not its default's)."""
+    args = _train_parser().parse_args(["--lora-alpha", "0.5", "--lora-r", "2", "--temperature", "0.1"])
+    assert args.lora_alpha == 0.5 and args.r == 2 and isinstance(args.r, int) and args.temperature == 0.1

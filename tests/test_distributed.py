@@ -154,3 +154,36 @@ def test_torchrun_train_checkpoints_and_saves_the_final_adapter_with_identical_q
     model = _load_final_adapter(run_dir)
     assert queue_digest(model) == agreed[1]  # the saved queues are the ones both ranks ended with
     assert sum(int(m.queue.size.sum()) for m in model.adapted_modules().values()) > 0
+
+
+def test_torchrun_resume_is_exact_on_every_rank(tmp_path):
+    """Each rank's RNG state is saved and restored: a 2-rank run interrupted after checkpoint-2 and resumed ends
+    with the same loss and queues as the uninterrupted run (dropout draws differ between ranks)."""
+    pytest.importorskip("transformers")
+    import shutil
+
+    def command(run_dir: Path, *extra: str) -> list[str]:
+        return _torchrun_command() + [
+            "--standalone", "--nproc-per-node", "2", "-m", "sparsedoctor_kernels.cli", "train",
+            "--output-dir", str(run_dir), "--steps", "4", "--save-every", "2", "--device", "cpu",
+            "--model", "tiny", "--batch-size", "2", "--no-progress", "--num-experts", "3", "--top-k", "2",
+            "--lora-r", "2", "--proj-dim", "8", "--queue-size", "16", "--contrastive-tokens", "8",
+            "--lora-dropout", "0.5", "--max-length", "48", *extra]
+
+    def outcome(stdout: str) -> tuple[str, str]:
+        digest = re.search(r"expert queues identical on all 2 ranks \(digest ([0-9a-f]{16})\)", stdout)
+        final = re.search(r"final step: (.*)", stdout)
+        assert digest and final, stdout
+        return final[1], digest[1]
+
+    whole = tmp_path / "whole"
+    result = _run_to_the_end(command(whole), tmp_path)
+    assert result.returncode == 0, result.stdout
+    interrupted = tmp_path / "interrupted"  # as if killed during step 4: checkpoint-2 is the latest
+    shutil.copytree(whole, interrupted)
+    for name in ("checkpoint-4", "adapter", "tokenizer"):
+        shutil.rmtree(interrupted / name)
+    (interrupted / "latest").write_text("checkpoint-2\n")
+    resumed = _run_to_the_end(command(interrupted, "--resume"), tmp_path)
+    assert resumed.returncode == 0, resumed.stdout
+    assert outcome(resumed.stdout) == outcome(result.stdout)

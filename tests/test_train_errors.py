@@ -201,3 +201,8 @@ def test_a_batch_without_a_supervised_token_stops_the_run_naming_the_step(tmp_pa
     monkeypatch.setattr(training, "collate", unsupervised)
     with pytest.raises(TrainError, match="step 1: a batch has no supervised \\(response\\) token"):
         train(settings(tmp_path), log=quiet)
+
+
+def test_unknown_target_modules_are_one_line_naming_the_flag(tmp_path, capsys):
+    message = _fails_cleanly(_train_cli(tmp_path, "--target-modules", "foo_proj"), capsys, tmp_path / "out")
+    assert "--target-modules foo_proj" in message and "no nn.Linear named one of ['foo_proj']" in message

@@ -6,21 +6,14 @@ import os
 import re
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
-from train_helpers import PNG, SMALL_FLAGS, metric_steps, quiet, settings, snapshot  # noqa: E402
+from train_helpers import PNG, SMALL_FLAGS, metric_steps, one_error_line, quiet, settings, snapshot  # noqa: E402
 
 from sparsedoctor_kernels import checkpoints, cli  # noqa: E402
 from sparsedoctor_kernels.training import TrainError, train  # noqa: E402
-
-
-def _one_error_line(capsys) -> str:
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sparsedoctor train: error: "), captured.err
-    assert "Traceback" not in captured.err + captured.out
-    return lines[0]
 
 
 def test_a_fresh_run_refuses_a_directory_holding_another_run(tmp_path, capsys):
@@ -30,7 +23,7 @@ def test_a_fresh_run_refuses_a_directory_holding_another_run(tmp_path, capsys):
     code = cli.main(["train", "--output-dir", str(run_dir), "--steps", "2", "--batch-size", "4", "--no-progress",
                      *SMALL_FLAGS])
     assert code == 2
-    message = _one_error_line(capsys)
+    message = one_error_line(capsys)
     assert "already holds a training run" in message and "--resume" in message and "--overwrite" in message
     assert "checkpoint-2" in message
     assert snapshot(run_dir) == before
@@ -70,7 +63,7 @@ def test_resume_refuses_changed_settings_and_names_every_field(tmp_path, capsys)
     code = cli.main(["train", "--output-dir", str(run_dir), "--resume", "--steps", "4", "--batch-size", "2",
                      "--lr", "0.01", "--max-length", "48", "--no-progress", *SMALL_FLAGS])
     assert code == 2
-    message = _one_error_line(capsys)
+    message = one_error_line(capsys)
     assert "batch_size: 4 in the run, 2 now" in message and "learning_rate: 0.005 in the run, 0.01 now" in message
     assert "tiny_vocab_size" in message  # 600 in the test's run, the CLI's 1500 now
     assert not re.search(r"\bsteps:", message)  # steps may change on a resume
@@ -112,10 +105,10 @@ def test_checkpoints_and_latest_are_renamed_into_place(tmp_path, monkeypatch):
 def test_an_interrupted_checkpoint_leaves_the_previous_one_and_resume_tolerates_its_tmp(tmp_path, monkeypatch):
     real_write = checkpoints._write_trainer_state
 
-    def dies_at_step_4(optimizer, step, directory):
+    def dies_at_step_4(optimizer, step, directory, *rest):
         if step == 4:
             raise OSError("disk full")  # the save dies while checkpoint-4.tmp/ is half-written
-        real_write(optimizer, step, directory)
+        real_write(optimizer, step, directory, *rest)
 
     monkeypatch.setattr(checkpoints, "_write_trainer_state", dies_at_step_4)
     with pytest.raises(OSError, match="disk full"):
@@ -138,3 +131,93 @@ def test_resume_with_nothing_left_to_train_is_refused(tmp_path):
     train(settings(tmp_path, steps=2, save_every=2), log=quiet)
     with pytest.raises(TrainError, match="nothing is left to train; raise --steps"):
         train(settings(tmp_path, steps=2, resume=True), log=quiet)
+
+
+# A fast run through the command line.
+FAST = ["--model", "tiny", "--batch-size", "2", "--no-progress", "--num-experts", "3", "--top-k", "2",
+        "--lora-r", "2", "--proj-dim", "8", "--queue-size", "16", "--contrastive-tokens", "8", "--max-length", "48"]
+
+
+def _fast_cli(run_dir, *flags: str) -> list[str]:
+    return ["train", "--output-dir", str(run_dir), *FAST, *flags]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_entries_named_like_a_run_but_without_one_are_refused_and_never_deleted(tmp_path, capsys, overwrite):
+    run_dir = tmp_path / "u"
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / "adapter" / "README.md").write_text("mine")
+    (run_dir / "loss.png").write_bytes(b"my plot")
+    before = snapshot(run_dir)
+    code = cli.main(_fast_cli(run_dir, "--steps", "1", *(["--overwrite"] if overwrite else [])))
+    assert code == 2
+    message = one_error_line(capsys)
+    assert "adapter" in message and "loss.png" in message and "run_config.json" in message
+    assert "not removed" in message
+    assert snapshot(run_dir) == before
+
+
+def test_resume_refuses_data_changed_at_the_same_path(tmp_path, capsys):
+    from sparsedoctor_kernels.data import demo_records, write_jsonl
+
+    data = write_jsonl(demo_records()[:40], tmp_path / "data.jsonl")
+    run_dir = tmp_path / "run"
+    assert cli.main(_fast_cli(run_dir, "--data", str(data), "--steps", "2", "--save-every", "2")) == 0
+    capsys.readouterr()
+    assert json.loads((run_dir / "run_config.json").read_text())["data_sha256"][str(data)]
+    write_jsonl(demo_records()[40:80], data)
+    before = snapshot(run_dir)
+    assert cli.main(_fast_cli(run_dir, "--data", str(data), "--steps", "4", "--resume")) == 2
+    message = one_error_line(capsys)
+    assert f"the data file {data} changed" in message
+    assert snapshot(run_dir) == before
+
+
+def test_resume_checks_the_final_adapter_dir_can_be_written_before_training(tmp_path, capsys, monkeypatch):
+    from sparsedoctor_kernels import training
+
+    run_dir = tmp_path / "run"
+    assert cli.main(_fast_cli(run_dir, "--steps", "2", "--save-every", "2")) == 0
+    capsys.readouterr()
+    (run_dir / "adapter" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(training, "_loop", lambda *a, **k: pytest.fail("trained before checking adapter/"))
+    before = snapshot(run_dir)
+    assert cli.main(_fast_cli(run_dir, "--steps", "4", "--resume")) == 2
+    message = one_error_line(capsys)
+    assert f"{run_dir / 'adapter'} holds other files (notes.txt)" in message
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("damaged", ["adapter/adapter_model.safetensors", "trainer_state.safetensors"])
+def test_a_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path, capsys, damaged):
+    run_dir = tmp_path / "run"
+    assert cli.main(_fast_cli(run_dir, "--steps", "2", "--save-every", "2")) == 0
+    capsys.readouterr()
+    path = run_dir / "checkpoint-2" / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert cli.main(_fast_cli(run_dir, "--steps", "4", "--resume")) == 2
+    message = one_error_line(capsys)
+    assert str(path) in message
+
+
+def test_resume_with_nothing_left_to_train_writes_missing_final_outputs(tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    assert cli.main(_fast_cli(run_dir, "--steps", "2", "--save-every", "2")) == 0
+    capsys.readouterr()
+    from safetensors.torch import load_file
+
+    expected = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    for name in ("adapter", "tokenizer"):  # killed after its last checkpoint, before the final outputs
+        shutil.rmtree(run_dir / name)
+    (run_dir / "loss.png").unlink()
+    assert cli.main(_fast_cli(run_dir, "--steps", "2", "--resume")) == 0
+    out = capsys.readouterr().out
+    assert "nothing is left to train; writing the final adapter" in out
+    written = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+    assert (run_dir / "tokenizer").is_dir() and (run_dir / "loss.png").read_bytes()[:8] == PNG
+    assert metric_steps(run_dir) == [1, 2]
+    assert cli.main(_fast_cli(run_dir, "--steps", "2", "--resume")) == 2  # now finished: refused again
+    assert "nothing is left to train; raise --steps" in one_error_line(capsys)

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from train_helpers import PNG, settings  # noqa: E402
+from train_helpers import PNG, one_error_line, quiet, settings, snapshot  # noqa: E402
 
 from sparsedoctor_kernels import cli  # noqa: E402
 from sparsedoctor_kernels.data import (  # noqa: E402
@@ -147,3 +147,38 @@ def test_max_length_default_is_the_settings_default_and_every_train_default_matc
                             defaults.seed, defaults.save_every, defaults.output_dir, defaults.model)
     max_length_help = next(a.help for a in train_parser._actions if a.dest == "max_length")
     assert f"default: {defaults.max_length}" in max_length_help
+
+
+def test_options_that_collapse_or_overflow_the_letters_are_refused():
+    from sparsedoctor_kernels.data import DataError, normalize_options
+
+    with pytest.raises(DataError, match="same letter twice"):
+        normalize_options({"a": "x", "A": "y"})
+    with pytest.raises(DataError, match="at most 10"):
+        normalize_options([str(i) for i in range(11)])
+    assert normalize_options({"b": "x", " a ": "y"}) == {"B": "x", "A": "y"}
+
+
+def _demo_error(argv, capsys) -> str:
+    assert cli.main(["demo", "--no-progress", *argv]) == 2
+    return one_error_line(capsys, "demo")
+
+
+def test_demo_refuses_a_directory_holding_a_real_train_run(tmp_path, capsys):
+    train(settings(tmp_path, steps=2, save_every=2), log=quiet)
+    run_dir = tmp_path / "run"
+    before = snapshot(run_dir)
+    message = _demo_error(["--output-dir", str(run_dir), "--steps", "2"], capsys)
+    assert "not a previous demo" in message
+    assert snapshot(run_dir) == before  # the run is intact, and no demo_data.jsonl was written
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--steps", "0"], "--steps must be an integer >= 1"),
+    pytest.param(["--device", "cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+])
+def test_demo_checks_its_settings_before_writing_anything(tmp_path, capsys, flags, expected):
+    message = _demo_error(["--output-dir", str(tmp_path / "demo"), *flags], capsys)
+    assert expected in message
+    assert not (tmp_path / "demo").exists()

@@ -37,3 +37,12 @@ def snapshot(path: pathlib.Path) -> dict:
 
 def metric_steps(run_dir: pathlib.Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def one_error_line(capsys, command: str = "train") -> str:
+    """The single stderr line a user error prints (`sparsedoctor <command>: error: ...`), with no traceback."""
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"sparsedoctor {command}: error: "), captured.err
+    assert "Traceback" not in captured.err + captured.out
+    return lines[0]
