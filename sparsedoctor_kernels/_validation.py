@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT_DTYPES = (torch.int32, torch.int64)
@@ -61,8 +62,6 @@ def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
 
 def _inspectable(tensor: torch.Tensor) -> bool:
     """Real memory to compare: not while torch.compile traces, not fake or meta tensors, not empty."""
-    from torch._subclasses.fake_tensor import is_fake
-
     return (tensor.numel() > 0 and tensor.device.type != "meta" and not torch.compiler.is_compiling()
             and not is_fake(tensor))
 

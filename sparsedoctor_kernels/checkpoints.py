@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 
 from sparsedoctor_kernels import model as sparsedoctor_model
+from sparsedoctor_kernels._files import write_atomically
 from sparsedoctor_kernels.model import load_adapter
-from sparsedoctor_kernels.run_dir import LATEST_FILE, STATE_JSON, STATE_TENSORS, write_atomically
+from sparsedoctor_kernels.run_dir import LATEST_FILE, STATE_JSON, STATE_TENSORS
 from sparsedoctor_kernels.train_errors import TrainError
 
 

@@ -84,12 +84,17 @@ class Cost:
     flops_bwd: int
 
     def seconds(self, rates: DeviceRates, mode: str = "full") -> float:
-        moved = {"fwd": self.bytes_fwd, "bwd": self.bytes_bwd, "full": self.bytes_fwd + self.bytes_bwd}[mode]
-        flops = {"fwd": self.flops_fwd, "bwd": self.flops_bwd, "full": self.flops_fwd + self.flops_bwd}[mode]
-        return max(moved / rates.bytes_per_s, flops / rates.flops_per_s)
+        return max(self.bytes(mode) / rates.bytes_per_s, self.flops(mode) / rates.flops_per_s)
 
     def bytes(self, mode: str = "full") -> int:
-        return {"fwd": self.bytes_fwd, "bwd": self.bytes_bwd, "full": self.bytes_fwd + self.bytes_bwd}[mode]
+        return _of_mode(mode, self.bytes_fwd, self.bytes_bwd)
+
+    def flops(self, mode: str = "full") -> int:
+        return _of_mode(mode, self.flops_fwd, self.flops_bwd)
+
+
+def _of_mode(mode: str, forward: int, backward: int) -> int:
+    return {"fwd": forward, "bwd": backward, "full": forward + backward}[mode]
 
 
 def lora_moe_cost(strategy: str, num_tokens: int, d_in: int, d_out: int, num_experts: int, top_k: int, rank: int,

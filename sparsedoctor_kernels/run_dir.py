@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from typing import TYPE_CHECKING
 
+from sparsedoctor_kernels._files import PARTIAL, write_atomically
 from sparsedoctor_kernels.train_errors import NoCheckpointError, TrainError
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ STATE_JSON = "trainer_state.json"
 RUN_ENTRIES = (RUN_FILE, METRICS_FILE, LATEST_FILE, "adapter", "tokenizer", "loss.png", "expert_load.png")
 # checkpoint-<step>/, one being written (.tmp), and what a killed save_adapter leaves of adapter/.
 UNNAMED_ENTRIES = re.compile(r"checkpoint-\d+(\.tmp)?|\.adapter\.partial-\w+")
-PARTIAL = ".partial"  # the suffix of a file being written by write_atomically
 # Settings a resumed run may change: they do not alter what is being trained.
 RESUMABLE_CHANGES = frozenset({"output_dir", "steps", "resume", "overwrite", "progress", "save_every", "device",
                                "gradient_checkpointing"})
@@ -206,16 +206,6 @@ def _read_json(path: pathlib.Path) -> dict:
     if not isinstance(value, dict):
         raise TrainError(f"{path}: expected a JSON object")
     return value
-
-
-def write_atomically(path: pathlib.Path, text: str) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    partial = path.with_name(path.name + PARTIAL)
-    with partial.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
 
 
 def _remove(paths: list[pathlib.Path]) -> None:

@@ -9,6 +9,7 @@ import os
 import pytest
 
 from sparsedoctor_kernels import cli
+from sparsedoctor_kernels._files import write_atomically
 from sparsedoctor_kernels.eval import (
     MCQ,
     EvalDataError,
@@ -21,7 +22,6 @@ from sparsedoctor_kernels.eval import (
     normalize_letters,
     score,
 )
-from sparsedoctor_kernels.eval.files import write_atomically
 
 from conftest import SHARED
 

@@ -11,7 +11,8 @@ import pathlib
 
 import torch
 
-from sparsedoctor_kernels.eval.files import output_directory, read_text, write_atomically
+from sparsedoctor_kernels._files import write_atomically
+from sparsedoctor_kernels.eval.files import output_directory, read_text
 from sparsedoctor_kernels.eval.items import EvalDataError
 from sparsedoctor_kernels.eval.loaders import CMMLU_MED_SUBJECTS, load_benchmark, load_cmb_key_items
 from sparsedoctor_kernels.eval.runner import evaluate

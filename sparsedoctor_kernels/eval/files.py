@@ -1,10 +1,9 @@
-"""File handling of `sparsedoctor eval`: reading UTF-8 text with errors that name the file and line, an output
-directory checked before any work, and writes that never leave a half-written file behind."""
+"""File handling of `sparsedoctor eval`: reading UTF-8 text with errors that name the file and line, and an
+output directory checked before any work (writes go through `sparsedoctor_kernels._files`)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import pathlib
 import tempfile
 
@@ -27,26 +26,6 @@ def read_text(path, flag: str = "") -> str:
         line = data[: error.start].count(b"\n") + 1
         raise EvalDataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}); "
                             f"save it as UTF-8") from None
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; it is restored at once
-    os.umask(mask)
-    return mask
-
-
-def write_atomically(path: pathlib.Path, text: str) -> None:
-    """Write through a temporary file and a rename, so an interrupted or failed write leaves no partial file.
-    The file gets the permissions an ordinary write would (0o666 less the umask), not mkstemp's 0o600."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(temporary, 0o666 & ~_umask())
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        pathlib.Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _prepare_output_dir(path: pathlib.Path) -> None:
