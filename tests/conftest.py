@@ -58,10 +58,16 @@ def _poisoned_outputs(monkeypatch):
     monkeypatch.setattr(sparsedoctor_kernels._alloc, "poison_outputs", True)
 
 
-@pytest.fixture(autouse=True)
-def _temporary_files_under_pytest(tmp_path_factory, monkeypatch):
-    """Whatever a test (or torch, torchrun and their workers) puts in "the temporary directory" lands in a
-    directory of pytest's own temporary tree, beside the test's tmp_path: no test writes outside it."""
+@pytest.fixture(autouse=True, scope="session")
+def _temporary_files_under_pytest(tmp_path_factory):
+    """Whatever a test or a module-scoped fixture (or torch, torchrun and their workers) puts in "the temporary
+    directory" lands in pytest's own temporary tree: no test writes outside it. Session-wide, so module-scoped
+    fixtures, which run before any function-scoped one, are covered too."""
     scratch = tmp_path_factory.mktemp("tmpdir")
-    monkeypatch.setenv("TMPDIR", str(scratch))
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(scratch))
+        # Compiler caches default to directories under /tmp or $HOME: keep those in pytest's tree too.
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(scratch / "torchinductor"))
+        patch.setenv("TRITON_CACHE_DIR", str(scratch / "triton"))
+        patch.setattr(tempfile, "tempdir", str(scratch))
+        yield
