@@ -209,6 +209,35 @@ def test_load_balance_loss_matches_formula(dtype, gen):
     assert_close(leaf.grad, oracle.grad, dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_balance_loss_given_the_counted_tokens_matches_the_default(backend, gen):
+    logits = torch.randn(19, 7, generator=gen, dtype=torch.float64) * 2
+    mask = torch.rand(19, generator=gen) < 0.7
+    leaf = logits.float().requires_grad_()
+    routing = sdk.route(leaf, 3, backend=backend, token_mask=mask)
+    _, _, counts, probs_mean = brute.route(logits.float().double()[mask], 3)
+    expected = brute.load_balance_loss(counts, probs_mean, int(mask.sum()), 3)
+    for num_tokens in (None, int(mask.sum()), mask.sum(), mask.sum().to(torch.int32).view(1)):
+        loss = sdk.load_balance_loss(routing, num_tokens=num_tokens)
+        assert loss.dim() == 0 and loss.dtype == torch.float32
+        assert_close(loss, expected, torch.float32, name=f"num_tokens={num_tokens!r}")
+        (grad,) = torch.autograd.grad(loss, leaf, retain_graph=True)
+        (want,) = torch.autograd.grad(sdk.load_balance_loss(routing), leaf, retain_graph=True)
+        assert_close(grad, want.double(), torch.float32, name="grad logits")
+    empty = sdk.route(torch.randn(5, 4), 2, backend=backend, token_mask=torch.zeros(5, dtype=torch.bool))
+    for num_tokens in (0, torch.tensor(0)):
+        assert sdk.load_balance_loss(empty, num_tokens=num_tokens).item() == 0.0
+
+
+def test_load_balance_loss_num_tokens_is_checked():
+    routing = sdk.route(torch.randn(4, 3), 1)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="num_tokens must be an int >= 0 or a scalar tensor"):
+            sdk.load_balance_loss(routing, num_tokens=bad)
+    with pytest.raises(ValueError, match="num_tokens must be a scalar"):
+        sdk.load_balance_loss(routing, num_tokens=torch.ones(2))
+
+
 def test_load_balance_loss_is_one_for_perfect_balance():
     routing = sdk.route(torch.zeros(8, 4), 1)  # uniform probabilities, all ties -> expert 0
     assert sdk.load_balance_loss(routing).item() == pytest.approx(1.0)

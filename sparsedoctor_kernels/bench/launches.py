@@ -1,12 +1,47 @@
 """Kernel launches of one LoraMoELinear training forward + backward (Triton backend; the interpreter on CPU):
-the host overhead a GPU waits on, measured without one. `python -m sparsedoctor_kernels.bench.launches`."""
+the host overhead a GPU waits on, measured without one. `python -m sparsedoctor_kernels.bench.launches`.
+
+Three figures per E: the module's forward without the contrastive term (the frozen GEMM and the per-forward
+constants every module shares, such as the real-token count, left out), the contrastive term's extra launches,
+and a whole training step (queue commit, forward with the contrastive term, backward)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 import torch
+
+# The frozen layer's own GEMM (nn.Linear with a bias): one launch of every module forward that is not the adapter's.
+FROZEN_GEMM = "aten.addmm"
+
+
+@contextlib.contextmanager
+def _backend(backend: str):
+    previous = os.environ.get("SPARSEDOCTOR_BACKEND")
+    os.environ["SPARSEDOCTOR_BACKEND"] = backend
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("SPARSEDOCTOR_BACKEND", None)
+        else:
+            os.environ["SPARSEDOCTOR_BACKEND"] = previous
+
+
+def _layer(num_experts, top_k, rank, d_in, d_out, contrastive_tokens, seed):
+    from sparsedoctor_kernels.model import SparseDoctorConfig
+    from sparsedoctor_kernels.model.layer import ForwardContext, LoraMoELinear
+
+    torch.manual_seed(seed)
+    config = SparseDoctorConfig(num_experts=num_experts, top_k=top_k, r=rank, proj_dim=16, queue_size=32,
+                                contrastive_tokens=contrastive_tokens, lora_dropout=0.0)
+    context = ForwardContext()
+    layer = LoraMoELinear(torch.nn.Linear(d_in, d_out), config, context).train()
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    return layer, context
 
 
 def layer_step(num_experts: int = 8, top_k: int = 2, rank: int = 4, tokens: int = 24, d_in: int = 32,
@@ -14,36 +49,62 @@ def layer_step(num_experts: int = 8, top_k: int = 2, rank: int = 4, tokens: int 
     """A closure running one training forward + backward of a LoraMoELinear wrapped alone (no model), with the
     contrastive term on, a quarter of the tokens padding and a queue committed once before, so every op of a
     training step runs."""
-    from sparsedoctor_kernels.model import SparseDoctorConfig
-    from sparsedoctor_kernels.model.layer import ForwardContext, LoraMoELinear
-
-    torch.manual_seed(seed)
-    config = SparseDoctorConfig(num_experts=num_experts, top_k=top_k, r=rank, proj_dim=16, queue_size=32,
-                                contrastive_tokens=8, lora_dropout=0.0)
-    context = ForwardContext()
-    layer = LoraMoELinear(torch.nn.Linear(d_in, d_out), config, context).train()
-    with torch.no_grad():
-        layer.lora_b.normal_()
+    layer, context = _layer(num_experts, top_k, rank, d_in, d_out, 8, seed)
     x = torch.randn(tokens, d_in, requires_grad=True)
     real_tokens = torch.arange(tokens) < tokens - tokens // 4
-    previous = os.environ.get("SPARSEDOCTOR_BACKEND")
 
     def step():
-        os.environ["SPARSEDOCTOR_BACKEND"] = backend
-        try:
+        with _backend(backend):
             layer.commit_queue()
             context.start(real_tokens)
             out = layer(x)
             _, contrastive = context.stop()
             (out.square().mean() + sum(contrastive)).backward()
-        finally:
-            if previous is None:
-                os.environ.pop("SPARSEDOCTOR_BACKEND", None)
-            else:
-                os.environ["SPARSEDOCTOR_BACKEND"] = previous
 
     step()  # warm: the queue holds views, lazy imports are done
     return step
+
+
+def layer_forward(num_experts: int = 8, top_k: int = 2, rank: int = 4, tokens: int = 24, d_in: int = 32,
+                  d_out: int = 40, backend: str = "triton", contrastive_tokens: int = 0, seed: int = 0):
+    """A closure running one training-mode forward of a LoraMoELinear (balance loss recorded, a quarter of the
+    tokens padding), after the context's per-forward constants are made: what one module adds to a model's
+    forward."""
+    layer, context = _layer(num_experts, top_k, rank, d_in, d_out, contrastive_tokens, seed)
+    x = torch.randn(tokens, d_in)
+    real_tokens = torch.arange(tokens) < tokens - tokens // 4
+
+    def forward():
+        with _backend(backend):
+            layer(x)
+            context.stop()
+
+    def prepared():
+        with _backend(backend):
+            layer.commit_queue()
+            context.start(real_tokens)
+            if contrastive_tokens:
+                context.picked_weights(tokens, min(contrastive_tokens, tokens), x.device)
+        return forward
+
+    with torch.no_grad():  # warm: a queue to contrast against, lazy imports done
+        layer.commit_queue()
+        context.start(real_tokens)
+        layer(x)
+        context.stop()
+    return prepared
+
+
+def module_forward_launches(**kwargs):
+    """Launches of one module's training forward, without the frozen GEMM and the shared per-forward constants."""
+    from sparsedoctor_kernels.launches import count_launches
+
+    prepare = layer_forward(**kwargs)
+    counts = count_launches(prepare())
+    counts[FROZEN_GEMM] -= 1
+    if counts[FROZEN_GEMM] <= 0:
+        del counts[FROZEN_GEMM]
+    return counts
 
 
 def main(argv=None) -> int:
@@ -51,8 +112,13 @@ def main(argv=None) -> int:
     from sparsedoctor_kernels.launches import count_launches, report
 
     for experts in (8, 64):
-        print(f"LoraMoELinear forward + backward, training, backend triton, E={experts}:")
-        print(report(count_launches(layer_step(num_experts=experts, top_k=2))))
+        print(f"E={experts}, k=2, backend triton, a quarter of the tokens padding:")
+        plain = module_forward_launches(num_experts=experts)
+        contrastive = module_forward_launches(num_experts=experts, contrastive_tokens=8)
+        print(f"  module forward, no contrastive term (frozen GEMM excluded): {report(plain, top=0)}")
+        print(f"  contrastive term adds: {contrastive.total - plain.total} launches")
+        print(f"  training step (commit + forward + backward): "
+              f"{report(count_launches(layer_step(num_experts=experts, top_k=2)))}")
     return 0
 
 

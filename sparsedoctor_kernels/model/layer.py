@@ -33,10 +33,33 @@ class ForwardContext:
         self.recording = False
         self.balance_terms: list[torch.Tensor] = []
         self.contrastive_terms: list[torch.Tensor] = []
+        self._real_tokens: torch.Tensor | None = None
+        self._picked_weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def start(self, token_mask: torch.Tensor | None) -> None:
         self.token_mask, self.recording = token_mask, True
         self.balance_terms, self.contrastive_terms = [], []
+        # Per-forward constants every layer shares: computed once here (or on first use), not once per module.
+        self._real_tokens = None if token_mask is None else token_mask.sum()
+        self._picked_weights = {}
+
+    def real_tokens(self, num_tokens: int) -> torch.Tensor | int:
+        """How many of a layer's `num_tokens` tokens are real: all of them unless the mask covers them."""
+        mask = self.token_mask
+        return self._real_tokens if mask is not None and mask.numel() == num_tokens else num_tokens
+
+    def picked_weights(self, num_tokens: int, picked: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(padding [picked] bool, weights [picked] float32) of `picked` of `num_tokens` tokens drawn real tokens
+        first (as the layers' random subsets are): row i is padding when i >= the real tokens, and the weights
+        average the real rows (all zero when there are none)."""
+        key = (num_tokens, picked, torch.device(device))
+        if key not in self._picked_weights:
+            real = self.real_tokens(num_tokens)
+            real = real.to(device) if isinstance(real, torch.Tensor) else torch.tensor(real, device=device)
+            padding = torch.arange(picked, device=device) >= real
+            weights = (~padding).float() / real.clamp(1, picked).float()
+            self._picked_weights[key] = padding, weights
+        return self._picked_weights[key]
 
     def stop(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         self.recording = False
@@ -65,6 +88,7 @@ class LoraMoELinear(nn.Module):
         self.queue = sdk.ExpertQueue(num_experts, config.queue_size, config.proj_dim, device=device)
         self.dropout = nn.Dropout(config.lora_dropout)
         self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._slot_weights: dict[tuple, torch.Tensor] = {}  # _first_slot_weights' constants
         self.last_load: torch.Tensor | None = None  # [E] real tokens' pairs per expert in the last forward
 
     def extra_repr(self) -> str:
@@ -84,7 +108,11 @@ class LoraMoELinear(nn.Module):
         adapter_in = self.dropout(flat)
         lora_a, lora_b = self.lora_a.to(dtype), self.lora_b.to(dtype)
         out = self._experts(adapter_in, lora_a, lora_b, routing.weights, routing.experts, out=out)
-        balance = sdk.load_balance_loss(routing)
+        balance = None
+        # Eval and generation (no grad, nothing recorded) need no loss; a checkpointing recomputation (grad on,
+        # not recording) must compute the same tensors as its forward.
+        if self.context.recording or torch.is_grad_enabled():
+            balance = sdk.load_balance_loss(routing, num_tokens=self.context.real_tokens(flat.shape[0]))
         contrastive = None
         if self.training and self.config.contrastive_tokens > 0:
             contrastive = self._contrastive(adapter_in, lora_a, lora_b, routing, mask)
@@ -104,34 +132,43 @@ class LoraMoELinear(nn.Module):
         picked_count = min(self.config.contrastive_tokens, num_tokens)
         if picked_count == 0:
             return adapter_in.new_zeros((), dtype=torch.float32)
-        # A uniform random subset of the real tokens, without a host sync: padding scores -1 and sorts last.
+        # A uniform random subset of the real tokens, without a host sync: real tokens score in [1, 2) and
+        # padding in [0, 1), so the top scores are real tokens first, in random order.
         scores = torch.rand(num_tokens, device=adapter_in.device)
         if mask is not None:
-            scores = scores.masked_fill(~mask, -1.0)
-        picked = scores.topk(picked_count).indices
-        picked_real = scores[picked] >= 0
-        query, positive, top1 = self._views(adapter_in[picked], lora_a, lora_b, routing.weights[picked],
-                                            routing.experts[picked])
-        query_experts = torch.where(picked_real, top1.long(), -1)  # -1: padding, never enqueued
+            scores = scores + mask
+        picked = scores.topk(picked_count, sorted=True).indices  # real tokens first: the context's weights rely on it
+        padding, real_weights = self.context.picked_weights(num_tokens, picked_count, adapter_in.device)
+        query, positive, top1 = self._views(adapter_in, lora_a, lora_b, routing, picked)
+        query_experts = top1.masked_fill(padding, -1)  # -1: padding, never enqueued
         rows = self._contrastive_rows(query, positive, query_experts)
         if self.context.recording:
-            # Normalised in the queue's dtype: under autocast the head's output is bf16, the queue float32.
-            self._staged.append((F.normalize(query.detach().to(self.queue.keys.dtype), dim=-1), query_experts))
-        weight = picked_real.to(rows.dtype)
-        return (rows * weight).sum() / weight.sum().clamp_min(1.0)
+            # In the queue's dtype (under autocast the head's output is bf16, the queue float32); normalised
+            # when committed, once for everything staged.
+            self._staged.append((query.detach().to(self.queue.keys.dtype), query_experts))
+        return torch.dot(rows, real_weights.to(rows.dtype))
 
-    def _views(self, tokens, lora_a, lora_b, weights, experts):
+    def _views(self, tokens, lora_a, lora_b, routing, picked):
         """(routed view, fused view, top-1 expert) of the picked tokens through the projection head, from one
-        expert call over both: the routed view is the top-1 expert's own output (slot 0 alone, weight 1; the
-        other slots get id -1, which contributes nothing), the fused view the gate-weighted top-k output."""
-        count, top_k = experts.shape
-        first_slot = torch.arange(top_k, device=experts.device) == 0
-        routed_experts = torch.where(first_slot, experts, -1)
-        routed_weights = first_slot.to(weights.dtype).expand(count, top_k)
-        views = self._experts(torch.cat([tokens, tokens]), lora_a, lora_b, torch.cat([routed_weights, weights]),
-                              torch.cat([routed_experts, experts]))
-        projected = self._project(views)
-        return projected[:count], projected[count:], experts[:, 0]
+        expert call over each picked token twice: the routed view is the top-1 expert's own output (slot 0 at
+        weight 1, the other slots at weight 0), the fused view the gate-weighted top-k output."""
+        count = picked.shape[0]
+        twice = picked.repeat(2)
+        experts = routing.experts[twice]
+        weights = torch.cat([self._first_slot_weights(routing.weights).expand(count, -1), routing.weights[picked]])
+        views = self._experts(tokens[twice], lora_a, lora_b, weights, experts)
+        query, positive = self._project(views).view(2, count, -1).unbind(0)
+        return query, positive, experts[:count, 0]
+
+    def _first_slot_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """[1, k]: 1 for slot 0, 0 for the others; made once per device and dtype (no launches per forward)."""
+        key = (weights.device, weights.dtype, weights.shape[1])
+        cached = self._slot_weights.get(key)
+        if cached is None:
+            cached = torch.zeros(1, weights.shape[1], device=weights.device, dtype=weights.dtype)
+            cached[0, 0] = 1.0
+            self._slot_weights[key] = cached
+        return cached
 
     def _project(self, views: torch.Tensor) -> torch.Tensor:
         """The projection head in its own parameters' dtype (the views come in the compute dtype)."""
@@ -155,15 +192,16 @@ class LoraMoELinear(nn.Module):
         self._staged.clear()
 
     def _staged_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every staged row in order, in the queue's current dtype and device (the model may have been cast or
-        moved since they were staged)."""
+        """Every staged row in order, normalised, in the queue's current dtype and device (the model may have been
+        cast or moved since they were staged)."""
         queue_keys = self.queue.keys
         if not self._staged:
             return (queue_keys.new_empty((0, queue_keys.shape[-1])),
                     torch.empty(0, dtype=torch.long, device=queue_keys.device))
-        keys = torch.cat([k.to(device=queue_keys.device, dtype=queue_keys.dtype) for k, _ in self._staged])
-        experts = torch.cat([e.to(device=queue_keys.device, dtype=torch.long) for _, e in self._staged])
-        return keys, experts
+        keys = [k.to(device=queue_keys.device, dtype=queue_keys.dtype) for k, _ in self._staged]
+        experts = [e.to(device=queue_keys.device, dtype=torch.long) for _, e in self._staged]
+        keys, experts = (torch.cat(keys), torch.cat(experts)) if len(keys) > 1 else (keys[0], experts[0])
+        return F.normalize(keys, dim=-1), experts
 
     # The four ops sit behind these methods so that a benchmark can put the usual alternatives (per-expert
     # loops, dense masking, a materialised InfoNCE) in their place and time the same model.

@@ -118,12 +118,26 @@ def route(logits: torch.Tensor, top_k: int, *, renormalize: bool = True, backend
     return Routing(*_RouteFunction.apply(logits.contiguous(), top_k, bool(renormalize), backend, token_mask))
 
 
-def load_balance_loss(routing: Routing) -> torch.Tensor:
+def load_balance_loss(routing: Routing, *, num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
     """Switch/Mixtral load-balancing loss `E * sum_e (counts[e] / (T * k)) * probs_mean[e]` (0 when T = 0),
-    T the tokens `route` counted (all, or those of its `token_mask`): the pairs counted are `counts.sum()`."""
+    T the tokens `route` counted (all, or those of its `token_mask`): the pairs counted are `counts.sum()`.
+
+    `num_tokens` (optional): that T, when the caller already has it (an int, or a scalar tensor such as
+    `token_mask.sum()` computed once for many layers), which saves the reduction over `counts`."""
     if not isinstance(routing, tuple) or len(routing) != 4:
         raise TypeError(f"routing must be the sdk.Routing returned by route(), got {type(routing).__name__}")
-    num_experts = routing.counts.shape[0]
-    counts = routing.counts.to(routing.probs_mean.dtype)
-    fraction = counts / counts.sum().clamp_min(1)
-    return num_experts * (fraction * routing.probs_mean).sum()
+    num_experts, top_k = routing.counts.shape[0], routing.experts.shape[1]
+    probs_mean = routing.probs_mean
+    if num_tokens is None:
+        # One dot product instead of a product and a sum.
+        dot = torch.dot(routing.counts.to(probs_mean.dtype), probs_mean)
+        return dot.div(routing.counts.sum().clamp_min(1)).mul(num_experts)
+    # counts * (E / k) is already floating point (one launch for the cast and the scale).
+    dot = torch.dot((routing.counts * (num_experts / top_k)).to(probs_mean.dtype), probs_mean)
+    if isinstance(num_tokens, torch.Tensor):
+        if num_tokens.numel() != 1:
+            raise ValueError(f"num_tokens must be a scalar, got shape {list(num_tokens.shape)}")
+        return dot.div(num_tokens.reshape(()).clamp_min(1))
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+        raise ValueError(f"num_tokens must be an int >= 0 or a scalar tensor, got {num_tokens!r}")
+    return dot.div(max(num_tokens, 1))

@@ -65,26 +65,30 @@ def _num_counted(token_mask_ptr, num_tokens, HAS_MASK: tl.constexpr, BLOCK: tl.c
 
 @triton.jit
 def _route_statistics_kernel(
-    partial_probs_ptr, num_programs, num_experts, token_mask_ptr, num_tokens, probs_mean_ptr,
-    HAS_MASK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, COMPUTE: tl.constexpr,
+    partial_probs_ptr, partial_counts_ptr, num_programs, num_experts, token_mask_ptr, num_tokens, probs_mean_ptr,
+    counts_ptr, HAS_MASK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    """probs_mean = (sum of the forward programs' column sums, in program order) / tokens counted."""
+    """probs_mean = (sum of the forward programs' column sums, in program order) / tokens counted, and counts =
+    the sum of their per-program counts: no zero-filled counter and no atomics (one launch fewer)."""
     cols = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     col_ok = cols < num_experts
     total = tl.zeros([BLOCK_E], dtype=COMPUTE)
+    pairs = tl.zeros([BLOCK_E], dtype=tl.int32)
     for start in range(0, num_programs, BLOCK_P):
         programs = start + tl.arange(0, BLOCK_P)
-        block = tl.load(partial_probs_ptr + programs[:, None] * num_experts + cols[None, :],
-                        mask=(programs < num_programs)[:, None] & col_ok[None, :], other=0.0)
-        total += tl.sum(block, axis=0)
+        offsets = programs[:, None] * num_experts + cols[None, :]
+        mask = (programs < num_programs)[:, None] & col_ok[None, :]
+        total += tl.sum(tl.load(partial_probs_ptr + offsets, mask=mask, other=0.0), axis=0)
+        pairs += tl.sum(tl.load(partial_counts_ptr + offsets, mask=mask, other=0), axis=0)
     count = _num_counted(token_mask_ptr, num_tokens, HAS_MASK, 1024).to(COMPUTE)
     tl.store(probs_mean_ptr + cols, total / count, mask=col_ok)
+    tl.store(counts_ptr + cols, pairs, mask=col_ok)
 
 
 @triton.jit
 def _route_forward_kernel(
     logits_ptr, stride_t,
-    weights_ptr, experts_ptr, counts_ptr, partial_probs_ptr, token_mask_ptr,
+    weights_ptr, experts_ptr, partial_counts_ptr, partial_probs_ptr, token_mask_ptr,
     num_tokens, num_experts,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, COMPUTE: tl.constexpr,
@@ -106,6 +110,7 @@ def _route_forward_kernel(
     candidates = tl.where(row_ok[:, None] & col_ok[None, :], tl.where(non_finite[:, None], 0.0, probs), -1.0)
     top = tl.zeros([BLOCK_T, K_PAD], dtype=COMPUTE)
     chosen_ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+    pairs = tl.zeros([BLOCK_E], dtype=tl.int32)  # this program's (counted token, slot) pairs per expert
     for j in tl.static_range(TOP_K):
         best = tl.max(candidates, axis=1)
         # Lowest column holding the maximum: ties go to the lower expert id.
@@ -113,7 +118,7 @@ def _route_forward_kernel(
         chosen = tl.minimum(chosen, num_experts - 1)  # never index past the experts, whatever the scores
         top = tl.where(slots[None, :] == j, best[:, None], top)
         chosen_ids = tl.where(slots[None, :] == j, chosen[:, None], chosen_ids)
-        tl.atomic_add(counts_ptr + chosen, 1, mask=counted)  # integer adds: the result is order-independent
+        pairs += tl.sum(((cols[None, :] == chosen[:, None]) & counted[:, None]).to(tl.int32), axis=0)
         candidates = tl.where(cols[None, :] == chosen[:, None], -2.0, candidates)
     top = tl.where(non_finite[:, None], float("nan"), top)
     if RENORMALIZE:
@@ -122,6 +127,7 @@ def _route_forward_kernel(
     offsets = rows[:, None] * TOP_K + slots[None, :]
     tl.store(weights_ptr + offsets, top, mask=out_mask)
     tl.store(experts_ptr + offsets, chosen_ids, mask=out_mask)
+    tl.store(partial_counts_ptr + pid * num_experts + cols, pairs, mask=col_ok)
 
 
 @triton.jit
@@ -188,11 +194,12 @@ def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: tor
     num_programs = triton.cdiv(num_tokens, block_t)
     weights = empty((num_tokens, top_k), dtype, logits.device)
     experts = empty((num_tokens, top_k), torch.int32, logits.device)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=logits.device)
+    counts = empty((num_experts,), torch.int32, logits.device)
     partial_probs = empty((num_programs, num_experts), dtype, logits.device)
+    partial_counts = empty((num_programs, num_experts), torch.int32, logits.device)
     if num_tokens > 0:
         _route_forward_kernel[(num_programs,)](
-            logits, logits.stride(0), weights, experts, counts, partial_probs,
+            logits, logits.stride(0), weights, experts, partial_counts, partial_probs,
             token_mask if token_mask is not None else counts, num_tokens, num_experts,
             TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
             HAS_MASK=token_mask is not None,
@@ -201,8 +208,8 @@ def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: tor
     probs_mean = empty((num_experts,), dtype, logits.device)
     block_e = min(block_e, 256)
     _route_statistics_kernel[(triton.cdiv(num_experts, block_e),)](
-        partial_probs, num_programs, num_experts, token_mask if token_mask is not None else counts, num_tokens,
-        probs_mean, HAS_MASK=token_mask is not None, BLOCK_P=max(1, STATISTICS_ELEMENTS // block_e),
+        partial_probs, partial_counts, num_programs, num_experts, token_mask if token_mask is not None else counts,
+        num_tokens, probs_mean, counts, HAS_MASK=token_mask is not None, BLOCK_P=max(1, STATISTICS_ELEMENTS // block_e),
         BLOCK_E=block_e, COMPUTE=compute_type(dtype),
     )
     return weights, experts, counts, probs_mean
