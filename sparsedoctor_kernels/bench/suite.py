@@ -12,7 +12,8 @@ import torch
 from sparsedoctor_kernels.bench import harness
 
 OPS = ("route", "lora_moe", "queue", "infonce", "step")
-BASELINE = {"route": "naive", "lora_moe": "naive", "queue": "naive", "infonce": "naive", "step": "naive"}
+BASELINE = {"route": "naive", "lora_moe": "naive", "lora_moe_layer": "naive", "queue": "naive", "infonce": "naive",
+            "step": "naive"}
 # --quick on a GPU: one representative size per op (the CPU grids are already small).
 GPU_QUICK = {"route": ["--tokens", "16384"], "lora_moe": ["--shapes", "gate_proj", "--tokens", "8192", "--configs",
                                                           "8,2,16"],
@@ -33,7 +34,8 @@ def run_suite(ops, quick: bool, out: pathlib.Path, device: str | None) -> int:
         print(f"\n=== {op} ===", flush=True)
         status |= module.main(argv)
     with csv_path.open(newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["op"] in ops]
+        # lora_moe also writes lora_moe_layer rows (the adapter on top of the frozen layer): plotted with it.
+        rows = [r for r in csv.DictReader(handle) if r["op"] in ops or r["op"].removesuffix("_layer") in ops]
     from sparsedoctor_kernels.plots import plot_bench
 
     for path in plot_bench(rows, BASELINE, out):
