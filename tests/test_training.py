@@ -72,7 +72,7 @@ def test_prompts_with_the_real_qwen_tokenizer():
     if tokenizer.eos_token_id is None:
         tokenizer.eos_token = "<|endoftext|>"
     records = demo_records()
-    examples = encode(records[:10], tokenizer, max_length=512)
+    examples = encode(records[:10], tokenizer, max_length=512, chat_template="plain")
     for record, (ids, labels) in zip(records[:10], examples):
         prompt, response = format_example(record)
         assert tokenizer.decode(ids, skip_special_tokens=True) == prompt + response

@@ -1,140 +1,84 @@
-"""Training data: JSONL records, prompts, the bundled demo set and a tokenizer built from text.
+"""Training data: records in the formats Hugging Face users have (this project's instruction and multiple-choice
+records, Alpaca, ShareGPT, TRL/OpenAI messages, TRL prompt-completion; see `formats`), read from JSON Lines or JSON
+array files (`files`), rendered with the tokenizer's chat template when it has one or as plain text (`rendering`),
+the bundled demo set and a tokenizer built from text.
 
-Two record kinds, one JSON object a line:
-- instruction: {"instruction": "...", "response": "..."}
-- multiple choice: {"question": "...", "options": {"A": "...", "B": "...", ...} or ["...", ...], "answer": "B"}
-Loss is on response tokens only (for multiple choice, the answer letter and its text): `encode` gives the labels,
-`trainable_examples` leaves out the examples that `max_length` cut down to no response token.
+The loss is on the assistant turns only (for multiple choice, the answer letter and its text), each with its
+end-of-turn token: `encode` gives the labels, `trainable_examples` leaves out the examples that `max_length` cut
+down to no answer token. `chat_template` is "auto" (the tokenizer's chat template when `tokenizer.chat_template` is
+set, else plain), "chat" (required) or "plain"; `enable_thinking` reaches the template (Qwen3's reads it).
 """
 
 from __future__ import annotations
 
-import json
-import pathlib
 import random
 
 import torch
 
 from sparsedoctor_kernels.data.facts import FACTS
+from sparsedoctor_kernels.data.files import (  # noqa: F401  (this package's API)
+    SourcedRecord,
+    is_json_array,
+    iter_json_array,
+    iter_jsonl,
+    iter_records,
+    read_records,
+    write_jsonl,
+)
+from sparsedoctor_kernels.data.formats import (  # noqa: F401  (this package's API)
+    LETTERS,
+    Conversation,
+    DataError,
+    Message,
+    multiple_choice_prompt,
+    normalize_options,
+    record_format,
+    to_conversation,
+)
+from sparsedoctor_kernels.data.rendering import (  # noqa: F401  (this package's API)
+    IGNORE,
+    MODES,
+    Encoded,
+    chat_spans,
+    encode_conversation,
+    plain_pieces,
+    plain_text,
+    rendering_mode,
+)
 
-LETTERS = "ABCDEFGHIJ"
-UTF8_BOM = b"\xef\xbb\xbf"
-
-
-class DataError(ValueError):
-    """A record that is not one of the two kinds, named by file and line."""
-
-
-def normalize_options(options) -> dict[str, str]:
-    if isinstance(options, list):
-        if len(options) > len(LETTERS):
-            raise DataError(f"options: {len(options)} given, at most {len(LETTERS)} ({LETTERS[0]}-{LETTERS[-1]})")
-        options = dict(zip(LETTERS, options))
-    if not isinstance(options, dict) or not options or not all(isinstance(v, str) for v in options.values()):
-        raise DataError(f"options must be a non-empty list or letter->text mapping of strings, got {options!r}")
-    normalized = {str(k).strip().upper(): v for k, v in options.items()}
-    if len(normalized) != len(options):  # "a" and "A" would silently become one option
-        raise DataError(f"options name the same letter twice (letters are case-insensitive): {sorted(options)}")
-    return normalized
-
-
-def multiple_choice_prompt(question: str, options) -> str:
-    lines = [f"以下是单项选择题，请选出正确答案。\n{question}"]
-    lines += [f"{letter}. {text}" for letter, text in normalize_options(options).items()]
-    return "\n".join(lines) + "\n答案："
+load_jsonl = read_records  # its first name, from when it read JSON Lines only
 
 
 def format_example(record: dict) -> tuple[str, str]:
-    """(prompt, response) of a record of either kind."""
-    if not isinstance(record, dict):
-        raise DataError(f"expected a JSON object (one record a line), got {_json_kind(record)}")
-    if "instruction" in record:
-        if not isinstance(record["instruction"], str) or not isinstance(record.get("response"), str):
-            raise DataError("an instruction record needs a string 'instruction' and a string 'response'")
-        return f"问题：{record['instruction']}\n回答：", record["response"]
-    if "question" in record:
-        if not isinstance(record["question"], str):
-            raise DataError("a multiple-choice record needs a string 'question'")
-        options = normalize_options(record.get("options"))
-        answer = str(record.get("answer", "")).strip().upper()
-        if answer not in options:
-            raise DataError(f"answer {record.get('answer')!r} is not one of the options {list(options)}")
-        return multiple_choice_prompt(record["question"], options), f"{answer}. {options[answer]}"
-    raise DataError(f"a record needs 'instruction'+'response' or 'question'+'options'+'answer', got keys "
-                    f"{sorted(record)}")
+    """(prompt, answer) of a single-turn record of any format, in plain rendering."""
+    pieces = plain_pieces(to_conversation(record))
+    if len(pieces) != 3:  # prompt, answer, eos
+        raise DataError("a multi-turn conversation has no single (prompt, answer); use encode")
+    return pieces[0].text, pieces[1].text
 
 
-def _json_kind(value) -> str:
-    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array"}
-    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+def encode(records: list[dict], tokenizer, max_length: int, *, chat_template: str = "auto",
+           enable_thinking: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per record; labels are -100 except on the assistant turns, which are what is learnt."""
+    mode = rendering_mode(tokenizer, chat_template)
+    return [_encoded(record, tokenizer, max_length, mode, enable_thinking, f"records[{index}]").input_ids_labels
+            for index, record in enumerate(records)]
 
 
-def _text_lines(path: pathlib.Path):
-    """(line number, text) of a UTF-8 file. A BOM at the start is dropped (editors on Windows write one); bytes
-    that are not UTF-8, and a file that cannot be read, raise DataError naming the file (and line)."""
-    try:
-        handle = path.open("rb")  # bytes, so that a decoding error can name its line
-    except IsADirectoryError:
-        raise DataError(f"{path} is a directory, not a JSONL file") from None
-    except OSError as error:
-        raise DataError(f"{path}: cannot read it ({error.strerror or error})") from None
-    with handle:
-        for number, raw in enumerate(handle, 1):
-            if number == 1 and raw.startswith(UTF8_BOM):
-                raw = raw[len(UTF8_BOM):]
-            try:
-                yield number, raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(f"{path}:{number}: not UTF-8 text (byte {raw[error.start]:#04x} at column "
-                                f"{error.start + 1})") from None
-
-
-def iter_jsonl(path: str | pathlib.Path):
-    """(line number, object) for every non-empty line; malformed JSON, bytes that are not UTF-8 and an unreadable
-    file raise DataError naming the file (and line). A leading UTF-8 BOM is accepted."""
-    path = pathlib.Path(path)
-    for number, line in _text_lines(path):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: malformed JSON ({error.msg})") from None
-
-
-def load_jsonl(path: str | pathlib.Path) -> list[dict]:
-    records = []
-    for number, record in iter_jsonl(path):
-        try:
-            format_example(record)
-        except DataError as error:
-            raise DataError(f"{path}:{number}: {error}") from None
-        records.append(record)
-    if not records:
-        raise DataError(f"{path} holds no records")
-    return records
-
-
-def write_jsonl(records: list[dict], path: str | pathlib.Path) -> pathlib.Path:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def encode(records: list[dict], tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per record; labels are -100 on the prompt, so only the response is learnt."""
-    return [encode_example(record, tokenizer, max_length)[0] for record in records]
-
-
-def encode_example(record: dict, tokenizer, max_length: int):
+def encode_example(record: dict, tokenizer, max_length: int, *, chat_template: str = "auto",
+                   enable_thinking: bool = False):
     """((input_ids, labels), whether max_length cut the example)."""
-    prompt, response = format_example(record)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = prompt_ids + response_ids
-    labels = [-100] * len(prompt_ids) + response_ids
-    return (ids[:max_length], labels[:max_length]), len(ids) > max_length
+    encoded = _encoded(record, tokenizer, max_length, rendering_mode(tokenizer, chat_template), enable_thinking,
+                       "the record")
+    return encoded.input_ids_labels, encoded.truncated
+
+
+def _encoded(record: dict, tokenizer, max_length: int, mode: str, enable_thinking: bool, where: str) -> Encoded:
+    """The record encoded; a DataError names where it came from (its file and line when it was read from one)."""
+    try:
+        return encode_conversation(to_conversation(record), tokenizer, max_length, mode, enable_thinking)
+    except DataError as error:
+        raise DataError(f"{getattr(record, 'source', '') or where}: {error}") from None
 
 
 def supervised_tokens(labels) -> int:
@@ -142,14 +86,24 @@ def supervised_tokens(labels) -> int:
     return sum(1 for label in labels[1:] if label != -100)
 
 
-def trainable_examples(records: list[dict], tokenizer, max_length: int, log) -> list:
-    """The encoded examples that keep at least one response token within max_length; warns with counts."""
-    kept, truncated = [], 0
-    for record in records:
-        example, was_cut = encode_example(record, tokenizer, max_length)
-        truncated += was_cut
-        if supervised_tokens(example[1]):
-            kept.append(example)
+def trainable_examples(records: list[dict], tokenizer, max_length: int, log, *, chat_template: str = "auto",
+                       enable_thinking: bool = False, progress: bool = False) -> list:
+    """The encoded examples that keep at least one answer token within max_length; says how the data is
+    rendered and warns with counts (truncated, left out, BPE merges across a prompt/answer boundary)."""
+    mode = rendering_mode(tokenizer, chat_template)
+    if mode == "chat":
+        learnt = "with its <think> block" if enable_thinking else "without the generation prompt's empty <think> block"
+        log(f"data: rendered with the tokenizer's chat template; the loss learns each assistant turn through its "
+            f"end-of-turn token ({learnt})")
+    elif enable_thinking:
+        log("warning: --enable-thinking has no effect: the data is rendered plain (no chat template is used)")
+    kept, truncated, merged = [], 0, 0
+    for index, record in enumerate(_progress(records, progress)):
+        encoded = _encoded(record, tokenizer, max_length, mode, enable_thinking, f"records[{index}]")
+        truncated += encoded.truncated
+        merged += encoded.boundary_merges > 0
+        if supervised_tokens(encoded.labels):
+            kept.append(encoded.input_ids_labels)
     dropped = len(records) - len(kept)
     if not kept:
         raise DataError(f"--max-length {max_length} cuts away the whole response of every one of the "
@@ -157,7 +111,18 @@ def trainable_examples(records: list[dict], tokenizer, max_length: int, log) -> 
     if truncated:
         log(f"warning: {truncated} of {len(records)} examples are longer than --max-length {max_length} tokens and "
             f"were truncated; {dropped} of them lost every response token and are left out")
+    if merged:
+        log(f"warning: in {merged} of {len(records)} examples a token joins the end of a prompt and the start of an "
+            "answer (a BPE merge across the boundary); such tokens are not learnt")
     return kept
+
+
+def _progress(records: list, shown: bool):
+    if not shown:
+        return records
+    from tqdm.auto import tqdm
+
+    return tqdm(records, desc="encoding", unit="record", dynamic_ncols=True)
 
 
 def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
@@ -217,4 +182,5 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1500):
 
 
 def corpus(records: list[dict]) -> list[str]:
-    return ["".join(format_example(r)) for r in records]
+    """The records' plain text, what the demo tokenizer is trained on."""
+    return [plain_text(to_conversation(r)) for r in records]
