@@ -24,23 +24,19 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _settings_from(args: argparse.Namespace):
-    import dataclasses
-
+    """TrainSettings from the --config file, if any, with the flags given on the command line on top."""
     from sparsedoctor_kernels.model import SparseDoctorConfig
-    from sparsedoctor_kernels.training import TrainError, TrainSettings
+    from sparsedoctor_kernels.train_settings import TrainError, TrainSettings, merged_values, read_config_file
 
-    fields = [f.name for f in dataclasses.fields(SparseDoctorConfig)]
+    file_values = read_config_file(args.config) if args.config else {}
+    flag_values = {name: getattr(args, name) for name in sorted(getattr(args, GIVEN))}
+    values = merged_values(file_values, flag_values)
+    adapter_values = values.pop("adapter")
     try:
-        adapter = SparseDoctorConfig(**{name: getattr(args, name) for name in fields})
+        adapter = SparseDoctorConfig(**adapter_values)
     except ValueError as error:
-        raise TrainError(_with_flags(str(error), fields)) from None
-    return TrainSettings(
-        output_dir=args.output_dir, model=args.model, data=args.data or [], steps=args.steps,
-        batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup_steps,
-        max_length=args.max_length, seed=args.seed, device=args.device, bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every, resume=args.resume,
-        overwrite=args.overwrite, progress=not args.no_progress, adapter=adapter,
-    )
+        raise TrainError(_with_flags(str(error), list(SparseDoctorConfig.field_names()))) from None
+    return TrainSettings(**values, adapter=adapter)
 
 
 def _with_flags(message: str, fields: list[str]) -> str:
@@ -106,69 +102,88 @@ def _bench(args: argparse.Namespace) -> int:
     return run_suite(ops, args.quick, pathlib.Path(args.out), args.device)
 
 
+# The namespace attribute naming the train flags given on the command line (the rest keep the --config file's
+# values, or the defaults).
+GIVEN = "given_settings"
+
+
+class _SettingAction(argparse.Action):
+    """Stores a setting's value (a switch, nargs=0, stores its const) and records that its flag was given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        setattr(namespace, GIVEN, getattr(namespace, GIVEN, frozenset()) | {self.dest})
+
+
+def _add_setting(group, name: str, kind: type, default, help_text: str, shown: str | None = None,
+                 metavar: str | None = None) -> None:
+    """The flag of one setting: `kind` int, float or str takes a value, list one or more, bool is a switch that
+    turns the default over (a True default's flag is --no-...)."""
+    from sparsedoctor_kernels.train_settings import flag_for
+
+    flag = flag_for(name)
+    if shown is None:
+        shown = ("off" if not default else "on") if kind is bool else (
+            " ".join(default) if isinstance(default, (list, tuple)) else str(default))
+    text = f"{help_text} (default: {shown})".replace("%", "%%")
+    metavar = metavar or flag.removeprefix("--").upper().replace("-", "_")
+    if kind is bool:
+        if default and not flag.startswith("--no-"):
+            raise AssertionError(f"{name} defaults to True, so its flag must be --no-...: add it to FLAG_NAMES")
+        group.add_argument(flag, dest=name, action=_SettingAction, nargs=0, const=not default, default=default,
+                           help=text)
+    elif kind is list:
+        group.add_argument(flag, dest=name, action=_SettingAction, nargs="+", metavar=metavar,
+                           default=list(default), help=text)
+    else:
+        group.add_argument(flag, dest=name, action=_SettingAction, type=kind, default=default, help=text,
+                           metavar=metavar)
+
+
 def _add_adapter_flags(parser: argparse.ArgumentParser) -> None:
     """Every SparseDoctorConfig field as a flag, with the config's default (`r` is `--lora-r`)."""
-    import dataclasses
-    import typing
-
     from sparsedoctor_kernels.model import SparseDoctorConfig
-    from sparsedoctor_kernels.training import flag_for
+    from sparsedoctor_kernels.train_settings import adapter_help, adapter_types, flag_for
 
-    group = parser.add_argument_group("adapter (SparseDoctorConfig)")
+    group = parser.add_argument_group("adapter (SparseDoctorConfig; an `adapter:` mapping in a config file)")
     defaults = SparseDoctorConfig()
-    declared = typing.get_type_hints(SparseDoctorConfig)  # `lora_alpha: float = 32` takes 0.5, not just ints
-    for f in dataclasses.fields(SparseDoctorConfig):
-        default = getattr(defaults, f.name)
-        kind = declared.get(f.name)
-        flag = flag_for(f.name)
-        renamed = f"SparseDoctorConfig.{f.name}; " if flag != "--" + f.name.replace("_", "-") else ""
-        if isinstance(default, tuple):
-            group.add_argument(flag, dest=f.name, nargs="+", default=default,
-                               help=f"{renamed}default: {' '.join(default)}")
-        else:
-            group.add_argument(flag, dest=f.name, type=kind if kind in (int, float, str) else type(default),
-                               default=default,
-                               help=f"{renamed}default: {default}")
+    for name, kind in adapter_types().items():  # `lora_alpha: float = 32` takes 0.5, not just ints
+        renamed = f" (SparseDoctorConfig.{name})" if flag_for(name) != "--" + name.replace("_", "-") else ""
+        _add_setting(group, name, kind, getattr(defaults, name), adapter_help(name) + renamed)
+
+
+TRAIN_EPILOG = """A --config file (YAML or JSON, by its suffix) holds settings by their field names (learning_rate,
+not --lr), with the adapter's under `adapter:`; a flag given on the command line overrides the file, and a
+given --steps or --epochs replaces the file's other one. Relative paths in the file are read from the working
+directory, as on the command line. run_config.json in the run directory records the resolved settings."""
 
 
 def _add_train_parser(commands) -> None:
-    """Every flag must pass through `torchrun ... -m sparsedoctor_kernels.cli train`: torchrun's parser reads
+    """Every TrainSettings field as a flag, generated from its metadata (type, help), then the adapter's.
+    Every flag must pass through `torchrun ... -m sparsedoctor_kernels.cli train`: torchrun's parser reads
     abbreviations, so no flag here may be a prefix of one of its flags (tests/test_cli.py checks)."""
-    from sparsedoctor_kernels.training import TrainSettings
+    from sparsedoctor_kernels.train_settings import CHAT_TEMPLATES, TrainSettings, setting_fields
 
+    train = commands.add_parser("train", help="train a SparseDoctor adapter on a causal LM", allow_abbrev=False,
+                                description="Train a SparseDoctor adapter on a causal LM.", epilog=TRAIN_EPILOG)
+    train.add_argument("--config", help="a YAML (.yaml, .yml) or JSON (.json) file of settings (default: none)")
+    group = train.add_argument_group("training (TrainSettings)")
     defaults = TrainSettings()
-    train = commands.add_parser("train", help="train a SparseDoctor adapter on a causal LM", allow_abbrev=False)
-    train.add_argument("--model", default=defaults.model,
-                       help="'tiny' (a small random Qwen3) or a local HF model directory")
-    train.add_argument("--data", nargs="+", help="JSONL files of instruction or multiple-choice records "
-                       "(default: the bundled demo set)")
-    train.add_argument("--output-dir", default=defaults.output_dir, help="the run directory: one run each")
-    train.add_argument("--steps", type=int, default=defaults.steps)
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
-    train.add_argument("--lr", type=float, default=defaults.learning_rate)
-    train.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    train.add_argument("--max-length", type=int, default=defaults.max_length,
-                       help=f"tokens of prompt + response; longer examples are truncated, with a warning "
-                            f"(default: {defaults.max_length})")
-    train.add_argument("--seed", type=int, default=defaults.seed)
-    train.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    train.add_argument("--bf16", action="store_true", help="bf16 autocast (and a bf16 base model)")
-    train.add_argument("--gradient-checkpointing", action="store_true")
-    train.add_argument("--save-every", type=int, default=defaults.save_every,
-                       help="checkpoint every N steps (0: never)")
-    train.add_argument("--resume", action="store_true",
-                       help="continue the run in --output-dir from its latest checkpoint (same settings)")
-    train.add_argument("--overwrite", action="store_true",
-                       help="start over: remove the previous run in --output-dir (checkpoints, latest, metrics, "
-                            "adapter, plots) first")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for name, f in setting_fields().items():
+        # Checked with the settings (validate_settings), not by argparse: a config file's value is checked too.
+        metavar = "{" + ",".join(CHAT_TEMPLATES) + "}" if name == "chat_template" else None
+        _add_setting(group, name, f.metadata["type"], getattr(defaults, name), f.metadata["help"],
+                     f.metadata["shown"], metavar)
     _add_adapter_flags(train)
-    train.set_defaults(handler=_train)
+    train.set_defaults(handler=_train, **{GIVEN: frozenset()})
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sparsedoctor_kernels import __version__
+
     parser = argparse.ArgumentParser(prog="sparsedoctor", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"sparsedoctor_kernels {__version__}")
+    commands = parser.add_subparsers(dest="command")
     check = commands.add_parser("check", help="run every op on every available backend against the reference")
     check.add_argument("--device", action="append", choices=["cpu", "cuda"],
                        help="device to check (repeatable; default: cpu, and cuda when available)")
@@ -185,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     from sparsedoctor_kernels.eval.command import positive_int
+    from sparsedoctor_kernels.eval.runner import DEFAULT_MAX_NEW_TOKENS, THINKING_MAX_NEW_TOKENS
 
     evaluate = commands.add_parser("eval", help="evaluate on CMMLU-Med, CMB or CMExam, or score predictions")
     evaluate.add_argument("--benchmark", required=True, choices=["cmmlu-med", "cmb", "cmexam"])
@@ -197,11 +213,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tokenizer", help="tokenizer directory (default: the model's, or the run's)")
     evaluate.add_argument("--shots", type=int, default=0, choices=[0, 1, 2, 3, 4, 5])
     evaluate.add_argument("--mode", default="logits", choices=["logits", "generate"],
-                          help="logits: option-letter log-probs (multi-answer items are generated anyway)")
+                          help="logits: option-letter log-probs (multi-answer items are generated anyway); "
+                          "generate: greedy generation, answer read after any <think> block (default: logits)")
+    evaluate.add_argument("--max-new-tokens", type=positive_int, default=None,
+                          help=f"new tokens per generated answer; generation stops earlier at end-of-sequence "
+                          f"(default: {DEFAULT_MAX_NEW_TOKENS}, or {THINKING_MAX_NEW_TOKENS} with --enable-thinking; "
+                          f"a thinking model needs room for its reasoning: a reply cut off inside <think> holds "
+                          f"no answer)")
+    evaluate.add_argument("--chat-template", action="store_true",
+                          help="render each prompt as one user message of the tokenizer's chat template, with "
+                          "the assistant turn opened (for chat/instruct models; default: off, plain prompts)")
+    evaluate.add_argument("--enable-thinking", action="store_true",
+                          help="with --chat-template and --mode generate: pass enable_thinking=True to the "
+                          "template (Qwen3 reasons in <think> first; default: off, Qwen3's template then writes "
+                          "an empty think block)")
     evaluate.add_argument("--limit", type=positive_int, help="only the first N items of each CMMLU subject "
                           "(every requested subject is kept); cmb, cmexam: the first N items. With --score: "
                           "the same items")
-    evaluate.add_argument("--batch-size", type=positive_int, default=8)
+    evaluate.add_argument("--batch-size", type=positive_int, default=8, help="default: 8")
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the tiny model")
     evaluate.add_argument("--output-dir", help="for predictions.jsonl, report.json, report.md; checked before any "
@@ -223,7 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """`sparsedoctor` with no command prints the help and exits 0, as `sparsedoctor --help` does."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     return args.handler(args)
 
 

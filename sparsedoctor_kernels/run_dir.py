@@ -1,6 +1,7 @@
-"""What a run directory is, and how it is kept to one run. It holds `run_config.json`, `metrics.jsonl` (one line
-a step), `loss.png` and `expert_load.png`, `checkpoint-<step>/` (adapter + trainer state, for `--resume`) with
-`latest` naming the newest, and finally `adapter/` and `tokenizer/`. Before a run starts, a fresh run refuses a
+"""What a run directory is, and how it is kept to one run. It holds `run_config.json` (the resolved settings),
+`metrics.jsonl` (one line a step), `loss.png` and `expert_load.png`, `tensorboard/` (with --tensorboard),
+`checkpoint-<step>/` (adapter + trainer state, for `--resume`) with `latest` naming the newest, and finally
+`adapter/` and `tokenizer/`. Before a run starts, a fresh run refuses a
 directory holding another run (unless --overwrite) and --resume needs a compatible run with a checkpoint; then
 rank 0 prepares the directory. Files here are written atomically."""
 
@@ -23,17 +24,19 @@ if TYPE_CHECKING:
 
 RUN_FILE = "run_config.json"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 LATEST_FILE = "latest"
 STATE_TENSORS = "trainer_state.safetensors"  # optimizer moments and the RNG state: no pickle anywhere
 STATE_JSON = "trainer_state.json"
 # What a run writes at the top of its directory (besides checkpoint-<step>[.tmp]/): a fresh run refuses a
 # directory that holds any of them, --overwrite removes them. Other files are the user's and are left alone.
-RUN_ENTRIES = (RUN_FILE, METRICS_FILE, LATEST_FILE, "adapter", "tokenizer", "loss.png", "expert_load.png")
+RUN_ENTRIES = (RUN_FILE, METRICS_FILE, LATEST_FILE, "adapter", "tokenizer", "loss.png", "expert_load.png",
+               TENSORBOARD_DIR)
 # checkpoint-<step>/, one being written (.tmp), and what a killed save_adapter leaves of adapter/.
 UNNAMED_ENTRIES = re.compile(r"checkpoint-\d+(\.tmp)?|\.adapter\.partial-\w+")
-# Settings a resumed run may change: they do not alter what is being trained.
-RESUMABLE_CHANGES = frozenset({"output_dir", "steps", "resume", "overwrite", "progress", "save_every", "device",
-                               "gradient_checkpointing"})
+# Settings a resumed run may change: they do not alter what is being trained (steps and epochs: how long).
+RESUMABLE_CHANGES = frozenset({"output_dir", "steps", "epochs", "resume", "overwrite", "progress", "save_every",
+                               "device", "gradient_checkpointing", "eval_every", "tensorboard"})
 
 
 def run_entries(output_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -146,9 +149,10 @@ def check_outputs_writable(settings: TrainSettings, output_dir: pathlib.Path, st
 
 
 def data_digests(settings: TrainSettings) -> dict[str, str]:
-    """The sha256 of each data file that can be read (one that cannot is reported when the data is loaded)."""
+    """The sha256 of each data and eval data file that can be read (one that cannot is reported when the data is
+    loaded)."""
     digests = {}
-    for path in settings.data:
+    for path in [*settings.data, *settings.eval_data]:
         try:
             with open(path, "rb") as handle:
                 digests[path] = hashlib.file_digest(handle, "sha256").hexdigest()
@@ -171,7 +175,7 @@ def check_same_run(settings: TrainSettings, output_dir: pathlib.Path) -> None:
     if not run_file.is_file():
         raise TrainError(f"--resume: {output_dir} has no {RUN_FILE}, so its settings cannot be checked")
     now = json.loads(json.dumps(settings.to_dict()))  # tuples as lists, as the saved file has them
-    saved = _read_json(run_file)
+    saved = _with_defaults(_read_json(run_file))
     saved_digests = saved.pop(DATA_DIGESTS, None)
     differences = settings_differences(saved, now)
     if differences:
@@ -182,6 +186,17 @@ def check_same_run(settings: TrainSettings, output_dir: pathlib.Path) -> None:
             if path in saved_digests and saved_digests[path] != digest:
                 raise TrainError(f"--resume: the data file {path} changed since the run in {output_dir} began "
                                  "(its sha256 differs); resume with the run's data or pass --overwrite")
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A run_config.json written before a setting existed ran as its default does: the default fills it in."""
+    from sparsedoctor_kernels.train_settings import TrainSettings
+
+    defaults = json.loads(json.dumps(TrainSettings().to_dict()))
+    adapter = saved.get("adapter")
+    if isinstance(adapter, dict):
+        saved = {**saved, "adapter": {**defaults["adapter"], **adapter}}
+    return {**defaults, **saved}
 
 
 def settings_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:

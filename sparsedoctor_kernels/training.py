@@ -1,12 +1,14 @@
 """The training loop behind `sparsedoctor train` and `sparsedoctor demo`: a SparseDoctor adapter on a frozen causal
 LM (a local Hugging Face directory, or `tiny`: a small random Qwen3 with a BPE tokenizer trained on the data),
-AdamW on the adapter only, warmup + cosine learning rate, optional bf16 autocast, gradient checkpointing and DDP
-(under `torchrun`). Every user error (settings, data, model path, output directory, resume state) raises
-TrainError before anything is written; under DDP every rank checks, and only rank 0 writes. The run directory is
-kept in run_dir.py, checkpoints in checkpoints.py."""
+AdamW on the adapter only, warmup + cosine learning rate, gradient accumulation, a held-out eval loss, optional
+bf16 autocast, gradient checkpointing, TensorBoard and DDP (under `torchrun`). Every user error (settings, data,
+model path, output directory, resume state) raises TrainError before anything is written; under DDP every rank
+checks, and only rank 0 writes. The settings are in train_settings.py, the run directory in run_dir.py,
+checkpoints in checkpoints.py."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -15,7 +17,7 @@ import os
 import pathlib
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -31,44 +33,23 @@ from sparsedoctor_kernels.data import (  # noqa: F401  (encode, collate: this mo
     supervised_tokens_in,
     trainable_examples,
 )
-from sparsedoctor_kernels.model import SparseDoctorConfig, apply_sparsedoctor
-from sparsedoctor_kernels.run_dir import METRICS_FILE, check_output_dir, check_run_dir, prepare_run_dir
+from sparsedoctor_kernels.model import apply_sparsedoctor, loading
+from sparsedoctor_kernels.run_dir import (
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    check_output_dir,
+    check_run_dir,
+    prepare_run_dir,
+)
 from sparsedoctor_kernels.train_errors import TrainError
-
-# The CLI flag of a TrainSettings / SparseDoctorConfig field, where it is not "--" + the field with dashes.
-# `r` is `--lora-r`: torchrun's own parser reads `--r` as an ambiguous prefix of its `--rdzv-*` flags.
-FLAG_NAMES = {"learning_rate": "--lr", "r": "--lora-r", "progress": "--no-progress"}
-
-
-def flag_for(name: str) -> str:
-    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-
-
-@dataclass
-class TrainSettings:
-    output_dir: str = "sparsedoctor-run"
-    model: str = "tiny"  # "tiny" or a local Hugging Face model directory
-    data: list[str] = field(default_factory=list)  # JSONL files; empty: the bundled demo set
-    steps: int = 100
-    batch_size: int = 8
-    learning_rate: float = 5e-3
-    warmup_steps: int = 10
-    max_length: int = 512  # tokens of prompt + response; longer examples are cut (and reported)
-    seed: int = 0
-    device: str | None = None
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    save_every: int = 50
-    resume: bool = False
-    overwrite: bool = False  # start over: remove the previous run's files from output_dir first
-    progress: bool = True
-    tiny_vocab_size: int = 1500
-    adapter: SparseDoctorConfig = field(default_factory=SparseDoctorConfig)
-
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["adapter"] = self.adapter.to_dict()
-        return data
+from sparsedoctor_kernels.train_metrics import MetricsWriter, eval_loss
+from sparsedoctor_kernels.train_settings import (  # noqa: F401  (this module's API too)
+    FLAG_NAMES,
+    TrainSettings,
+    flag_for,
+    resolved_steps,
+    validate_settings,
+)
 
 
 @dataclass
@@ -78,27 +59,10 @@ class TrainResult:
     expert_load: dict[str, list[float]]  # layer -> fraction of routed pairs per expert (summed over modules)
     model: torch.nn.Module
     tokenizer: object
+    settings: TrainSettings | None = None  # as trained: --steps resolved (from --epochs, or its default)
 
 
 # --- settings -------------------------------------------------------------------------------------------------
-
-def validate_settings(settings: TrainSettings) -> None:
-    minimums = {"steps": 1, "batch_size": 1, "max_length": 1, "warmup_steps": 0, "save_every": 0,
-                "tiny_vocab_size": 1}
-    for name, minimum in minimums.items():
-        value = getattr(settings, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise TrainError(f"{flag_for(name)} must be an integer >= {minimum}, got {value!r}")
-    rate = settings.learning_rate
-    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not (math.isfinite(rate) and rate > 0):
-        raise TrainError(f"--lr must be a finite number > 0, got {rate!r}")
-    if not isinstance(settings.data, (list, tuple)) or not all(isinstance(p, str) for p in settings.data):
-        raise TrainError(f"--data must be a list of JSONL file paths, got {settings.data!r}")
-    if settings.resume and settings.overwrite:
-        raise TrainError("--resume continues the run in --output-dir and --overwrite removes it: pass one of them")
-    if not isinstance(settings.adapter, SparseDoctorConfig):
-        raise TrainError(f"adapter must be a SparseDoctorConfig, got {type(settings.adapter).__name__}")
-
 
 def pick_device(name: str | None) -> torch.device:
     if name is None:
@@ -120,6 +84,23 @@ def load_records(settings: TrainSettings) -> list[dict]:
     return [r for path in settings.data for r in load_jsonl(path)] if settings.data else demo_records()
 
 
+def load_eval_records(settings: TrainSettings) -> list[dict]:
+    return [r for path in settings.eval_data for r in load_jsonl(path)]
+
+
+def split_eval(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(training records, held-out records): round(fraction x records) of them, at least one, drawn by `seed`
+    (and nothing else: the split does not depend on the tokenizer or --max-length); both keep the file order."""
+    if not fraction:
+        return records, []
+    count = max(1, round(fraction * len(records)))
+    if count >= len(records):
+        raise TrainError(f"--eval-split {fraction} holds out {count} of the {len(records)} records, leaving none to "
+                         "train on")
+    held = set(random.Random(f"eval-split-{seed}").sample(range(len(records)), count))
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
 def check_model_path(model: str) -> None:
     if model != "tiny" and not (pathlib.Path(model) / "config.json").is_file():
         raise TrainError(f"--model must be 'tiny' or a local Hugging Face model directory (with config.json); "
@@ -127,29 +108,18 @@ def check_model_path(model: str) -> None:
 
 
 def load_tokenizer(settings: TrainSettings, records: list[dict]):
-    if settings.model == "tiny":
-        return build_tokenizer(corpus(records), vocab_size=settings.tiny_vocab_size)
-    from transformers import AutoTokenizer
-
+    """`--model`'s tokenizer (for tiny, trained on `records`), padding with EOS where it has no pad token."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        return loading.load_tokenizer(settings.model, records=records, tiny_vocab_size=settings.tiny_vocab_size)
     except (OSError, ValueError) as error:
         raise TrainError(f"--model {settings.model}: cannot load its tokenizer ({_first_line(error)})") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def load_model(settings: TrainSettings, tokenizer):
-    if settings.model == "tiny":
-        from sparsedoctor_kernels.model.tiny import tiny_qwen3
-
-        return tiny_qwen3(vocab_size=len(tokenizer), seed=settings.seed)
-    from transformers import AutoModelForCausalLM
-
+    """`--model` on the CPU, in bfloat16 with --bf16 and float32 without (tiny included), whatever the device."""
     dtype = torch.bfloat16 if settings.bf16 else torch.float32
     try:
-        return AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype)
+        return loading.load_causal_lm(settings.model, tokenizer, dtype=dtype, seed=settings.seed)
     except (OSError, ValueError) as error:
         raise TrainError(f"--model {settings.model}: cannot load it ({_first_line(error)})") from None
 
@@ -174,15 +144,17 @@ def learning_rate(step: int, settings: TrainSettings) -> float:
     return settings.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _batches(num_examples: int, batch_size: int, seed: int, rank: int, world: int):
-    """Endless shuffled batches of example indices; each rank takes its own share of every global batch."""
+def _batches(num_examples: int, batch_size: int, accumulation: int, seed: int, rank: int, world: int):
+    """Endless shuffled optimizer steps, each `accumulation` micro-batches of example indices: this rank's share
+    of the step's examples. A pass over the data (one shuffle) ends with its last whole step."""
+    per_step = batch_size * world * accumulation
     epoch = 0
     while True:
         order = list(range(num_examples))
         random.Random(seed + epoch).shuffle(order)
-        global_batch = batch_size * world
-        for start in range(0, num_examples - global_batch + 1, global_batch):
-            yield order[start + rank * batch_size: start + (rank + 1) * batch_size]
+        for start in range(0, num_examples - per_step + 1, per_step):
+            firsts = (start + (micro * world + rank) * batch_size for micro in range(accumulation))
+            yield [order[first: first + batch_size] for first in firsts]
         epoch += 1
 
 
@@ -267,16 +239,37 @@ def _train(settings: TrainSettings, device: torch.device, log) -> TrainResult:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     output_dir = pathlib.Path(settings.output_dir)
-    # Every check before any long work, and before anything is written.
+    # Every check before any long work, and before anything is written. With --epochs the step count needs the
+    # examples, and so does a resume's check against the checkpoint's step: that one waits for them.
     check_output_dir(output_dir)
-    resume_from = check_run_dir(settings, output_dir)
+    if settings.epochs is None:
+        settings = dataclasses.replace(settings, steps=resolved_steps(settings, 0, world))
+    resume_from = None if settings.steps is None and settings.resume else check_run_dir(settings, output_dir)
     check_model_path(settings.model)
-    records = load_records(settings)
-    tokenizer = load_tokenizer(settings, records)
-    examples = trainable_examples(records, tokenizer, settings.max_length, say)
-    if len(examples) < settings.batch_size * world:
-        raise TrainError(f"{len(examples)} examples cannot fill one batch of --batch-size {settings.batch_size} "
-                         f"x {world} ranks")
+    records, eval_records = split_eval(load_records(settings), settings.eval_split, settings.seed)
+    eval_records += load_eval_records(settings)
+    # The tiny model's tokenizer learns its vocabulary from every record: held-out text must be encodable.
+    tokenizer = load_tokenizer(settings, records + eval_records)
+    rendering = dict(chat_template=settings.chat_template, enable_thinking=settings.enable_thinking)
+    examples = trainable_examples(records, tokenizer, settings.max_length, say, **rendering,
+                                  progress=settings.progress and rank == 0)
+    eval_examples = (trainable_examples(eval_records, tokenizer, settings.max_length,
+                                        lambda message: say(f"eval data: {message}"), **rendering)
+                     if eval_records else [])
+    per_step = settings.batch_size * world * settings.gradient_accumulation_steps
+    if len(examples) < per_step:
+        raise TrainError(f"{len(examples)} examples cannot fill one optimizer step of --batch-size "
+                         f"{settings.batch_size} x --gradient-accumulation-steps "
+                         f"{settings.gradient_accumulation_steps} x {world} ranks")
+    if settings.steps is None:
+        settings = dataclasses.replace(settings, steps=resolved_steps(settings, len(examples), world))
+        say(f"--epochs {settings.epochs}: {settings.steps} optimizer steps of {per_step} of the {len(examples)} "
+            "training examples")
+        if settings.resume:
+            resume_from = check_run_dir(settings, output_dir)
+    if eval_examples:
+        when = f"every {settings.eval_every} steps and after the last" if settings.eval_every else "after the last step"
+        say(f"eval loss on {len(eval_examples)} held-out examples {when}")
     torch.manual_seed(settings.seed)
     base = load_model(settings, tokenizer)
     torch.manual_seed(settings.seed)  # the adapter's initialisation, identical on every rank
@@ -290,7 +283,7 @@ def _train(settings: TrainSettings, device: torch.device, log) -> TrainResult:
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     start = 0
     if resume_from is not None:
         load_checkpoint(model, optimizer, resume_from[0])
@@ -302,7 +295,8 @@ def _train(settings: TrainSettings, device: torch.device, log) -> TrainResult:
     if rank == 0:
         prepare_run_dir(settings, output_dir, start, log)
 
-    history, load_totals = _loop(settings, model, optimizer, examples, tokenizer, device, start, output_dir)
+    data = _RunData(examples, eval_examples, tokenizer.pad_token_id)
+    history, load_totals = _loop(settings, model, optimizer, data, device, start, output_dir)
     expert_load = {layer: (total / total.sum()).tolist() for layer, total in sorted(load_totals.items())}
     save_adapter(model, output_dir / "adapter")
     _check_queues_agree(model, world, say)
@@ -310,33 +304,50 @@ def _train(settings: TrainSettings, device: torch.device, log) -> TrainResult:
         _write_outputs(output_dir, tokenizer, expert_load)
         log(f"adapter, tokenizer, metrics.jsonl and plots written to {output_dir}")
     _barrier(world)  # no rank leaves while another still needs the group
-    return TrainResult(output_dir, history, expert_load, model, tokenizer)
+    return TrainResult(output_dir, history, expert_load, model, tokenizer, settings)
 
 
-def _loop(settings, model, optimizer, examples, tokenizer, device, start: int, output_dir: pathlib.Path):
+@dataclass
+class _RunData:
+    examples: list  # (input_ids, labels) to train on
+    eval_examples: list  # held out: eval_loss
+    pad_id: int
+
+
+def _loop(settings: TrainSettings, model, optimizer, data: _RunData, device, start: int, output_dir: pathlib.Path):
     rank, world = _rank_and_world()
     trained = model
     if world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                             else None)
-    batches = _batches(len(examples), settings.batch_size, settings.seed, rank, world)
+    batches = _batches(len(data.examples), settings.batch_size, settings.gradient_accumulation_steps, settings.seed,
+                       rank, world)
     for _ in range(start):  # the same data order as an uninterrupted run
         next(batches)
     history, load_totals = [], {}
-    metrics = (output_dir / METRICS_FILE).open("a", encoding="utf-8") if rank == 0 else None
+
+    def count_expert_load():  # after each training forward: the load is per forward
+        for name, counts in model.expert_load().items():
+            layer = _layer_of(name)
+            load_totals[layer] = load_totals.get(layer, 0) + counts.double().cpu()
+
+    metrics = None
+    if rank == 0:
+        metrics = MetricsWriter(output_dir / METRICS_FILE, output_dir / TENSORBOARD_DIR if settings.tensorboard
+                                else None, resumed_step=start)
     progress = _progress(range(start, settings.steps), enabled=settings.progress and rank == 0)
     model.train()
     try:
         for step in progress:
-            batch = collate([examples[i] for i in next(batches)], tokenizer.pad_token_id)
-            row = _train_step(trained, optimizer, batch, step, settings, device, world)
+            micro_batches = [collate([data.examples[i] for i in ids], data.pad_id) for ids in next(batches)]
+            row = _train_step(trained, optimizer, micro_batches, step, settings, device, world, count_expert_load)
+            if data.eval_examples and _eval_due(step + 1, settings):
+                row["eval_loss"] = eval_loss(model, data.eval_examples, data.pad_id, settings.batch_size, device,
+                                             settings.bf16, world, rank)
+                model.train()
             history.append(row)
-            for name, counts in model.expert_load().items():
-                layer = _layer_of(name)
-                load_totals[layer] = load_totals.get(layer, 0) + counts.double().cpu()
             if metrics is not None:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+                metrics.write(row)
             if hasattr(progress, "set_postfix"):
                 progress.set_postfix(lm=f"{row['lm']:.3f}", bal=f"{row['balance']:.3f}",
                                      con=f"{row['contrastive']:.3f}")
@@ -348,24 +359,46 @@ def _loop(settings, model, optimizer, examples, tokenizer, device, start: int, o
     return history, load_totals
 
 
-def _train_step(trained, optimizer, batch: dict, step: int, settings: TrainSettings, device, world: int) -> dict:
-    """One optimizer step; its metrics row. Stops (on every rank) before a step that would learn nothing or NaN."""
+def _eval_due(step: int, settings: TrainSettings) -> bool:
+    return step == settings.steps or bool(settings.eval_every and step % settings.eval_every == 0)
+
+
+def _train_step(trained, optimizer, micro_batches: list[dict], step: int, settings: TrainSettings, device,
+                world: int, after_forward) -> dict:
+    """One optimizer step over its micro-batches' summed gradients; its metrics row. The step's objective is the
+    LM loss as a mean over every supervised token of the step (each micro-batch's mean weighted by its share of
+    them: what one batch of them all would give) plus the balance and contrastive terms averaged over the
+    micro-batches (they are per forward: each forward routes and samples its own tokens). Under DDP each rank
+    weighs its own tokens and the ranks' gradients are averaged, as without accumulation. Stops (on every rank)
+    before a step that would learn nothing or NaN."""
     began = time.perf_counter()
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, settings)
-    supervised = supervised_tokens_in(batch["labels"])
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
-        out = trained(**{k: v.to(device) for k, v in batch.items()})
-    problem = _step_problem(step + 1, out.loss, supervised, world)
-    if problem:
-        raise TrainError(problem)
-    out.loss.backward()
+    tokens = [supervised_tokens_in(batch["labels"]) for batch in micro_batches]
+    count = len(micro_batches)
+    totals = {"loss": 0.0}
+    for index, (batch, supervised) in enumerate(zip(micro_batches, tokens)):
+        # Under DDP the ranks average their gradients in the last micro-batch's backward only.
+        syncing = index == count - 1 or world == 1
+        with contextlib.nullcontext() if syncing else trained.no_sync():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+                out = trained(**{k: v.to(device) for k, v in batch.items()})
+            after_forward()
+            problem = _step_problem(step + 1, out.loss, supervised, world)
+            if problem:
+                raise TrainError(problem)
+            share = supervised / sum(tokens)
+            lm = out.aux_losses["lm"]
+            objective = lm * share + (out.loss - lm) / count  # out.loss - lm: the weighted balance + contrastive
+            objective.backward()
+        totals["loss"] += float(objective.detach())
+        for key, value in out.aux_losses.items():
+            totals[key] = totals.get(key, 0.0) + float(value.detach()) * (share if key == "lm" else 1 / count)
     torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"step": step + 1, "loss": float(out.loss.detach()),
-            **{k: float(v.detach()) for k, v in out.aux_losses.items()},
-            "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - began, 4)}
+    return {"step": step + 1, **totals, "lr": optimizer.param_groups[0]["lr"],
+            "seconds": round(time.perf_counter() - began, 4)}
 
 
 def _write_outputs(output_dir: pathlib.Path, tokenizer, expert_load: dict) -> None:

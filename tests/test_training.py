@@ -142,9 +142,8 @@ def test_max_length_default_is_the_settings_default_and_every_train_default_matc
     args = train_parser.parse_args([])
     defaults = TrainSettings()
     assert defaults.max_length == 512 and args.max_length == defaults.max_length
-    assert (args.steps, args.batch_size, args.lr, args.warmup_steps, args.seed, args.save_every, args.output_dir,
-            args.model) == (defaults.steps, defaults.batch_size, defaults.learning_rate, defaults.warmup_steps,
-                            defaults.seed, defaults.save_every, defaults.output_dir, defaults.model)
+    names = ("steps", "batch_size", "learning_rate", "warmup_steps", "seed", "save_every", "output_dir", "model")
+    assert [getattr(args, name) for name in names] == [getattr(defaults, name) for name in names]
     max_length_help = next(a.help for a in train_parser._actions if a.dest == "max_length")
     assert f"default: {defaults.max_length}" in max_length_help
 

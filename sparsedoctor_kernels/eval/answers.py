@@ -3,7 +3,11 @@
 ("答案：B", "正确答案为 A、C", "选B", "The answer is (C)", "Answer: B"), then the first standalone option letters
 (a single capital letter that is no part of a word, abbreviation or code: "B. 皮肤" -> "B", "A、C、D" -> "ACD",
 but "A patient", "Hepatitis B virus", "ECG", "BCG", "CD4", "维生素B12" give nothing). Only the item's option
-letters count; "" when the text holds no answer."""
+letters count; "" when the text holds no answer.
+
+A thinking model's reasoning is no answer: a complete `<think>...</think>` block is dropped first, and text whose
+`<think>` never closes (the generation budget ran out mid-reasoning) holds no answer at all, rather than a
+letter guessed from half-finished reasoning ("选A吗？不对……")."""
 
 from __future__ import annotations
 
@@ -117,11 +121,35 @@ def _bare_answer(text: str, valid: str) -> str | None:
     return normalize_letters("".join(runs)) if all(runs) else None
 
 
-def extract_answer(text, valid: str | None = None) -> str:
+THINK_START, THINK_END = "<think>", "</think>"
+
+
+def opens_thinking(prompt: str) -> bool:
+    """Whether `prompt` ends inside a `<think>` block (some chat templates open it in the generation prompt), so
+    the generated text starts in the middle of the reasoning."""
+    start = prompt.rfind(THINK_START)
+    return start >= 0 and prompt.find(THINK_END, start) < 0
+
+
+def strip_thinking(text: str, in_thinking: bool = False) -> str | None:
+    """`text` without its reasoning: what follows the last `</think>`; the text itself when it holds no think
+    tags; None when a `<think>` (or the prompt's, `in_thinking`) is never closed, as the answer was never
+    reached."""
+    end = text.rfind(THINK_END)
+    if end >= 0:
+        return text[end + len(THINK_END):]
+    return None if in_thinking or THINK_START in text else text
+
+
+def extract_answer(text, valid: str | None = None, *, in_thinking: bool = False) -> str:
     """The answer letters of `text`, canonical ('ACD'), restricted to `valid` (the item's option letters;
-    default A-H); '' when there is none."""
+    default A-H); '' when there is none. Reasoning is skipped (`strip_thinking`): '' for an unterminated
+    `<think>`; `in_thinking` says the text starts inside a block its prompt opened."""
     valid = (valid or DEFAULT_OPTION_LETTERS).upper()
-    text = unicodedata.normalize("NFKC", "" if text is None else str(text))  # full-width 'Ｂ', '：', '（' to ASCII
+    text = strip_thinking("" if text is None else str(text), in_thinking)
+    if text is None:
+        return ""
+    text = unicodedata.normalize("NFKC", text)  # full-width 'Ｂ', '：', '（' to ASCII
     bare = _bare_answer(text, valid)
     if bare is not None:
         return bare

@@ -15,14 +15,20 @@ from sparsedoctor_kernels._files import write_atomically
 from sparsedoctor_kernels.eval.files import output_directory, read_text
 from sparsedoctor_kernels.eval.items import EvalDataError
 from sparsedoctor_kernels.eval.loaders import CMMLU_MED_SUBJECTS, load_benchmark, load_cmb_key_items
-from sparsedoctor_kernels.eval.runner import evaluate
+from sparsedoctor_kernels.eval.runner import (
+    DEFAULT_MAX_NEW_TOKENS,
+    THINKING_MAX_NEW_TOKENS,
+    evaluate,
+    model_max_length,
+)
 from sparsedoctor_kernels.eval.scoring import score
 
 DEFAULT_OUTPUT_DIR = "sparsedoctor-eval"
 
 
 def positive_int(text: str) -> int:
-    """argparse type of --limit and --batch-size (0 or a negative count would silently mean something else)."""
+    """argparse type of --limit, --batch-size and --max-new-tokens (0 or a negative count would silently mean
+    something else)."""
     try:
         value = int(text)
     except ValueError:
@@ -68,41 +74,25 @@ def _user_error(flag: str, value):
 
 
 def load_model(model: str, adapter: str | None, tokenizer_path: str | None, device: str, seed: int = 0):
-    """(model, tokenizer): `tiny` or a local Hugging Face directory, plus an optional SparseDoctor adapter."""
-    from sparsedoctor_kernels.model import SparseDoctorConfig, apply_sparsedoctor, load_adapter
+    """(model, tokenizer): `tiny` or a local Hugging Face directory, loaded as model/loading.py loads them
+    (bfloat16 on CUDA, float32 elsewhere; EOS pads where there is no pad token), plus an optional SparseDoctor
+    adapter (SparseDoctorModel.from_pretrained), on `device`, in eval mode."""
+    from sparsedoctor_kernels.model import SparseDoctorModel
+    from sparsedoctor_kernels.model.loading import load_causal_lm, load_tokenizer
 
     adapter_dir = pathlib.Path(adapter) if adapter else None
     if tokenizer_path is None and adapter_dir is not None and (adapter_dir.parent / "tokenizer").is_dir():
         tokenizer_path = str(adapter_dir.parent / "tokenizer")  # a training run's layout
-    if model == "tiny":
-        from sparsedoctor_kernels.data import build_tokenizer, corpus, demo_records
-        from sparsedoctor_kernels.model.tiny import tiny_qwen3
-
-        if tokenizer_path:
-            from transformers import AutoTokenizer
-
-            with _user_error("--tokenizer", tokenizer_path):
-                tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        else:
-            tokenizer = build_tokenizer(corpus(demo_records()))
-        base = tiny_qwen3(vocab_size=len(tokenizer), seed=seed)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        check_model_dir(model)
-        with _user_error("--tokenizer" if tokenizer_path else "--model", tokenizer_path or model):
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model)
-        with _user_error("--model", model):
-            base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16 if device == "cuda" else None)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    check_model_dir(model)
+    with _user_error("--tokenizer" if tokenizer_path else "--model", tokenizer_path or model):
+        tokenizer = load_tokenizer(model, tokenizer=tokenizer_path)
+    with _user_error("--model", model):
+        base = load_causal_lm(model, tokenizer, device=device, seed=seed)
     if adapter_dir is not None:
-        described = check_adapter(adapter_dir)
-        torch.manual_seed(seed)
+        check_adapter(adapter_dir)
         with _user_error("--adapter", adapter_dir):
-            base = apply_sparsedoctor(base, SparseDoctorConfig.from_dict(described["sparsedoctor"]))
-            load_adapter(base, adapter_dir)
-    return base.to(device).eval(), tokenizer
+            base = SparseDoctorModel.from_pretrained(base, adapter_dir)
+    return base.eval(), tokenizer
 
 
 def _unscored_lines(result: dict) -> list[str]:
@@ -154,6 +144,11 @@ def _check_eval_flags(args) -> None:
         check_adapter(args.adapter)
     if (args.device or "").startswith("cuda") and not torch.cuda.is_available():
         raise EvalDataError(f"--device {args.device}: CUDA is not available here")
+    if args.enable_thinking and not args.chat_template:
+        raise EvalDataError("--enable-thinking is passed to the chat template: it needs --chat-template")
+    if args.enable_thinking and args.mode != "generate":
+        raise EvalDataError("--enable-thinking needs --mode generate: in logits mode the option letters are scored "
+                            "at the first assistant token, which a thinking model spends on <think>")
 
 
 def _limited(items: list, limit: int | None, per_subject: bool) -> list:
@@ -182,9 +177,29 @@ def _few_shot_examples(args) -> dict[str, list]:
     return shots
 
 
+def max_new_tokens(args) -> int:
+    """--max-new-tokens, or its default: room for a short answer, or for the reasoning with --enable-thinking."""
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    return THINKING_MAX_NEW_TOKENS if args.enable_thinking else DEFAULT_MAX_NEW_TOKENS
+
+
 def _eval_title(args) -> str:
+    prompting = (", chat template" + (" (thinking)" if args.enable_thinking else "")) if args.chat_template else ""
     return f"{args.benchmark} ({args.split if args.benchmark == 'cmmlu-med' else 'test'}), model {args.model}" + (
-        f" + adapter {args.adapter}" if args.adapter else "") + f", {args.shots}-shot, {args.mode}"
+        f" + adapter {args.adapter}" if args.adapter else "") + f", {args.shots}-shot, {args.mode}{prompting}"
+
+
+def _check_loaded(args, model, tokenizer) -> None:
+    """The flag errors that only the loaded model and tokenizer can show."""
+    if args.chat_template and not getattr(tokenizer, "chat_template", None):
+        source = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"--model {args.model}"
+        raise EvalDataError(f"--chat-template: the tokenizer of {source} has no chat template (pass --tokenizer "
+                            f"with one, or drop --chat-template)")
+    positions = model_max_length(model)
+    if max_new_tokens(args) >= positions:
+        raise EvalDataError(f"--max-new-tokens {max_new_tokens(args)}: leaves no room for a prompt in the model's "
+                            f"{positions} positions")
 
 
 def run_eval(args) -> int:
@@ -198,8 +213,11 @@ def run_eval(args) -> int:
             raise EvalDataError(f"--data {args.data}: no questions to evaluate")
         shots = _few_shot_examples(args)
         model, tokenizer = load_model(args.model, args.adapter, args.tokenizer, device, seed=args.seed)
+        _check_loaded(args, model, tokenizer)
         records = evaluate(model, tokenizer, args.benchmark, items, shots=shots, mode=args.mode,
-                           batch_size=args.batch_size, progress=not args.no_progress)
+                           batch_size=args.batch_size, max_new_tokens=max_new_tokens(args),
+                           chat_template=args.chat_template, enable_thinking=args.enable_thinking,
+                           progress=not args.no_progress)
         scored = all(item.answer for item in items)
         result = score(args.benchmark, items, {r["id"]: r["prediction"] for r in records}) if scored else None
         write_atomically(output / "predictions.jsonl",

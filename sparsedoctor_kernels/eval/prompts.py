@@ -1,6 +1,8 @@
 """Prompts as the field builds them: CMMLU's Chinese template (lm-evaluation-harness / OpenCompass style, with
 the subject's Chinese name and dev-split shots), CMB's answer-only prompt with its exam metadata, and CMExam's
-question plus options. Every prompt ends with "答案：", where the answer letter comes next."""
+question plus options. Every prompt ends with "答案：", where the answer letter comes next. For chat models,
+`chat_prompt` wraps a prompt as one user message in the tokenizer's chat template, with the assistant's turn
+opened (lm-evaluation-harness's --apply_chat_template): the answer letter comes first in that turn."""
 
 from __future__ import annotations
 
@@ -38,3 +40,18 @@ PROMPTS = {"cmmlu-med": cmmlu_prompt, "cmb": cmb_prompt, "cmexam": cmexam_prompt
 
 def build_prompt(benchmark: str, item: MCQ, shots: list[MCQ] | None = None) -> str:
     return PROMPTS[benchmark](item, shots or [])
+
+
+class NoChatTemplateError(ValueError):
+    """The tokenizer carries no chat template to render prompts with."""
+
+
+def chat_prompt(tokenizer, prompt: str, enable_thinking: bool = False) -> str:
+    """`prompt` as a single user message, rendered by the tokenizer's chat template up to and including the
+    assistant's generation prompt. `enable_thinking` reaches the template (Qwen3's reads it and, when False,
+    writes an empty `<think>\n\n</think>` block into the prompt; other templates ignore it)."""
+    if not getattr(tokenizer, "chat_template", None):
+        where = getattr(tokenizer, "name_or_path", "") or "built in memory"
+        raise NoChatTemplateError(f"the tokenizer ({type(tokenizer).__name__}, {where}) has no chat template")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False, enable_thinking=enable_thinking)

@@ -1,14 +1,25 @@
 """Run a causal LM over benchmark items: single-answer questions scored by the next-token log-probabilities of
-the option letters, multi-answer questions (or all, in `generate` mode) by greedy generation and letter
-extraction. Batched, with a progress bar."""
+the option letters, multi-answer questions (or all, in `generate` mode) by greedy generation (KV cache, stop at
+end-of-sequence) and letter extraction after any `<think>` reasoning. Prompts are plain or rendered by the
+tokenizer's chat template; batches are left-padded, longest prompts first, with a progress bar."""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from dataclasses import dataclass
+
 import torch
 
-from sparsedoctor_kernels.eval.answers import extract_answer
+from sparsedoctor_kernels.eval.answers import extract_answer, opens_thinking, strip_thinking
+from sparsedoctor_kernels.eval.generation import greedy_generate, last_logits_only, position_ids_for, stop_token_ids
 from sparsedoctor_kernels.eval.items import MCQ
-from sparsedoctor_kernels.eval.prompts import build_prompt
+from sparsedoctor_kernels.eval.prompts import build_prompt, chat_prompt
+
+# New tokens per generated answer: enough for "答案：A、C、D" and a short sentence. A thinking model needs room
+# for its reasoning before the answer (Qwen3: 1024 or more); a reply cut off inside <think> holds no answer.
+DEFAULT_MAX_NEW_TOKENS = 32
+THINKING_MAX_NEW_TOKENS = 1024
 
 
 def _progress(iterable, total: int, enabled: bool, desc: str):
@@ -19,10 +30,46 @@ def _progress(iterable, total: int, enabled: bool, desc: str):
     return tqdm(iterable, total=total, desc=desc, unit="batch", dynamic_ncols=True)
 
 
-def _encode(tokenizer, prompts: list[str], device, max_length: int):
-    tokenizer.padding_side, tokenizer.truncation_side = "right", "left"  # keep the question's end
-    batch = tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
-                      add_special_tokens=False)
+def model_max_length(model) -> int:
+    """The positions the model was built for (config.max_position_embeddings; 4096 when it does not say)."""
+    return int(getattr(getattr(model, "config", None), "max_position_embeddings", 4096) or 4096)
+
+
+@contextlib.contextmanager
+def _padding_side(tokenizer, side: str):
+    """The tokenizer pads on `side` inside the block and as before after it (it is the caller's tokenizer)."""
+    saved = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = saved
+
+
+@dataclass
+class _Prompt:
+    item: MCQ
+    token_ids: list[int]
+    in_thinking: bool  # the prompt opened a <think> block the reply continues
+
+
+def _prompts(tokenizer, benchmark: str, items: list[MCQ], shots: dict, *, chat_template: bool,
+             enable_thinking: bool, max_tokens: int) -> tuple[list[_Prompt], int]:
+    """Each item's prompt as token ids, cut from the left to `max_tokens` (the end, where the answer comes,
+    is kept), longest first so each batch pads little; and how many were cut."""
+    texts = [build_prompt(benchmark, item, shots.get(item.subject, [])) for item in items]
+    if chat_template:
+        texts = [chat_prompt(tokenizer, text, enable_thinking) for text in texts]
+    # The text holds any special tokens (a template's <|im_start|>) itself: the tokenizer adds none.
+    rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    cut = sum(len(row) > max_tokens for row in rows)
+    prompts = [_Prompt(item, row[-max_tokens:], opens_thinking(text)) for item, row, text in zip(items, rows, texts)]
+    return sorted(prompts, key=lambda prompt: -len(prompt.token_ids)), cut
+
+
+def _left_padded(tokenizer, prompts: list[_Prompt], device) -> tuple[torch.Tensor, torch.Tensor]:
+    with _padding_side(tokenizer, "left"):
+        batch = tokenizer.pad({"input_ids": [p.token_ids for p in prompts]}, padding=True, return_tensors="pt")
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
@@ -37,70 +84,81 @@ def _letter_token_ids(tokenizer, letters: str) -> list[int]:
 
 
 @torch.no_grad()
-def _next_token_logits(model, tokenizer, prompts, device, max_length):
-    input_ids, mask = _encode(tokenizer, prompts, device, max_length)
-    logits = model(input_ids=input_ids, attention_mask=mask).logits
-    last = mask.sum(1) - 1
-    return torch.log_softmax(logits[torch.arange(len(prompts), device=device), last].float(), dim=-1)
+def _next_token_log_probs(model, input_ids, attention_mask) -> torch.Tensor:
+    """Log-probabilities of the token after each left-padded prompt: with a chat template, the first token of
+    the assistant's turn (after its generation prompt, and after Qwen3's empty think block)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask),
+                   **last_logits_only(model)).logits
+    return torch.log_softmax(logits[:, -1].float(), dim=-1)
 
 
-@torch.no_grad()
-def _generate(model, tokenizer, prompts, device, max_length, max_new_tokens):
-    """Greedy decoding without a cache (short answers), one batch at a time."""
-    texts = [""] * len(prompts)
-    current = list(prompts)
-    finished = [False] * len(prompts)
-    for _ in range(max_new_tokens):
-        log_probs = _next_token_logits(model, tokenizer, current, device, max_length)
-        for row, token in enumerate(log_probs.argmax(-1).tolist()):
-            if finished[row]:
-                continue
-            if token == tokenizer.eos_token_id:
-                finished[row] = True
-                continue
-            piece = tokenizer.decode([token])
-            texts[row] += piece
-            current[row] += piece
-            finished[row] = "\n" in piece
-        if all(finished):
-            break
-    return texts
+def _warn_lost_answers(records: dict[str, dict], cut: int, max_new_tokens: int) -> None:
+    unterminated = [item_id for item_id, record in records.items() if record.get("unterminated_thinking")]
+    if unterminated:
+        budget_out = sum(records[item_id]["finish_reason"] == "length" for item_id in unterminated)
+        warnings.warn(f"{len(unterminated)} generated repl(ies) ended inside an unterminated <think> block "
+                      f"({budget_out} of them when max_new_tokens={max_new_tokens} ran out), so they hold no answer "
+                      f"and count wrong (e.g. id {unterminated[0]}); raise --max-new-tokens", stacklevel=3)
+    if cut:
+        warnings.warn(f"{cut} prompt(s) were longer than the model's positions allow and lost their beginning",
+                      stacklevel=3)
 
 
 def evaluate(model, tokenizer, benchmark: str, items: list[MCQ], *, shots: dict[str, list[MCQ]] | None = None,
-             mode: str = "logits", batch_size: int = 8, max_new_tokens: int = 8, progress: bool = True,
+             mode: str = "logits", batch_size: int = 8, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+             chat_template: bool = False, enable_thinking: bool = False, progress: bool = True,
              device=None) -> list[dict]:
-    """One record per item: {"id", "prediction", "answer", "correct", "method"} (and "output" when generated).
-    `shots` maps a subject to its few-shot examples."""
+    """One record per item: {"id", "subject", "prediction", "answer", "correct", "method"}; generated ones add
+    "output" (the raw reply, reasoning included) and "finish_reason" ("stop" at end-of-sequence, "length" when
+    `max_new_tokens` ran out). `shots` maps a subject to its few-shot examples. `chat_template` renders each
+    prompt as one user message of the tokenizer's chat template; `enable_thinking` is passed to it."""
     if mode not in ("logits", "generate"):
         raise ValueError(f"mode must be 'logits' or 'generate', got {mode!r}")
+    max_length = model_max_length(model)
+    if not 0 < max_new_tokens < max_length:
+        raise ValueError(f"max_new_tokens must be in [1, {max_length - 1}] (the model has {max_length} positions), "
+                         f"got {max_new_tokens}")
     device = device or next(model.parameters()).device
-    max_length = int(getattr(getattr(model, "config", None), "max_position_embeddings", 4096) or 4096)
+    stop_ids = stop_token_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     model.eval()
     records: dict[str, dict] = {}
     by_method = {"logits": [], "generate": []}
     for item in items:
         by_method["generate" if mode == "generate" or item.multi_answer else "logits"].append(item)
+    cut = 0
     for method, chosen in by_method.items():
-        batches = [chosen[i: i + batch_size] for i in range(0, len(chosen), batch_size)]
-        for batch in _progress(batches, len(batches), progress and bool(batches), f"{benchmark} ({method})"):
-            prompts = [build_prompt(benchmark, item, (shots or {}).get(item.subject, [])) for item in batch]
+        if not chosen:
+            continue
+        room = max_length - (max_new_tokens if method == "generate" else 0)
+        prompts, cut_here = _prompts(tokenizer, benchmark, chosen, shots or {}, chat_template=chat_template,
+                                     enable_thinking=enable_thinking, max_tokens=room)
+        cut += cut_here
+        batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
+        for batch in _progress(batches, len(batches), progress, f"{benchmark} ({method})"):
+            input_ids, attention_mask = _left_padded(tokenizer, batch, device)
             if method == "logits":
-                log_probs = _next_token_logits(model, tokenizer, prompts, device, max_length)
-                for row, item in enumerate(batch):
-                    letters = "".join(item.options)
+                log_probs = _next_token_log_probs(model, input_ids, attention_mask)
+                for row, prompt in enumerate(batch):
+                    letters = "".join(prompt.item.options)
                     scores = log_probs[row, _letter_token_ids(tokenizer, letters)]
-                    records[item.id] = {"prediction": letters[int(scores.argmax())]}
-            else:
-                outputs = _generate(model, tokenizer, prompts, device, max_length, max_new_tokens)
-                for item, output in zip(batch, outputs):
-                    records[item.id] = {"prediction": extract_answer(output, "".join(item.options)),
-                                        "output": output}
+                    records[prompt.item.id] = {"prediction": letters[int(scores.argmax())]}
+                continue
+            replies = greedy_generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                      stop_ids=stop_ids, pad_id=pad_id)
+            for prompt, reply in zip(batch, replies):
+                # Special tokens stay: a template's <think> must survive to be stripped (stop tokens are cut).
+                output = tokenizer.decode(reply.tokens, skip_special_tokens=False)
+                records[prompt.item.id] = {
+                    "prediction": extract_answer(output, "".join(prompt.item.options), in_thinking=prompt.in_thinking),
+                    "output": output, "finish_reason": reply.finish_reason,
+                    "unterminated_thinking": strip_thinking(output, prompt.in_thinking) is None}
+    _warn_lost_answers(records, cut, max_new_tokens)
     results = []
     for item in items:
         record = records[item.id]
+        generated = {key: record[key] for key in ("output", "finish_reason") if key in record}
         results.append({"id": item.id, "subject": item.subject, "prediction": record["prediction"],
                         "answer": item.answer, "correct": bool(item.answer) and record["prediction"] == item.answer,
-                        "method": "generate" if "output" in record else "logits", **({"output": record["output"]}
-                                                                                     if "output" in record else {})})
+                        "method": "generate" if generated else "logits", **generated})
     return results

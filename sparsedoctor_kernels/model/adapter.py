@@ -3,7 +3,10 @@
 The adapter is every LoraMoELinear's router, experts, projection head and expert-queue state, keyed by the
 module's path in the base model. Saving writes a complete adapter or none (a temporary sibling directory is
 renamed into place). Loading checks everything first (the config, the module list, every tensor's name, shape
-and dtype) and only then copies, so a bad adapter leaves the model untouched."""
+and dtype) and only then copies, so a bad adapter leaves the model untouched.
+
+The file names are PEFT's, the schema is not: the config's `peft_type` is a sentence PEFT shows when it refuses
+the directory (its KeyError), and a PEFT adapter given to this loader is named as one, with how to load it."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import uuid
 
@@ -26,11 +30,23 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# transformers.Trainer's own state files in a checkpoint directory (torch.save pickles that Trainer reads with
+# weights_only=True); never read here, so they may sit beside an adapter that SparseDoctorTrainer saved.
+TRAINER_STATE_FILES = re.compile(r"(optimizer\.(pt|bin)|scheduler\.pt|scaler\.pt|training_args\.bin|"
+                                 r"rng_state(_\d+)?\.pth)")
 ADAPTER_TENSORS = ("router", "lora_a", "lora_b", "head.weight", "head.bias", "queue.keys", "queue.ptr", "queue.size")
+# What PEFT reads first (`peft_type`) and so what it shows when it refuses this adapter: `PeftModel.from_pretrained`,
+# `PeftConfig.from_pretrained` and transformers' `load_adapter` raise KeyError(<this text>). Optional when reading
+# (adapters written before it was added lack it); when present it must be exactly this.
+PEFT_TYPE_MARKER = ("SPARSEDOCTOR (not a PEFT adapter: a sparsedoctor_kernels mixture of LoRA experts; load it with "
+                    "sparsedoctor_kernels.model.SparseDoctorModel.from_pretrained(base_model, directory))")
 # The top-level fields of adapter_config.json and their JSON types; base_model is informational only.
 REQUIRED_FIELDS = {"format_version": int, "sparsedoctor": dict, "modules": dict}
-OPTIONAL_FIELDS = {"base_model": dict}
-JSON_TYPE_NAMES = {int: "an integer", dict: "an object"}
+OPTIONAL_FIELDS = {"peft_type": str, "base_model": dict}
+JSON_TYPE_NAMES = {int: "an integer", dict: "an object", str: "a string"}
+# SparseDoctorConfig fields added after adapters were first written, with the value every adapter written before
+# them had: an adapter without one means that, any other missing field is a damaged file.
+FIELDS_ADDED_LATER = {"contrastive_mode": "paper"}
 LISTED = 5  # names shown in an error message before "..."
 
 
@@ -51,6 +67,7 @@ def _adapter_tensors(model: SparseDoctorModel) -> dict[str, torch.Tensor]:
 def _describe(model: SparseDoctorModel) -> dict:
     base_config = model.config
     return {
+        "peft_type": PEFT_TYPE_MARKER,
         "format_version": FORMAT_VERSION,
         "sparsedoctor": model.sparsedoctor_config.to_dict(),
         "base_model": {key: getattr(base_config, key, None)
@@ -72,7 +89,8 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def save_adapter(model: SparseDoctorModel, directory: str | pathlib.Path) -> pathlib.Path:
+def save_adapter(model: SparseDoctorModel, directory: str | pathlib.Path, *,
+                 replace_directory: bool = True) -> pathlib.Path:
     """Write the adapter into `directory` (created, or replaced whole) and return the directory.
 
     Staged queue rows are committed first, so nothing is lost. Under an initialised torch.distributed process
@@ -83,17 +101,22 @@ def save_adapter(model: SparseDoctorModel, directory: str | pathlib.Path) -> pat
 
     The files are written into a temporary sibling directory that is then renamed into place, so a crash
     mid-save leaves either the previous adapter or none at `directory`, never a half-written one. Since the
-    directory is replaced whole, an existing one may hold nothing but an adapter's two files."""
+    directory is replaced whole, an existing one may hold nothing but an adapter's two files.
+
+    `replace_directory=False` writes the two files into `directory` (created if missing) beside whatever else
+    it holds, as a Trainer checkpoint or a model directory needs: each file is replaced atomically, the weights
+    first, but the pair is not replaced as one. A PEFT adapter's config there is still refused."""
     _require_model(model, "save_adapter")
     directory = pathlib.Path(directory)
+    write = _write_adapter if replace_directory else _write_adapter_files
     model.commit_queues()  # a collective under distributed: the reason every rank calls save_adapter
     if not _distributed():
-        _write_adapter(model, directory)
+        write(model, directory)
         return directory
     failure = None
     if dist.get_rank() == 0:
         try:
-            _write_adapter(model, directory)
+            write(model, directory)
         except Exception as error:  # told to the other ranks first, so none of them waits on rank 0 forever
             failure = error
     _share_outcome(model, failure is None, directory)
@@ -111,9 +134,18 @@ def _share_outcome(model: SparseDoctorModel, written: bool, directory: pathlib.P
         raise RuntimeError(f"rank 0 failed to write the adapter to {directory} (its error says why)")
 
 
-def _write_adapter(model: SparseDoctorModel, directory: pathlib.Path) -> None:
+def _adapter_files(model: SparseDoctorModel) -> tuple[dict[str, torch.Tensor], str]:
+    """(the tensors on the CPU, the config's JSON text): what both ways of saving write."""
     tensors = {key: value.detach().contiguous().cpu() for key, value in _adapter_tensors(model).items()}
-    description = json.dumps(_describe(model), indent=2, ensure_ascii=False) + "\n"
+    return tensors, json.dumps(_describe(model), indent=2, ensure_ascii=False) + "\n"
+
+
+def _save_weights(tensors: dict[str, torch.Tensor], path: pathlib.Path) -> None:
+    save_file(tensors, path, metadata={"format": "pt", "library": "sparsedoctor_kernels"})
+
+
+def _write_adapter(model: SparseDoctorModel, directory: pathlib.Path) -> None:
+    tensors, description = _adapter_files(model)
     # The real directory: a symlink keeps pointing at the adapter it names, and the sibling names are real.
     directory = pathlib.Path(os.path.realpath(directory))
     _check_replaceable(directory)
@@ -121,13 +153,36 @@ def _write_adapter(model: SparseDoctorModel, directory: pathlib.Path) -> None:
     staging = directory.with_name(f".{directory.name}.partial-{uuid.uuid4().hex}")
     staging.mkdir()
     try:
-        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt", "library": "sparsedoctor_kernels"})
+        _save_weights(tensors, staging / WEIGHTS_FILE)
         (staging / CONFIG_FILE).write_text(description, encoding="utf-8")
         for path in (staging / WEIGHTS_FILE, staging / CONFIG_FILE, staging):
             _fsync(path)  # the data is on disk before the rename that publishes it
         _move_into_place(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # only left after a failure: the rename consumed it
+
+
+def _write_adapter_files(model: SparseDoctorModel, directory: pathlib.Path) -> None:
+    """The two files into `directory`, leaving its other files alone; each one written beside its final name
+    and renamed over it, the weights before the config."""
+    tensors, description = _adapter_files(model)
+    directory = pathlib.Path(os.path.realpath(directory))
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"cannot save an adapter to {directory}: it exists and is not a directory")
+    _check_not_foreign(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    suffix = f".partial-{uuid.uuid4().hex}"
+    weights, config = directory / f".{WEIGHTS_FILE}{suffix}", directory / f".{CONFIG_FILE}{suffix}"
+    try:
+        _save_weights(tensors, weights)
+        config.write_text(description, encoding="utf-8")
+        for staged, final in ((weights, WEIGHTS_FILE), (config, CONFIG_FILE)):
+            _fsync(staged)
+            os.replace(staged, directory / final)
+        _fsync(directory)
+    finally:
+        for leftover in (weights, config):  # only there after a failure
+            leftover.unlink(missing_ok=True)
 
 
 def _check_replaceable(directory: pathlib.Path) -> None:
@@ -143,19 +198,31 @@ def _check_replaceable(directory: pathlib.Path) -> None:
     foreign = [p.name for p in directory.iterdir() if p.name not in (CONFIG_FILE, WEIGHTS_FILE)]
     if foreign:
         raise ValueError(f"cannot save an adapter to {directory}: saving replaces the whole directory and it holds "
-                         f"other files {_listed(foreign)}")
+                         f"other files {_listed(foreign)} (replace_directory=False writes the two adapter files "
+                         "beside them)")
+    _check_not_foreign(directory)
+
+
+def _check_not_foreign(directory: pathlib.Path) -> None:
     existing = directory / CONFIG_FILE
     if existing.is_file() and not _is_sparsedoctor_config(existing):
         raise ValueError(f"cannot save an adapter to {directory}: its {CONFIG_FILE} is not a sparsedoctor adapter's "
                          "(a PEFT adapter uses the same file names); it is left as it is")
 
 
-def _is_sparsedoctor_config(path: pathlib.Path) -> bool:
+def _json_object(path: pathlib.Path) -> dict | None:
+    """The file's JSON object, or None where it is unreadable or not an object (the full reader says why)."""
     try:
         described = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(described, dict) and "sparsedoctor" in described and "peft_type" not in described
+        return None
+    return described if isinstance(described, dict) else None
+
+
+def _is_sparsedoctor_config(path: pathlib.Path) -> bool:
+    described = _json_object(path)
+    return (described is not None and "sparsedoctor" in described
+            and described.get("peft_type", PEFT_TYPE_MARKER) == PEFT_TYPE_MARKER)
 
 
 def _move_into_place(staging: pathlib.Path, directory: pathlib.Path) -> None:
@@ -222,7 +289,9 @@ def read_adapter_config(directory: str | pathlib.Path) -> dict:
 def _adapter_directory(directory: pathlib.Path) -> pathlib.Path:
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
-    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    _refuse_peft_adapter(directory)  # first: a PEFT directory may hold adapter_model.bin, a pickle
+    pickles = sorted(p.name for p in directory.iterdir()
+                     if p.suffix in PICKLE_SUFFIXES and not TRAINER_STATE_FILES.fullmatch(p.name))
     if pickles:
         raise ValueError(f"refusing to load {directory}: it holds pickle files {pickles}, which can run code; "
                          f"an adapter is {CONFIG_FILE} + {WEIGHTS_FILE}")
@@ -230,6 +299,18 @@ def _adapter_directory(directory: pathlib.Path) -> pathlib.Path:
         if not (directory / required).is_file():
             raise FileNotFoundError(f"{directory} has no {required}: not a sparsedoctor adapter")
     return directory
+
+
+def _refuse_peft_adapter(directory: pathlib.Path) -> None:
+    """One line naming a PEFT adapter as one, and how to load it, rather than its first unknown field."""
+    described = _json_object(directory / CONFIG_FILE)
+    if (described is None or "sparsedoctor" in described
+            or described.get("peft_type", PEFT_TYPE_MARKER) == PEFT_TYPE_MARKER):
+        return  # ours (or no config at all): the full reader checks it
+    peft_type = described["peft_type"]
+    kind = "a PEFT LoRA adapter" if peft_type == "LORA" else f"a PEFT adapter (peft_type {peft_type!r})"
+    raise ValueError(f"{directory / CONFIG_FILE}: {kind}, not a sparsedoctor one: load it with PEFT, "
+                     f"peft.PeftModel.from_pretrained(base_model, {str(directory)!r})")
 
 
 def _read_config(path: pathlib.Path) -> dict:
@@ -248,8 +329,17 @@ def _read_config(path: pathlib.Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(saved, dict):
         raise ValueError(f"{path}: the top level must be a JSON object, got {type(saved).__name__}")
+    if "sparsedoctor" not in saved and "format_version" not in saved:
+        raise ValueError(f"{path}: not a sparsedoctor adapter config (it has neither 'sparsedoctor' nor "
+                         f"'format_version'; its fields: {_listed(saved)})")
     _check_format_version(saved, path)
     _check_top_level_fields(saved, path)
+    if saved.get("peft_type", PEFT_TYPE_MARKER) != PEFT_TYPE_MARKER:
+        raise ValueError(f"{path}: field 'peft_type' must be {PEFT_TYPE_MARKER!r} (the text PEFT shows when it "
+                         f"refuses this adapter), got {saved['peft_type']!r}")
+    for name, value in FIELDS_ADDED_LATER.items():
+        if name in SparseDoctorConfig.field_names():
+            saved["sparsedoctor"].setdefault(name, value)
     _check_sparsedoctor_config(saved["sparsedoctor"], path)
     _check_modules(saved["modules"], path)
     return saved

@@ -1,8 +1,12 @@
 """apply_sparsedoctor: wrap a Hugging Face causal LM (Qwen3) so every target linear becomes a LoraMoELinear,
-and return the hybrid loss `lm + balance_coef * balance + contrastive_coef * contrastive` with its terms."""
+and return the hybrid loss `lm + balance_coef * balance + contrastive_coef * contrastive` with its terms.
+
+The wrapper keeps the habits of a PEFT model: `generate`, `print_trainable_parameters`, `save_pretrained` and
+`SparseDoctorModel.from_pretrained(base_model, adapter_dir)`."""
 
 from __future__ import annotations
 
+import pathlib
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +33,12 @@ _cache_names = tuple(name for name in ("cache", "past_key_values") if name in Sp
 class SparseDoctorModel(nn.Module):
     """The base model with its target linears adapted; base weights frozen, only the adapter trains."""
 
+    # transformers.Trainer passes `num_items_in_batch` to a forward that takes **kwargs and then counts the loss
+    # as already scaled for gradient accumulation; only the LM term would be, not the balance and contrastive
+    # terms. Declining makes a plain Trainer average whole per-batch losses; SparseDoctorTrainer does the
+    # token-exact scaling itself.
+    accepts_loss_kwargs = False
+
     def __init__(self, base_model: nn.Module, config: SparseDoctorConfig):
         super().__init__()
         self.base_model = base_model.requires_grad_(False)
@@ -48,6 +58,48 @@ class SparseDoctorModel(nn.Module):
     def config(self):
         """The base model's Hugging Face config (what `Trainer` and generation utilities look for)."""
         return self.base_model.config
+
+    @property
+    def generation_config(self):
+        """The base model's generation config (what `generate` uses; Trainer aligns its special tokens)."""
+        return getattr(self.base_model, "generation_config", None)
+
+    @property
+    def loss_type(self):
+        """The base model's loss type (Trainer reads it to count a causal LM's shifted labels)."""
+        return getattr(self.base_model, "loss_type", None)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, adapter_dir: str | pathlib.Path, *,
+                        is_trainable: bool = False) -> SparseDoctorModel:
+        """`base_model` adapted as the adapter in `adapter_dir` says (its SparseDoctorConfig) and the adapter
+        loaded, checked as `load_adapter` checks it. In eval mode with the adapter frozen, as PEFT loads one;
+        `is_trainable=True` keeps the adapter trainable. On any error `base_model` is left as it was. The
+        random initialisation that loading overwrites does not disturb the caller's RNG."""
+        from sparsedoctor_kernels.model.adapter import load_adapter, read_adapter_config
+
+        if isinstance(base_model, SparseDoctorModel):
+            raise TypeError("SparseDoctorModel.from_pretrained takes the base causal LM, not a SparseDoctorModel; "
+                            "load an adapter into one with load_adapter(model, directory)")
+        if not isinstance(base_model, nn.Module):
+            raise TypeError(f"SparseDoctorModel.from_pretrained: base_model must be a loaded causal LM (an "
+                            f"nn.Module, e.g. from sparsedoctor_kernels.model.loading.load_causal_lm), got "
+                            f"{type(base_model).__name__}")
+        described = read_adapter_config(adapter_dir)  # before the base is touched
+        config = SparseDoctorConfig.from_dict(described["sparsedoctor"])
+        requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
+        cuda_devices = sorted({p.device.index for p in base_model.parameters() if p.device.type == "cuda"})
+        try:
+            with torch.random.fork_rng(devices=cuda_devices):
+                model = cls(base_model, config)
+            load_adapter(model, adapter_dir)
+        except BaseException:
+            _unadapt(base_model, requires_grad)
+            raise
+        if not is_trainable:
+            model.requires_grad_(False)
+            model.eval()
+        return model
 
     def adapted_modules(self) -> dict[str, LoraMoELinear]:
         return {name: m for name, m in self.base_model.named_modules() if isinstance(m, LoraMoELinear)}
@@ -75,6 +127,32 @@ class SparseDoctorModel(nn.Module):
         disable = getattr(self.base_model, "activation_checkpointing_disable", None)
         (disable or self.base_model.gradient_checkpointing_disable)()
 
+    def save_pretrained(self, save_directory: str | pathlib.Path, *, replace_directory: bool = True) -> pathlib.Path:
+        """`save_adapter(self, save_directory, replace_directory=...)`: the adapter's two files (PEFT's habit).
+        By default the directory is replaced whole; `replace_directory=False` writes beside other files."""
+        from sparsedoctor_kernels.model.adapter import save_adapter
+
+        return save_adapter(self, save_directory, replace_directory=replace_directory)
+
+    def trainable_parameter_counts(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters); a tied embedding counts once."""
+        parameters = list(self.parameters())  # each shared tensor once
+        return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.trainable_parameter_counts()
+        print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4f}%)")
+
+    def generate(self, *args, **kwargs):
+        """The base model's `generate` (same arguments): its forward runs through the adapted linears, so the
+        adapter is applied; nothing is recorded (no loss terms, no queue rows). Call `.eval()` first, as with
+        any Hugging Face model (in training mode dropout is on)."""
+        # Start and stop an empty forward: the previous forward's token mask and per-forward constants must
+        # not be applied to the tokens generate feeds the layers.
+        self.context.start(None)
+        self.context.stop()
+        return self.base_model.generate(*args, **kwargs)
+
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs) -> SparseDoctorOutput:
         if self.training:
             self.commit_queues()  # the previous step's views; a recomputation then sees the same queue
@@ -97,6 +175,17 @@ class SparseDoctorModel(nn.Module):
     def expert_load(self) -> dict[str, torch.Tensor]:
         """Per module, the fraction of routed pairs each expert got in the last forward (for plots)."""
         return {name: m.last_load for name, m in self.adapted_modules().items() if m.last_load is not None}
+
+
+def _unadapt(base_model: nn.Module, requires_grad: dict[str, bool]) -> None:
+    """Undo SparseDoctorModel(base_model, ...): the original linears back in place, requires_grad as it was."""
+    for name, module in list(base_model.named_modules()):
+        if isinstance(module, LoraMoELinear):
+            parent_name, _, child = name.rpartition(".")
+            parent = base_model.get_submodule(parent_name) if parent_name else base_model
+            setattr(parent, child, module.base)
+    for name, parameter in base_model.named_parameters():
+        parameter.requires_grad_(requires_grad.get(name, parameter.requires_grad))
 
 
 def apply_sparsedoctor(model: nn.Module, config: SparseDoctorConfig | None = None) -> SparseDoctorModel:
