@@ -241,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--predictions", help="with --score: a predictions JSONL ({\"id\", \"prediction\"} lines)")
     evaluate.set_defaults(handler=_eval)
 
+    from sparsedoctor_kernels.ablate import add_parser as add_ablate_parser
+
+    add_ablate_parser(commands)
+
     bench = commands.add_parser("bench", help="benchmark the ops and a training step against the alternatives")
     bench.add_argument("--ops", default="route,lora_moe,queue,infonce,step",
                        help="comma-separated subset of route,lora_moe,queue,infonce,step")

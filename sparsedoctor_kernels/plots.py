@@ -18,9 +18,11 @@ LOSS_PANELS = [
     ("loss", "total", "lm + c_bal·balance + c_con·contrastive"),
 ]
 LR_PANEL = ("lr", "learning rate", "learning rate")
+# Held-out routing statistics (training's eval rows, sparsedoctor_kernels.measure), each over real response tokens.
 SPECIALISATION_PANELS = [
-    ("router_entropy", "specialisation: router entropy", "mean router entropy"),
-    ("mi_domain_top1_bits", "specialisation: I(domain; top-1 expert)", "mutual information (bits)"),
+    ("load_entropy", "expert load entropy (training batch)", "entropy / log E  (1 = balanced)"),
+    ("eval_router_entropy", "held-out router entropy", "mean entropy / log E  (1 = uniform)"),
+    ("eval_mi_domain_top1_bits", "held-out I(domain; top-1 expert)", "mutual information (bits)"),
 ]
 EVAL_KEY = "eval_loss"  # drawn on the language-model panel
 # Implementations the benchmarks time for scale, not as alternatives to the op: drawn as reference lines.

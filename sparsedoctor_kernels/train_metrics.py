@@ -13,7 +13,11 @@ from sparsedoctor_kernels.data import collate, supervised_tokens_in
 
 # The rows' numbers drawn in TensorBoard, under these tags.
 TENSORBOARD_TAGS = {"loss": "train/loss", "lm": "train/lm", "balance": "train/balance",
-                    "contrastive": "train/contrastive", "lr": "train/lr", "eval_loss": "eval/loss"}
+                    "contrastive": "train/contrastive", "lr": "train/lr", "load_entropy": "train/load_entropy",
+                    "eval_loss": "eval/loss", "eval_router_entropy": "eval/router_entropy",
+                    "eval_load_entropy": "eval/load_entropy", "eval_max_load": "eval/max_load",
+                    "eval_mi_domain_top1_bits": "eval/mi_domain_top1_bits",
+                    "eval_mi_domain_top1_given_token_bits": "eval/mi_domain_top1_given_token_bits"}
 
 
 class MetricsWriter:

@@ -108,6 +108,8 @@ ADAPTER_HELP = {
     "contrastive_tokens": "tokens per forward the contrastive term samples (0: no contrastive term)",
     "contrastive_mode": "the contrastive term's positive: paper (the token's own fused view) or sequence (the mean "
                         "fused view of the other sampled tokens of its sequence)",
+    "contrastive_updates": "what the contrastive term trains: all (experts, router, heads) or router (router and "
+                           "heads; the experts' outputs enter its views detached)",
 }
 
 

@@ -29,10 +29,12 @@ from sparsedoctor_kernels.data import (  # noqa: F401  (encode, collate: this mo
     corpus,
     demo_records,
     encode,
+    encode_example,
     load_jsonl,
     supervised_tokens_in,
     trainable_examples,
 )
+from sparsedoctor_kernels.measure import held_out_metrics
 from sparsedoctor_kernels.model import apply_sparsedoctor, loading
 from sparsedoctor_kernels.run_dir import (
     METRICS_FILE,
@@ -41,6 +43,7 @@ from sparsedoctor_kernels.run_dir import (
     check_run_dir,
     prepare_run_dir,
 )
+from sparsedoctor_kernels.specialisation import load_entropy
 from sparsedoctor_kernels.train_errors import TrainError
 from sparsedoctor_kernels.train_metrics import MetricsWriter, eval_loss
 from sparsedoctor_kernels.train_settings import (  # noqa: F401  (this module's API too)
@@ -295,7 +298,8 @@ def _train(settings: TrainSettings, device: torch.device, log) -> TrainResult:
     if rank == 0:
         prepare_run_dir(settings, output_dir, start, log)
 
-    data = _RunData(examples, eval_examples, tokenizer.pad_token_id)
+    data = _RunData(examples, eval_examples, tokenizer.pad_token_id, *_eval_domains(eval_records, eval_examples,
+                                                                                    tokenizer, settings))
     history, load_totals = _loop(settings, model, optimizer, data, device, start, output_dir)
     expert_load = {layer: (total / total.sum()).tolist() for layer, total in sorted(load_totals.items())}
     save_adapter(model, output_dir / "adapter")
@@ -312,6 +316,44 @@ class _RunData:
     examples: list  # (input_ids, labels) to train on
     eval_examples: list  # held out: eval_loss
     pad_id: int
+    eval_domains: list[int] | None = None  # a domain id per eval example, when every eval record names one
+    num_domains: int = 0
+
+
+def _eval_domains(eval_records: list[dict], eval_examples: list, tokenizer, settings) -> tuple:
+    """(domain id per eval example, number of domains) when every held-out record carries a "domain" (or
+    "task") field, else (None, 0): the eval then also measures MI(domain; top-1 expert)."""
+    names = [r.get("domain", r.get("task")) if isinstance(r, dict) else None for r in eval_records]
+    if not eval_records or any(not isinstance(n, str) for n in names):
+        return None, 0
+    # trainable_examples dropped the records max_length cut to no answer token: find the ones it kept.
+    kept = [name for record, name in zip(eval_records, names)
+            if any(label != -100 for label in encode_example(record, tokenizer, settings.max_length,
+                                                              chat_template=settings.chat_template,
+                                                              enable_thinking=settings.enable_thinking)[0][1])]
+    if len(kept) != len(eval_examples):
+        return None, 0
+    index = {name: i for i, name in enumerate(sorted(set(kept)))}
+    return [index[name] for name in kept], len(index)
+
+
+def _load_entropy(model) -> float:
+    """The last forward's expert load entropy (real tokens only, / log E), averaged over the adapted modules."""
+    loads = list(model.expert_load().values())
+    return sum(load_entropy(counts.double().cpu()) for counts in loads) / len(loads)
+
+
+def _evaluate(model, data: _RunData, settings: TrainSettings, device, world: int, rank: int) -> dict:
+    """eval_loss, and on one process the held-out routing statistics too: router and load entropy, and with
+    domains MI(domain; top-1 expert) (sparsedoctor_kernels.measure; under DDP only the loss, every rank's share)."""
+    if world > 1:
+        return {"eval_loss": eval_loss(model, data.eval_examples, data.pad_id, settings.batch_size, device,
+                                       settings.bf16, world, rank)}
+    measured = held_out_metrics(model, data.eval_examples, data.eval_domains, data.num_domains, data.pad_id,
+                                batch_size=settings.batch_size, device=device, bf16=settings.bf16)
+    row = {"eval_loss": measured.pop("eval_lm_loss")}
+    row.update({f"eval_{key}": value for key, value in measured.items() if key != "tokens"})
+    return row
 
 
 def _loop(settings: TrainSettings, model, optimizer, data: _RunData, device, start: int, output_dir: pathlib.Path):
@@ -341,9 +383,9 @@ def _loop(settings: TrainSettings, model, optimizer, data: _RunData, device, sta
         for step in progress:
             micro_batches = [collate([data.examples[i] for i in ids], data.pad_id) for ids in next(batches)]
             row = _train_step(trained, optimizer, micro_batches, step, settings, device, world, count_expert_load)
+            row["load_entropy"] = _load_entropy(model)
             if data.eval_examples and _eval_due(step + 1, settings):
-                row["eval_loss"] = eval_loss(model, data.eval_examples, data.pad_id, settings.batch_size, device,
-                                             settings.bf16, world, rank)
+                row.update(_evaluate(model, data, settings, device, world, rank))
                 model.train()
             history.append(row)
             if metrics is not None:

@@ -63,13 +63,13 @@ def test_loss_figure_tolerates_missing_keys_single_rows_and_adds_specialisation_
     assert set(panels) == {"language model", "total"}  # absent keys: no panel
     assert _legend(panels["language model"]) == ["per step"]
     history = [_train_row(1), {"step": 2, "lm": 2.9}, {"step": 2, "eval_loss": 2.8},
-               {"step": 3, "lm": float("nan"), "router_entropy": 1.5, "mi_domain_top1_bits": 0.2},
-               {"step": 4, "router_entropy": 1.2, "mi_domain_top1_bits": 0.4}, {"note": "no step"}]
+               {"step": 3, "lm": float("nan"), "eval_router_entropy": 0.5, "eval_mi_domain_top1_bits": 0.2},
+               {"step": 4, "eval_router_entropy": 0.4, "eval_mi_domain_top1_bits": 0.4}, {"note": "no step"}]
     figure = plots.loss_figure(history)
     panels = _panels(figure)
-    assert {"specialisation: router entropy", "specialisation: I(domain; top-1 expert)"} <= set(panels)
-    assert "bits" in panels["specialisation: I(domain; top-1 expert)"].get_ylabel()
-    assert list(panels["specialisation: router entropy"].get_lines()[0].get_ydata()) == [1.5, 1.2]
+    assert {"held-out router entropy", "held-out I(domain; top-1 expert)"} <= set(panels)
+    assert "bits" in panels["held-out I(domain; top-1 expert)"].get_ylabel()
+    assert list(panels["held-out router entropy"].get_lines()[0].get_ydata()) == [0.5, 0.4]
     lm = panels["language model"]
     assert "1 non-finite lm skipped" in lm.get_title() and list(lm.get_lines()[0].get_xdata()) == [1, 2]
     assert "1 rows without a 'step' not drawn" in figure._suptitle.get_text()

@@ -46,7 +46,7 @@ OPTIONAL_FIELDS = {"peft_type": str, "base_model": dict}
 JSON_TYPE_NAMES = {int: "an integer", dict: "an object", str: "a string"}
 # SparseDoctorConfig fields added after adapters were first written, with the value every adapter written before
 # them had: an adapter without one means that, any other missing field is a damaged file.
-FIELDS_ADDED_LATER = {"contrastive_mode": "paper"}
+FIELDS_ADDED_LATER = {"contrastive_mode": "paper", "contrastive_updates": "all"}
 LISTED = 5  # names shown in an error message before "..."
 
 

@@ -8,6 +8,8 @@ import warnings
 from dataclasses import dataclass
 
 QWEN3_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CONTRASTIVE_MODES = ("paper", "sequence")
+CONTRASTIVE_UPDATES = ("all", "router")
 FLOAT_FIELDS = ("lora_alpha", "lora_dropout", "temperature", "balance_coef", "contrastive_coef")
 
 
@@ -25,6 +27,13 @@ class SparseDoctorConfig:
     balance_coef: float = 0.01
     contrastive_coef: float = 0.1
     contrastive_tokens: int = 256
+    # "paper": the routed view against the token's own fused view (our reading of SparseDoctor); "sequence": against
+    # the mean fused view of the other picked tokens of its sequence (README, "The contrastive objective").
+    contrastive_mode: str = "paper"
+    # What the term trains: "all" (experts, router, heads) or "router" (router and heads: this module's experts'
+    # outputs enter the views detached, so the term shapes routing without pulling those experts away from the LM
+    # loss; through the hidden states a router reads, it still reaches earlier layers).
+    contrastive_updates: str = "all"
 
     def __post_init__(self):
         if isinstance(self.target_modules, str) or not isinstance(self.target_modules, (list, tuple)):
@@ -58,6 +67,12 @@ class SparseDoctorConfig:
         if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
             raise ValueError(f"SparseDoctorConfig.target_modules must name at least one module, "
                              f"got {self.target_modules!r}")
+        if self.contrastive_mode not in CONTRASTIVE_MODES:
+            raise ValueError(f"SparseDoctorConfig.contrastive_mode must be one of {', '.join(CONTRASTIVE_MODES)}, "
+                             f"got {self.contrastive_mode!r}")
+        if self.contrastive_updates not in CONTRASTIVE_UPDATES:
+            raise ValueError(f"SparseDoctorConfig.contrastive_updates must be one of {', '.join(CONTRASTIVE_UPDATES)}"
+                             f", got {self.contrastive_updates!r}")
         self._check_contrastive_term()
 
     def _check_contrastive_term(self) -> None:

@@ -31,6 +31,9 @@ class ForwardContext:
     def __init__(self):
         self.token_mask: torch.Tensor | None = None  # [batch * seq] bool: True for real tokens
         self.recording = False
+        # On while a caller measures specialisation: every layer keeps each forward's router probabilities and
+        # top-1 experts (detached) in `collected_routing`, until the caller clears them.
+        self.collect_routing = False
         self.balance_terms: list[torch.Tensor] = []
         self.contrastive_terms: list[torch.Tensor] = []
         self._real_tokens: torch.Tensor | None = None
@@ -90,6 +93,7 @@ class LoraMoELinear(nn.Module):
         self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._slot_weights: dict[tuple, torch.Tensor] = {}  # _first_slot_weights' constants
         self.last_load: torch.Tensor | None = None  # [E] real tokens' pairs per expert in the last forward
+        self.collected_routing: list[tuple[torch.Tensor, torch.Tensor]] = []  # (probs [T, E], top-1 [T])
 
     def extra_repr(self) -> str:
         c = self.config
@@ -115,7 +119,11 @@ class LoraMoELinear(nn.Module):
             balance = sdk.load_balance_loss(routing, num_tokens=self.context.real_tokens(flat.shape[0]))
         contrastive = None
         if self.training and self.config.contrastive_tokens > 0:
-            contrastive = self._contrastive(adapter_in, lora_a, lora_b, routing, mask)
+            sequence_length = lead[-1] if len(lead) >= 2 else flat.shape[0]  # [batch, seq, d]: one sequence a row
+            contrastive = self._contrastive(adapter_in, lora_a, lora_b, routing, mask, sequence_length)
+        if self.context.collect_routing:
+            self.collected_routing.append((torch.softmax(router_logits.detach().float(), dim=-1),
+                                           routing.experts[:, 0].detach()))
         if self.context.recording:
             self.last_load = routing.counts.detach()
             self.context.balance_terms.append(balance)
@@ -127,7 +135,7 @@ class LoraMoELinear(nn.Module):
         mask = self.context.token_mask
         return mask if mask is not None and mask.numel() == num_tokens else None
 
-    def _contrastive(self, adapter_in, lora_a, lora_b, routing, mask) -> torch.Tensor:
+    def _contrastive(self, adapter_in, lora_a, lora_b, routing, mask, sequence_length: int) -> torch.Tensor:
         num_tokens = adapter_in.shape[0]
         picked_count = min(self.config.contrastive_tokens, num_tokens)
         if picked_count == 0:
@@ -140,6 +148,8 @@ class LoraMoELinear(nn.Module):
         picked = scores.topk(picked_count, sorted=True).indices  # real tokens first: the context's weights rely on it
         padding, real_weights = self.context.picked_weights(num_tokens, picked_count, adapter_in.device)
         query, positive, top1 = self._views(adapter_in, lora_a, lora_b, routing, picked)
+        if self.config.contrastive_mode == "sequence":
+            positive, real_weights = self._sequence_positive(positive, picked, padding, sequence_length, num_tokens)
         query_experts = top1.masked_fill(padding, -1)  # -1: padding, never enqueued
         rows = self._contrastive_rows(query, positive, query_experts)
         if self.context.recording:
@@ -147,6 +157,23 @@ class LoraMoELinear(nn.Module):
             # when committed, once for everything staged.
             self._staged.append((query.detach().to(self.queue.keys.dtype), query_experts))
         return torch.dot(rows, real_weights.to(rows.dtype))
+
+    @staticmethod
+    def _sequence_positive(fused, picked, padding, sequence_length: int, num_tokens: int):
+        """`contrastive_mode="sequence"`: each picked token's positive is the mean fused view of the other picked
+        real tokens of its sequence (leave-one-out), so the term pulls a token's routed view towards what the
+        rest of its sequence routes to, not towards a view that contains itself. Returns (positives, weights
+        averaging the real rows that have a partner)."""
+        real = (~padding).to(fused.dtype)
+        real_fused = fused.masked_fill(padding[:, None], 0.0)  # not a product: padding may hold anything, NaN too
+        sequence = torch.div(picked, sequence_length, rounding_mode="floor")
+        num_sequences = -(-num_tokens // sequence_length)
+        sums = fused.new_zeros(num_sequences, fused.shape[1]).index_add(0, sequence, real_fused)
+        counts = fused.new_zeros(num_sequences).index_add(0, sequence, real)
+        others = counts[sequence] - real
+        positive = (sums[sequence] - real_fused) / others.clamp_min(1)[:, None]
+        has_partner = (real * (others > 0)).float()
+        return positive, has_partner / has_partner.sum().clamp_min(1)
 
     def _views(self, tokens, lora_a, lora_b, routing, picked):
         """(routed view, fused view, top-1 expert) of the picked tokens through the projection head, from one
@@ -156,6 +183,8 @@ class LoraMoELinear(nn.Module):
         twice = picked.repeat(2)
         experts = routing.experts[twice]
         weights = torch.cat([self._first_slot_weights(routing.weights).expand(count, -1), routing.weights[picked]])
+        if self.config.contrastive_updates == "router":  # only the gates (the router) and the heads learn from it
+            tokens, lora_a, lora_b = tokens.detach(), lora_a.detach(), lora_b.detach()
         views = self._experts(tokens[twice], lora_a, lora_b, weights, experts)
         query, positive = self._project(views).view(2, count, -1).unbind(0)
         return query, positive, experts[:count, 0]

@@ -1,0 +1,82 @@
+"""The contrastive objective's modes: `sequence` positives against a brute force, and each mode trains."""
+
+import pytest
+import torch
+
+from sparsedoctor_kernels.model import SparseDoctorConfig
+from sparsedoctor_kernels.model.layer import LoraMoELinear
+
+
+def brute_sequence_positive(fused, picked, padding, sequence_length):
+    positives, weights = torch.zeros_like(fused), torch.zeros(len(picked), dtype=torch.float64)
+    for i in range(len(picked)):
+        if padding[i]:
+            continue
+        partners = [j for j in range(len(picked)) if j != i and not padding[j]
+                    and picked[j] // sequence_length == picked[i] // sequence_length]
+        if partners:
+            positives[i] = fused[partners].mean(0)
+            weights[i] = 1.0
+    return positives, weights / max(weights.sum(), 1.0)
+
+
+@pytest.mark.parametrize("sequence_length, num_tokens", [(5, 20), (7, 21), (21, 21), (1, 6)])
+def test_sequence_positive_is_the_leave_one_out_mean_of_the_sequence(sequence_length, num_tokens, gen):
+    count = min(9, num_tokens)
+    picked = torch.randperm(num_tokens, generator=gen)[:count]
+    padding = torch.arange(count) >= count - 2  # the last rows are padding, as the layer draws them
+    fused = torch.randn(count, 6, generator=gen, dtype=torch.float64)
+    fused[padding] = float("nan")  # padding rows must not leak into anyone's positive
+    got, weights = LoraMoELinear._sequence_positive(fused, picked, padding, sequence_length, num_tokens)
+    want, want_weights = brute_sequence_positive(fused, picked, padding, sequence_length)
+    has_partner = want_weights > 0
+    torch.testing.assert_close(got[has_partner], want[has_partner])
+    torch.testing.assert_close(weights.double(), want_weights)
+
+
+def test_a_sequence_with_one_picked_token_has_no_positive():
+    fused = torch.randn(3, 4, dtype=torch.float64)
+    picked = torch.tensor([0, 5, 6])  # sequences of length 5: token 0 alone in sequence 0
+    _, weights = LoraMoELinear._sequence_positive(fused, picked, torch.zeros(3, dtype=torch.bool), 5, 10)
+    assert weights.tolist() == [0.0, 0.5, 0.5]
+
+
+def test_contrastive_mode_and_updates_are_checked():
+    with pytest.raises(ValueError, match="contrastive_mode must be one of paper, sequence"):
+        SparseDoctorConfig(contrastive_mode="batch")
+    with pytest.raises(ValueError, match="contrastive_updates must be one of all, router"):
+        SparseDoctorConfig(contrastive_updates="experts")
+    defaults = SparseDoctorConfig.from_dict({})
+    assert (defaults.contrastive_mode, defaults.contrastive_updates) == ("paper", "all")
+
+
+@pytest.mark.parametrize("updates", ["all", "router"])
+@pytest.mark.parametrize("mode", ["paper", "sequence"])
+def test_every_mode_trains_the_router_through_the_term(mode, updates):
+    from sparsedoctor_kernels.model import apply_sparsedoctor
+    from sparsedoctor_kernels.model.tiny import tiny_qwen3
+
+    torch.manual_seed(0)
+    model = apply_sparsedoctor(tiny_qwen3(64, hidden_size=32, num_layers=1),
+                               SparseDoctorConfig(num_experts=4, r=4, contrastive_tokens=64, queue_size=16,
+                                                  contrastive_mode=mode, contrastive_updates=updates,
+                                                  lora_dropout=0.0,
+                                                  # one adapted module: no expert upstream of its router
+                                                  target_modules=("down_proj",)))
+    for module in model.adapted_modules().values():
+        torch.nn.init.normal_(module.lora_b)
+    model.train()
+    ids = torch.randint(0, 64, (3, 9))
+    model(input_ids=ids, attention_mask=torch.ones_like(ids))  # fills the queues
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    contrastive = out.aux_losses["contrastive"]
+    assert contrastive > 0
+    contrastive.backward()
+    modules = model.adapted_modules().values()
+    assert all(m.router.grad is not None and m.router.grad.abs().sum() > 0 for m in modules)
+    assert all(m.head.weight.grad.abs().sum() > 0 for m in modules)
+    expert_grads = [m.lora_b.grad for m in modules]
+    if updates == "router":  # the experts learn nothing from the term
+        assert all(g is None or g.abs().sum() == 0 for g in expert_grads)
+    else:
+        assert all(g is not None and g.abs().sum() > 0 for g in expert_grads)
