@@ -43,6 +43,7 @@ VARIANTS: dict[str, dict] = {
     "router-only": {"contrastive_updates": "router"},
     "sequence-router-only": {"contrastive_mode": "sequence", "contrastive_updates": "router"},
     "sequence-0.03": {"contrastive_mode": "sequence", "contrastive_coef": 0.03},
+    "router": {"contrastive_mode": "router"},
 }
 REFERENCES = ("full", "control")  # paired differences are reported against these
 METRICS = ("eval_lm_loss", "mi_domain_top1_bits", "mi_domain_top1_given_token_bits", "router_entropy",

@@ -106,8 +106,9 @@ ADAPTER_HELP = {
     "balance_coef": "weight of the load-balance term in the loss",
     "contrastive_coef": "weight of the contrastive (InfoNCE) term in the loss",
     "contrastive_tokens": "tokens per forward the contrastive term samples (0: no contrastive term)",
-    "contrastive_mode": "the contrastive term's positive: paper (the token's own fused view) or sequence (the mean "
-                        "fused view of the other sampled tokens of its sequence)",
+    "contrastive_mode": "the contrastive term's positive: paper (the token's own fused view), sequence (the mean "
+                        "fused view of the other sampled tokens of its sequence) or router (InfoNCE of routing "
+                        "distributions against the sequence's, other sequences' as negatives)",
     "contrastive_updates": "what the contrastive term trains: all (experts, router, heads) or router (router and "
                            "heads; the experts' outputs enter its views detached)",
 }

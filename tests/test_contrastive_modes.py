@@ -34,6 +34,29 @@ def test_sequence_positive_is_the_leave_one_out_mean_of_the_sequence(sequence_le
     torch.testing.assert_close(weights.double(), want_weights)
 
 
+@pytest.mark.parametrize("sequence_length, num_tokens", [(5, 20), (7, 21), (21, 21)])
+def test_router_rows_against_a_brute_force(sequence_length, num_tokens, gen):
+    count, experts, temperature = min(10, num_tokens), 5, 0.3
+    picked = torch.randperm(num_tokens, generator=gen)[:count]
+    padding = torch.arange(count) >= count - 2
+    probs = torch.softmax(torch.randn(count, experts, generator=gen, dtype=torch.float64), -1)
+    rows, weights = LoraMoELinear._router_rows(probs, picked, padding, sequence_length, num_tokens, temperature)
+    sequence = [int(i) // sequence_length for i in picked]
+    real = [i for i in range(count) if not padding[i]]
+    cosine = lambda a, b: float(a @ b / (a.norm() * b.norm()))  # noqa: E731
+    for i in range(count):
+        partners = [j for j in real if j != i and sequence[j] == sequence[i]]
+        if padding[i] or not partners:
+            assert rows[i] == 0 and weights[i] == 0
+            continue
+        own = cosine(probs[i], probs[partners].mean(0)) / temperature
+        others = [cosine(probs[i], probs[[j for j in real if sequence[j] == s]].mean(0)) / temperature
+                  for s in sorted({sequence[j] for j in real} - {sequence[i]})]
+        want = torch.logsumexp(torch.tensor([own, *others], dtype=torch.float64), 0) - own
+        torch.testing.assert_close(rows[i], want)
+    assert weights.sum() == pytest.approx(1.0)
+
+
 def test_a_sequence_with_one_picked_token_has_no_positive():
     fused = torch.randn(3, 4, dtype=torch.float64)
     picked = torch.tensor([0, 5, 6])  # sequences of length 5: token 0 alone in sequence 0
@@ -42,7 +65,7 @@ def test_a_sequence_with_one_picked_token_has_no_positive():
 
 
 def test_contrastive_mode_and_updates_are_checked():
-    with pytest.raises(ValueError, match="contrastive_mode must be one of paper, sequence"):
+    with pytest.raises(ValueError, match="contrastive_mode must be one of paper, sequence, router"):
         SparseDoctorConfig(contrastive_mode="batch")
     with pytest.raises(ValueError, match="contrastive_updates must be one of all, router"):
         SparseDoctorConfig(contrastive_updates="experts")
@@ -51,7 +74,7 @@ def test_contrastive_mode_and_updates_are_checked():
 
 
 @pytest.mark.parametrize("updates", ["all", "router"])
-@pytest.mark.parametrize("mode", ["paper", "sequence"])
+@pytest.mark.parametrize("mode", ["paper", "sequence", "router"])
 def test_every_mode_trains_the_router_through_the_term(mode, updates):
     from sparsedoctor_kernels.model import apply_sparsedoctor
     from sparsedoctor_kernels.model.tiny import tiny_qwen3
@@ -74,8 +97,12 @@ def test_every_mode_trains_the_router_through_the_term(mode, updates):
     contrastive.backward()
     modules = model.adapted_modules().values()
     assert all(m.router.grad is not None and m.router.grad.abs().sum() > 0 for m in modules)
-    assert all(m.head.weight.grad.abs().sum() > 0 for m in modules)
     expert_grads = [m.lora_b.grad for m in modules]
+    if mode == "router":  # routing distributions only: no heads, no experts
+        assert all(m.head.weight.grad is None for m in modules)
+        assert all(g is None or g.abs().sum() == 0 for g in expert_grads)
+        return
+    assert all(m.head.weight.grad.abs().sum() > 0 for m in modules)
     if updates == "router":  # the experts learn nothing from the term
         assert all(g is None or g.abs().sum() == 0 for g in expert_grads)
     else:

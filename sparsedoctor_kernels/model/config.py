@@ -8,7 +8,7 @@ import warnings
 from dataclasses import dataclass
 
 QWEN3_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CONTRASTIVE_MODES = ("paper", "sequence")
+CONTRASTIVE_MODES = ("paper", "sequence", "router")
 CONTRASTIVE_UPDATES = ("all", "router")
 FLOAT_FIELDS = ("lora_alpha", "lora_dropout", "temperature", "balance_coef", "contrastive_coef")
 
@@ -28,7 +28,8 @@ class SparseDoctorConfig:
     contrastive_coef: float = 0.1
     contrastive_tokens: int = 256
     # "paper": the routed view against the token's own fused view (our reading of SparseDoctor); "sequence": against
-    # the mean fused view of the other picked tokens of its sequence (README, "The contrastive objective").
+    # the mean fused view of the other picked tokens of its sequence; "router": InfoNCE of routing distributions,
+    # a token's against its sequence's, other sequences' as negatives (README, "The contrastive objective").
     contrastive_mode: str = "paper"
     # What the term trains: "all" (experts, router, heads) or "router" (router and heads: this module's experts'
     # outputs enter the views detached, so the term shapes routing without pulling those experts away from the LM

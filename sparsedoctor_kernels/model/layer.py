@@ -120,7 +120,10 @@ class LoraMoELinear(nn.Module):
         contrastive = None
         if self.training and self.config.contrastive_tokens > 0:
             sequence_length = lead[-1] if len(lead) >= 2 else flat.shape[0]  # [batch, seq, d]: one sequence a row
-            contrastive = self._contrastive(adapter_in, lora_a, lora_b, routing, mask, sequence_length)
+            if self.config.contrastive_mode == "router":
+                contrastive = self._router_contrastive(router_logits, mask, sequence_length)
+            else:
+                contrastive = self._contrastive(adapter_in, lora_a, lora_b, routing, mask, sequence_length)
         if self.context.collect_routing:
             self.collected_routing.append((torch.softmax(router_logits.detach().float(), dim=-1),
                                            routing.experts[:, 0].detach()))
@@ -137,16 +140,9 @@ class LoraMoELinear(nn.Module):
 
     def _contrastive(self, adapter_in, lora_a, lora_b, routing, mask, sequence_length: int) -> torch.Tensor:
         num_tokens = adapter_in.shape[0]
-        picked_count = min(self.config.contrastive_tokens, num_tokens)
-        if picked_count == 0:
+        if min(self.config.contrastive_tokens, num_tokens) == 0:
             return adapter_in.new_zeros((), dtype=torch.float32)
-        # A uniform random subset of the real tokens, without a host sync: real tokens score in [1, 2) and
-        # padding in [0, 1), so the top scores are real tokens first, in random order.
-        scores = torch.rand(num_tokens, device=adapter_in.device)
-        if mask is not None:
-            scores = scores + mask
-        picked = scores.topk(picked_count, sorted=True).indices  # real tokens first: the context's weights rely on it
-        padding, real_weights = self.context.picked_weights(num_tokens, picked_count, adapter_in.device)
+        picked, padding, real_weights = self._pick(num_tokens, mask, adapter_in.device)
         query, positive, top1 = self._views(adapter_in, lora_a, lora_b, routing, picked)
         if self.config.contrastive_mode == "sequence":
             positive, real_weights = self._sequence_positive(positive, picked, padding, sequence_length, num_tokens)
@@ -157,6 +153,50 @@ class LoraMoELinear(nn.Module):
             # when committed, once for everything staged.
             self._staged.append((query.detach().to(self.queue.keys.dtype), query_experts))
         return torch.dot(rows, real_weights.to(rows.dtype))
+
+    def _pick(self, num_tokens: int, mask, device):
+        """(picked [n], padding [n], weights [n]): a uniform random subset of the real tokens, without a host sync:
+        real tokens score in [1, 2) and padding in [0, 1), so the top scores are the real tokens first, in random
+        order (the context's padding rows and weights rely on that order)."""
+        picked_count = min(self.config.contrastive_tokens, num_tokens)
+        scores = torch.rand(num_tokens, device=device)
+        if mask is not None:
+            scores = scores + mask
+        picked = scores.topk(picked_count, sorted=True).indices
+        return (picked, *self.context.picked_weights(num_tokens, picked_count, device))
+
+    def _router_contrastive(self, router_logits, mask, sequence_length: int) -> torch.Tensor:
+        """`contrastive_mode="router"`: InfoNCE at the router's distribution. A picked token's routing
+        probabilities are the query, the mean routing of the other picked tokens of its sequence the positive,
+        the mean routing of the batch's other sequences the negatives (in-batch; no queue, no heads)."""
+        num_tokens = router_logits.shape[0]
+        if min(self.config.contrastive_tokens, num_tokens) == 0:
+            return router_logits.new_zeros((), dtype=torch.float32)
+        picked, padding, _ = self._pick(num_tokens, mask, router_logits.device)
+        probs = torch.softmax(router_logits[picked].float(), dim=-1)
+        rows, weights = self._router_rows(probs, picked, padding, sequence_length, num_tokens,
+                                          self.config.temperature)
+        return torch.dot(rows, weights)
+
+    @classmethod
+    def _router_rows(cls, probs, picked, padding, sequence_length: int, num_tokens: int, temperature: float):
+        """(InfoNCE per picked token, weights averaging the rows that have a partner in their sequence); the rows
+        without one are 0."""
+        positive, weights = cls._sequence_positive(probs, picked, padding, sequence_length, num_tokens)
+        sequence = torch.div(picked, sequence_length, rounding_mode="floor")
+        num_sequences = -(-num_tokens // sequence_length)
+        real = (~padding).to(probs.dtype)
+        sums = probs.new_zeros(num_sequences, probs.shape[1]).index_add(0, sequence, probs * real[:, None])
+        counts = probs.new_zeros(num_sequences).index_add(0, sequence, real)
+        means = sums / counts.clamp_min(1)[:, None]
+        logits = F.normalize(probs, dim=-1) @ F.normalize(means, dim=-1).T / temperature
+        own = F.one_hot(sequence, num_sequences).bool()
+        own_logit = (F.normalize(probs, dim=-1) * F.normalize(positive, dim=-1)).sum(-1) / temperature
+        # Sequences without a picked real token are no negatives; the own column (always finite) keeps every
+        # row's log-sum-exp finite, padding rows included (their weight is 0).
+        logits = torch.where(own, own_logit[:, None], logits.masked_fill(counts[None, :] == 0, float("-inf")))
+        rows = torch.logsumexp(logits, dim=-1) - own_logit
+        return rows.masked_fill(weights == 0, 0.0), weights
 
     @staticmethod
     def _sequence_positive(fused, picked, padding, sequence_length: int, num_tokens: int):
@@ -172,7 +212,7 @@ class LoraMoELinear(nn.Module):
         counts = fused.new_zeros(num_sequences).index_add(0, sequence, real)
         others = counts[sequence] - real
         positive = (sums[sequence] - real_fused) / others.clamp_min(1)[:, None]
-        has_partner = (real * (others > 0)).float()
+        has_partner = real * (others > 0)
         return positive, has_partner / has_partner.sum().clamp_min(1)
 
     def _views(self, tokens, lora_a, lora_b, routing, picked):
