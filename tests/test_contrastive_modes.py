@@ -107,3 +107,13 @@ def test_every_mode_trains_the_router_through_the_term(mode, updates):
         assert all(g is None or g.abs().sum() == 0 for g in expert_grads)
     else:
         assert all(g is not None and g.abs().sum() > 0 for g in expert_grads)
+
+
+def test_the_router_mode_needs_no_queue_and_takes_top_k_1():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SparseDoctorConfig(contrastive_mode="router", queue_size=0, top_k=1)
+    with pytest.raises(ValueError, match="queue_size=0 leaves the contrastive term without negatives"):
+        SparseDoctorConfig(contrastive_mode="sequence", queue_size=0)

@@ -78,8 +78,8 @@ class SparseDoctorConfig:
 
     def _check_contrastive_term(self) -> None:
         """The contrastive term must be able to do something when it is on."""
-        if self.contrastive_coef == 0 or self.contrastive_tokens == 0:
-            return
+        if self.contrastive_coef == 0 or self.contrastive_tokens == 0 or self.contrastive_mode == "router":
+            return  # the router mode contrasts routing distributions in the batch: no queue, any top_k
         if self.queue_size == 0:
             # No queue, no negatives: the loss would be a constant 0 and silently train nothing.
             raise ValueError("SparseDoctorConfig.queue_size=0 leaves the contrastive term without negatives; "
