@@ -272,9 +272,10 @@ def plot_runs(results: list[dict], variants: list[str], path: pathlib.Path) -> p
 
     plt = _pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    palette = plt.get_cmap("tab20")  # distinct colours for up to 20 variants (the default cycle repeats after 10)
     for index, variant in enumerate(variants):
         runs = [r for r in results if r["variant"] == variant]
-        color = f"C{index % 10}"
+        color = palette(index % 20)
         for axis, metric in zip(axes, ("mi_domain_top1_bits", "mi_domain_top1_given_token_bits")):
             xs, ys = [r["eval_lm_loss"] for r in runs], [r[metric] for r in runs]
             axis.scatter(xs, ys, color=color, alpha=0.45, s=22)
