@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import pathlib
@@ -30,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from sparsedoctor_kernels._files import write_atomically
+from sparsedoctor_kernels._progress import progress as progress_bar
 
 # Overrides of SparseDoctorConfig per variant, on top of AblateSettings.adapter.
 VARIANTS: dict[str, dict] = {
@@ -129,21 +131,17 @@ def _pretrain(model, tokenizer, texts: list[str], steps: int, device, progress: 
     """Full-parameter causal-LM training of the tiny base on `texts` (batch 16, AdamW, constant 3e-3)."""
     import random
 
+    from sparsedoctor_kernels.data import collate
+
     encoded = [tokenizer(t)["input_ids"][:128] for t in texts]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     rng = random.Random(0)
     losses = []
     model.train()
-    for _ in _bar(range(steps), progress, "pretraining the base"):
-        batch = [encoded[rng.randrange(len(encoded))] for _ in range(16)]
-        length = max(map(len, batch))
-        ids = torch.full((len(batch), length), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full_like(ids, -100)
-        for row, tokens in enumerate(batch):
-            ids[row, :len(tokens)] = torch.tensor(tokens)
-            labels[row, :len(tokens)] = torch.tensor(tokens)
-        loss = model(input_ids=ids.to(device), attention_mask=(labels != -100).to(device),
-                     labels=labels.to(device)).loss
+    for _ in progress_bar(range(steps), progress, "pretraining the base", "step"):
+        picked = [encoded[rng.randrange(len(encoded))] for _ in range(16)]
+        batch = collate([(tokens, tokens) for tokens in picked], tokenizer.pad_token_id)  # every token learnt
+        loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -295,14 +293,6 @@ def plot_runs(results: list[dict], variants: list[str], path: pathlib.Path) -> p
 
 # --- the command ----------------------------------------------------------------------------------------------
 
-def _bar(iterable, enabled: bool, desc: str, total: int | None = None):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, dynamic_ncols=True)
-
-
 def _prepare_output_dir(settings: AblateSettings) -> pathlib.Path:
     out = pathlib.Path(settings.output_dir)
     stamp = out / "ablate_settings.json"
@@ -327,6 +317,7 @@ def _prepare_output_dir(settings: AblateSettings) -> pathlib.Path:
 
 
 def run_ablation(settings: AblateSettings, command: str = "sparsedoctor ablate", log=print) -> list[dict]:
+    from sparsedoctor_kernels.data import write_jsonl
     from sparsedoctor_kernels.training import pick_device
 
     check_settings(settings)
@@ -334,13 +325,12 @@ def run_ablation(settings: AblateSettings, command: str = "sparsedoctor ablate",
     device = pick_device(settings.device)
     train_records, held_out, texts = task_records(settings)
     # Atomic writes: a second `ablate` on the same grid (other variants, in parallel) rewrites the same files.
-    train_file = out / "train.jsonl"
-    for path, records in ((train_file, train_records), (out / "held_out.jsonl", held_out)):
-        write_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    train_file = write_jsonl(train_records, out / "train.jsonl")
+    write_jsonl(held_out, out / "held_out.jsonl")
     base_dir = prepare_base(settings, out / "base", train_records + held_out, texts, device)
     grid = [(variant, seed) for seed in settings.seeds for variant in settings.variants]
     results = []
-    for variant, seed in _bar(grid, settings.progress, "ablation runs"):
+    for variant, seed in progress_bar(grid, settings.progress, "ablation runs", "run"):
         results.append(run_one(settings, variant, seed, base_dir, train_file, held_out, device))
     rows = summarise(results, settings.variants)
     _write_csv(out / "runs.csv", results, ["variant", "seed", *METRICS, "final_train_lm"])
@@ -388,9 +378,7 @@ def add_parser(commands) -> None:
 def _ablate_command(args) -> int:
     import sys
 
-    fields = {k: getattr(args, k) for k in ("output_dir", "task", "variants", "seeds", "steps", "batch_size",
-                                             "records_per_domain", "hidden_size", "num_layers", "pretrain_steps",
-                                             "learning_rate", "eval_fraction", "device", "overwrite")}
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(AblateSettings) if hasattr(args, f.name)}
     settings = AblateSettings(**fields, progress=not args.no_progress)
     try:
         run_ablation(settings, command="sparsedoctor ablate " + " ".join(sys.argv[2:]))

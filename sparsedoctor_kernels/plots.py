@@ -24,6 +24,7 @@ SPECIALISATION_PANELS = [
     ("eval_router_entropy", "held-out router entropy", "mean entropy / log E  (1 = uniform)"),
     ("eval_mi_domain_top1_bits", "held-out I(domain; top-1 expert)", "mutual information (bits)"),
 ]
+SPECIALISATION_KEYS = {key for key, _, _ in SPECIALISATION_PANELS}
 EVAL_KEY = "eval_loss"  # drawn on the language-model panel
 # Implementations the benchmarks time for scale, not as alternatives to the op: drawn as reference lines.
 REFERENCES = {"base": "base (frozen, no adapter)", "lora": "lora (plain LoRA)"}
@@ -111,7 +112,7 @@ def loss_figure(history: list[dict]):
         axis.set_axis_off()
     for index, (key, title, ylabel, (steps, values, bad), (eval_steps, eval_values, eval_bad)) in enumerate(panels):
         axis = figure.add_subplot(rows, columns, index + 1)
-        color = "tab:green" if key == "lr" else "tab:purple" if key.startswith(("router", "mi_")) else "tab:blue"
+        color = "tab:green" if key == "lr" else "tab:purple" if key in SPECIALISATION_KEYS else "tab:blue"
         if steps and key == "lr":  # the schedule is exact: nothing to smooth
             axis.plot(steps, values, linewidth=1.6, color=color, marker="o" if len(steps) < 3 else None)
         elif steps:

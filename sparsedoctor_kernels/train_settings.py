@@ -14,6 +14,7 @@ import pathlib
 import typing
 from dataclasses import dataclass, field
 
+from sparsedoctor_kernels.data.rendering import MODES as RENDERING_MODES
 from sparsedoctor_kernels.model import SparseDoctorConfig
 from sparsedoctor_kernels.train_errors import TrainError
 
@@ -21,7 +22,7 @@ from sparsedoctor_kernels.train_errors import TrainError
 # `r` is `--lora-r`: torchrun's own parser reads `--r` as an ambiguous prefix of its `--rdzv-*` flags.
 FLAG_NAMES = {"learning_rate": "--lr", "r": "--lora-r", "progress": "--no-progress"}
 DEFAULT_STEPS = 100  # when neither steps nor epochs is given
-CHAT_TEMPLATES = ("auto", "chat", "plain")
+CHAT_TEMPLATES = RENDERING_MODES  # --chat-template: the data's rendering modes
 
 
 def flag_for(name: str) -> str:

@@ -22,14 +22,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sparsedoctor_kernels._progress import progress as progress_bar
 from sparsedoctor_kernels.checkpoints import load_checkpoint, save_adapter, save_checkpoint
 from sparsedoctor_kernels.data import (  # noqa: F401  (encode, collate: this module's API too)
-    build_tokenizer,
     collate,
-    corpus,
     demo_records,
     encode,
-    encode_example,
     load_jsonl,
     supervised_tokens_in,
     trainable_examples,
@@ -43,7 +41,7 @@ from sparsedoctor_kernels.run_dir import (
     check_run_dir,
     prepare_run_dir,
 )
-from sparsedoctor_kernels.specialisation import load_entropy
+from sparsedoctor_kernels.specialisation import layer_of, load_entropy
 from sparsedoctor_kernels.train_errors import TrainError
 from sparsedoctor_kernels.train_metrics import MetricsWriter, eval_loss
 from sparsedoctor_kernels.train_settings import (  # noqa: F401  (this module's API too)
@@ -161,11 +159,6 @@ def _batches(num_examples: int, batch_size: int, accumulation: int, seed: int, r
         epoch += 1
 
 
-def _layer_of(module_name: str) -> str:
-    parts = module_name.split(".")
-    return f"layer {parts[parts.index('layers') + 1]}" if "layers" in parts else module_name
-
-
 # --- distributed ----------------------------------------------------------------------------------------------
 
 def _rank_and_world() -> tuple[int, int]:
@@ -256,9 +249,10 @@ def _train(settings: TrainSettings, device: torch.device, log) -> TrainResult:
     rendering = dict(chat_template=settings.chat_template, enable_thinking=settings.enable_thinking)
     examples = trainable_examples(records, tokenizer, settings.max_length, say, **rendering,
                                   progress=settings.progress and rank == 0)
-    eval_examples = (trainable_examples(eval_records, tokenizer, settings.max_length,
-                                        lambda message: say(f"eval data: {message}"), **rendering)
-                     if eval_records else [])
+    eval_examples, eval_kept = (trainable_examples(eval_records, tokenizer, settings.max_length,
+                                                   lambda message: say(f"eval data: {message}"), **rendering,
+                                                   with_indices=True)
+                                if eval_records else ([], []))
     per_step = settings.batch_size * world * settings.gradient_accumulation_steps
     if len(examples) < per_step:
         raise TrainError(f"{len(examples)} examples cannot fill one optimizer step of --batch-size "
@@ -298,8 +292,8 @@ def _train(settings: TrainSettings, device: torch.device, log) -> TrainResult:
     if rank == 0:
         prepare_run_dir(settings, output_dir, start, log)
 
-    data = _RunData(examples, eval_examples, tokenizer.pad_token_id, *_eval_domains(eval_records, eval_examples,
-                                                                                    tokenizer, settings))
+    data = _RunData(examples, eval_examples, tokenizer.pad_token_id,
+                    *_eval_domains([eval_records[i] for i in eval_kept]))
     history, load_totals = _loop(settings, model, optimizer, data, device, start, output_dir)
     expert_load = {layer: (total / total.sum()).tolist() for layer, total in sorted(load_totals.items())}
     save_adapter(model, output_dir / "adapter")
@@ -320,27 +314,14 @@ class _RunData:
     num_domains: int = 0
 
 
-def _eval_domains(eval_records: list[dict], eval_examples: list, tokenizer, settings) -> tuple:
-    """(domain id per eval example, number of domains) when every held-out record carries a "domain" (or
-    "task") field, else (None, 0): the eval then also measures MI(domain; top-1 expert)."""
-    names = [r.get("domain", r.get("task")) if isinstance(r, dict) else None for r in eval_records]
-    if not eval_records or any(not isinstance(n, str) for n in names):
+def _eval_domains(kept_records: list[dict]) -> tuple:
+    """(domain id per eval example, number of domains) when every held-out record kept for the eval carries a
+    "domain" (or "task") field, else (None, 0): the eval then also measures MI(domain; top-1 expert)."""
+    names = [r.get("domain", r.get("task")) if isinstance(r, dict) else None for r in kept_records]
+    if not kept_records or any(not isinstance(n, str) for n in names):
         return None, 0
-    # trainable_examples dropped the records max_length cut to no answer token: find the ones it kept.
-    kept = [name for record, name in zip(eval_records, names)
-            if any(label != -100 for label in encode_example(record, tokenizer, settings.max_length,
-                                                              chat_template=settings.chat_template,
-                                                              enable_thinking=settings.enable_thinking)[0][1])]
-    if len(kept) != len(eval_examples):
-        return None, 0
-    index = {name: i for i, name in enumerate(sorted(set(kept)))}
-    return [index[name] for name in kept], len(index)
-
-
-def _load_entropy(model) -> float:
-    """The last forward's expert load entropy (real tokens only, / log E), averaged over the adapted modules."""
-    loads = list(model.expert_load().values())
-    return sum(load_entropy(counts.double().cpu()) for counts in loads) / len(loads)
+    index = {name: i for i, name in enumerate(sorted(set(names)))}
+    return [index[name] for name in names], len(index)
 
 
 def _evaluate(model, data: _RunData, settings: TrainSettings, device, world: int, rank: int) -> dict:
@@ -366,24 +347,27 @@ def _loop(settings: TrainSettings, model, optimizer, data: _RunData, device, sta
                        rank, world)
     for _ in range(start):  # the same data order as an uninterrupted run
         next(batches)
-    history, load_totals = [], {}
+    history, load_totals, last_load = [], {}, {}
 
     def count_expert_load():  # after each training forward: the load is per forward
+        last_load.clear()
         for name, counts in model.expert_load().items():
-            layer = _layer_of(name)
-            load_totals[layer] = load_totals.get(layer, 0) + counts.double().cpu()
+            last_load[name] = counts.double().cpu()
+            layer = layer_of(name)
+            load_totals[layer] = load_totals.get(layer, 0) + last_load[name]
 
     metrics = None
     if rank == 0:
         metrics = MetricsWriter(output_dir / METRICS_FILE, output_dir / TENSORBOARD_DIR if settings.tensorboard
                                 else None, resumed_step=start)
-    progress = _progress(range(start, settings.steps), enabled=settings.progress and rank == 0)
+    progress = progress_bar(range(start, settings.steps), settings.progress and rank == 0, "training", "step")
     model.train()
     try:
         for step in progress:
             micro_batches = [collate([data.examples[i] for i in ids], data.pad_id) for ids in next(batches)]
             row = _train_step(trained, optimizer, micro_batches, step, settings, device, world, count_expert_load)
-            row["load_entropy"] = _load_entropy(model)
+            # The last forward's load entropy over real tokens, averaged over modules (the counts already copied).
+            row["load_entropy"] = sum(map(load_entropy, last_load.values())) / len(last_load)
             if data.eval_examples and _eval_due(step + 1, settings):
                 row.update(_evaluate(model, data, settings, device, world, rank))
                 model.train()
@@ -453,9 +437,3 @@ def _write_outputs(output_dir: pathlib.Path, tokenizer, expert_load: dict) -> No
         plot_expert_load(expert_load, output_dir / "expert_load.png")
 
 
-def _progress(steps, enabled: bool):
-    if not enabled:
-        return steps
-    from tqdm.auto import tqdm
-
-    return tqdm(steps, desc="training", unit="step", dynamic_ncols=True)

@@ -15,6 +15,7 @@ import random
 
 import torch
 
+from sparsedoctor_kernels._progress import progress as progress_bar
 from sparsedoctor_kernels.data.facts import FACTS
 from sparsedoctor_kernels.data.files import (  # noqa: F401  (this package's API)
     SourcedRecord,
@@ -87,9 +88,10 @@ def supervised_tokens(labels) -> int:
 
 
 def trainable_examples(records: list[dict], tokenizer, max_length: int, log, *, chat_template: str = "auto",
-                       enable_thinking: bool = False, progress: bool = False) -> list:
+                       enable_thinking: bool = False, progress: bool = False, with_indices: bool = False):
     """The encoded examples that keep at least one answer token within max_length; says how the data is
-    rendered and warns with counts (truncated, left out, BPE merges across a prompt/answer boundary)."""
+    rendered and warns with counts (truncated, left out, BPE merges across a prompt/answer boundary).
+    `with_indices`: (examples, the index in `records` of each kept example)."""
     mode = rendering_mode(tokenizer, chat_template)
     if mode == "chat":
         learnt = "with its <think> block" if enable_thinking else "without the generation prompt's empty <think> block"
@@ -97,13 +99,14 @@ def trainable_examples(records: list[dict], tokenizer, max_length: int, log, *, 
             f"end-of-turn token ({learnt})")
     elif enable_thinking:
         log("warning: --enable-thinking has no effect: the data is rendered plain (no chat template is used)")
-    kept, truncated, merged = [], 0, 0
-    for index, record in enumerate(_progress(records, progress)):
+    kept, indices, truncated, merged = [], [], 0, 0
+    for index, record in enumerate(progress_bar(records, progress, "encoding", "record")):
         encoded = _encoded(record, tokenizer, max_length, mode, enable_thinking, f"records[{index}]")
         truncated += encoded.truncated
         merged += encoded.boundary_merges > 0
         if supervised_tokens(encoded.labels):
             kept.append(encoded.input_ids_labels)
+            indices.append(index)
     dropped = len(records) - len(kept)
     if not kept:
         raise DataError(f"--max-length {max_length} cuts away the whole response of every one of the "
@@ -114,15 +117,7 @@ def trainable_examples(records: list[dict], tokenizer, max_length: int, log, *, 
     if merged:
         log(f"warning: in {merged} of {len(records)} examples a token joins the end of a prompt and the start of an "
             "answer (a BPE merge across the boundary); such tokens are not learnt")
-    return kept
-
-
-def _progress(records: list, shown: bool):
-    if not shown:
-        return records
-    from tqdm.auto import tqdm
-
-    return tqdm(records, desc="encoding", unit="record", dynamic_ncols=True)
+    return (kept, indices) if with_indices else kept
 
 
 def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:

@@ -164,7 +164,10 @@ def read_records(path: str | pathlib.Path) -> list[SourcedRecord]:
 
 
 def write_jsonl(records: list[dict], path: str | pathlib.Path) -> pathlib.Path:
+    """Atomically (readers see the old file or the new one, never half of one)."""
+    from sparsedoctor_kernels._files import write_atomically
+
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    write_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return path

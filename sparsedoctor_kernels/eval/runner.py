@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsedoctor_kernels._progress import progress as progress_bar
 from sparsedoctor_kernels.eval.answers import extract_answer, opens_thinking, strip_thinking
 from sparsedoctor_kernels.eval.generation import greedy_generate, last_logits_only, position_ids_for, stop_token_ids
 from sparsedoctor_kernels.eval.items import MCQ
@@ -20,14 +21,6 @@ from sparsedoctor_kernels.eval.prompts import build_prompt, chat_prompt
 # for its reasoning before the answer (Qwen3: 1024 or more); a reply cut off inside <think> holds no answer.
 DEFAULT_MAX_NEW_TOKENS = 32
 THINKING_MAX_NEW_TOKENS = 1024
-
-
-def _progress(iterable, total: int, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="batch", dynamic_ncols=True)
 
 
 def model_max_length(model) -> int:
@@ -135,7 +128,7 @@ def evaluate(model, tokenizer, benchmark: str, items: list[MCQ], *, shots: dict[
                                      enable_thinking=enable_thinking, max_tokens=room)
         cut += cut_here
         batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
-        for batch in _progress(batches, len(batches), progress, f"{benchmark} ({method})"):
+        for batch in progress_bar(batches, progress, f"{benchmark} ({method})", "batch", total=len(batches)):
             input_ids, attention_mask = _left_padded(tokenizer, batch, device)
             if method == "logits":
                 log_probs = _next_token_log_probs(model, input_ids, attention_mask)

@@ -182,16 +182,13 @@ class LoraMoELinear(nn.Module):
     def _router_rows(cls, probs, picked, padding, sequence_length: int, num_tokens: int, temperature: float):
         """(InfoNCE per picked token, weights averaging the rows that have a partner in their sequence); the rows
         without one are 0."""
-        positive, weights = cls._sequence_positive(probs, picked, padding, sequence_length, num_tokens)
-        sequence = torch.div(picked, sequence_length, rounding_mode="floor")
-        num_sequences = -(-num_tokens // sequence_length)
-        real = (~padding).to(probs.dtype)
-        sums = probs.new_zeros(num_sequences, probs.shape[1]).index_add(0, sequence, probs * real[:, None])
-        counts = probs.new_zeros(num_sequences).index_add(0, sequence, real)
+        sequence, sums, counts = cls._sequence_sums(probs, picked, padding, sequence_length, num_tokens)
+        positive, weights = cls._leave_one_out(probs, padding, sequence, sums, counts)
         means = sums / counts.clamp_min(1)[:, None]
-        logits = F.normalize(probs, dim=-1) @ F.normalize(means, dim=-1).T / temperature
-        own = F.one_hot(sequence, num_sequences).bool()
-        own_logit = (F.normalize(probs, dim=-1) * F.normalize(positive, dim=-1)).sum(-1) / temperature
+        query = F.normalize(probs, dim=-1)
+        logits = query @ F.normalize(means, dim=-1).T / temperature
+        own = F.one_hot(sequence, sums.shape[0]).bool()
+        own_logit = (query * F.normalize(positive, dim=-1)).sum(-1) / temperature
         # Sequences without a picked real token are no negatives; the own column (always finite) keeps every
         # row's log-sum-exp finite, padding rows included (their weight is 0).
         logits = torch.where(own, own_logit[:, None], logits.masked_fill(counts[None, :] == 0, float("-inf")))
@@ -199,21 +196,33 @@ class LoraMoELinear(nn.Module):
         return rows.masked_fill(weights == 0, 0.0), weights
 
     @staticmethod
-    def _sequence_positive(fused, picked, padding, sequence_length: int, num_tokens: int):
+    def _sequence_sums(values, picked, padding, sequence_length: int, num_tokens: int):
+        """(sequence id [n], per-sequence sums of the real rows' values [S, d], real rows per sequence [S])."""
+        real_values = values.masked_fill(padding[:, None], 0.0)  # not a product: padding may hold anything, NaN too
+        sequence = torch.div(picked, sequence_length, rounding_mode="floor")
+        num_sequences = -(-num_tokens // sequence_length)
+        sums = values.new_zeros(num_sequences, values.shape[1]).index_add(0, sequence, real_values)
+        counts = values.new_zeros(num_sequences).index_add(0, sequence, (~padding).to(values.dtype))
+        return sequence, sums, counts
+
+    @staticmethod
+    def _leave_one_out(values, padding, sequence, sums, counts):
+        """(each real row's mean of the other real rows of its sequence, weights averaging the rows that have
+        one)."""
+        real = (~padding).to(values.dtype)
+        others = counts[sequence] - real
+        positive = (sums[sequence] - values.masked_fill(padding[:, None], 0.0)) / others.clamp_min(1)[:, None]
+        has_partner = real * (others > 0)
+        return positive, has_partner / has_partner.sum().clamp_min(1)
+
+    @classmethod
+    def _sequence_positive(cls, fused, picked, padding, sequence_length: int, num_tokens: int):
         """`contrastive_mode="sequence"`: each picked token's positive is the mean fused view of the other picked
         real tokens of its sequence (leave-one-out), so the term pulls a token's routed view towards what the
         rest of its sequence routes to, not towards a view that contains itself. Returns (positives, weights
         averaging the real rows that have a partner)."""
-        real = (~padding).to(fused.dtype)
-        real_fused = fused.masked_fill(padding[:, None], 0.0)  # not a product: padding may hold anything, NaN too
-        sequence = torch.div(picked, sequence_length, rounding_mode="floor")
-        num_sequences = -(-num_tokens // sequence_length)
-        sums = fused.new_zeros(num_sequences, fused.shape[1]).index_add(0, sequence, real_fused)
-        counts = fused.new_zeros(num_sequences).index_add(0, sequence, real)
-        others = counts[sequence] - real
-        positive = (sums[sequence] - real_fused) / others.clamp_min(1)[:, None]
-        has_partner = real * (others > 0)
-        return positive, has_partner / has_partner.sum().clamp_min(1)
+        sequence, sums, counts = cls._sequence_sums(fused, picked, padding, sequence_length, num_tokens)
+        return cls._leave_one_out(fused, padding, sequence, sums, counts)
 
     def _views(self, tokens, lora_a, lora_b, routing, picked):
         """(routed view, fused view, top-1 expert) of the picked tokens through the projection head, from one
