@@ -107,12 +107,21 @@ def require_real(name: str, value: object) -> float:
 
 def check_ids_in_range(name: str, ids: torch.Tensor, num_experts: int) -> None:
     """Raise ValueError for expert ids outside [0, E). Reads the data: only under validate=True."""
-    if ids.numel() == 0:
+    _check_in_range(name, ids, num_experts, "expert id", "E")
+
+
+def check_rows_in_range(name: str, rows: torch.Tensor, num_rows: int) -> None:
+    """Raise ValueError for row indices outside [0, T). Reads the data: only under validate=True."""
+    _check_in_range(name, rows, num_rows, "row", "T")
+
+
+def _check_in_range(name: str, values: torch.Tensor, limit: int, what: str, size_name: str) -> None:
+    if values.numel() == 0:
         return
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= num_experts:
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= limit:
         bad = low if low < 0 else high
-        raise ValueError(f"{name} holds expert id {bad}, outside [0, {num_experts}) for E={num_experts}")
+        raise ValueError(f"{name} holds {what} {bad}, outside [0, {limit}) for {size_name}={limit}")
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:

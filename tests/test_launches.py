@@ -15,9 +15,9 @@ from conftest import cpu_backends
 # Launches of one training forward + backward of one LoraMoELinear, and of one module's training forward without
 # the contrastive term (the frozen GEMM excluded), measured when the figures were last lowered. Lower them when a
 # change saves launches; a change that needs more must say why in its commit.
-LAYER_STEP_CEILING = {"dense": 89, "grouped": 103}
+LAYER_STEP_CEILING = {"dense": 81, "grouped": 106}
 MODULE_FORWARD_CEILING = {"dense": 9, "grouped": 13}
-CONTRASTIVE_TERM_CEILING = {"dense": 15, "grouped": 19}
+CONTRASTIVE_TERM_CEILING = {"dense": 13, "grouped": 22}
 
 
 def test_counts_computing_aten_ops_but_not_views_or_allocations():
@@ -52,8 +52,12 @@ def test_counts_triton_kernels_and_not_the_interpreters_copies():
 def test_layer_step_launches_stay_under_the_ceiling_and_do_not_grow_with_experts(strategy, monkeypatch):
     monkeypatch.setenv(ENV_STRATEGY, strategy)
     monkeypatch.setattr(sparsedoctor_kernels._alloc, "poison_outputs", False)  # the tests' NaN fills are no launch
-    few, many = (count_launches(layer_step(num_experts=e)) for e in (8, 64))
+    # E = 8 and 32 at rank 4: both within one block of rank-space columns (E*r <= 128), where the dense
+    # backward needs no reduction over column blocks; beyond it one reduction is added, never one per expert.
+    few, many = (count_launches(layer_step(num_experts=e)) for e in (8, 32))
     assert few.total == many.total, "launches must not depend on E"
+    wide = count_launches(layer_step(num_experts=64))
+    assert wide.total - few.total <= (2 if strategy == "dense" else 0), f"{wide.total} launches at E=64"
     assert few.total <= LAYER_STEP_CEILING[strategy], f"{few.total} launches; the ceiling is {LAYER_STEP_CEILING}"
     assert few.triton > 0
 

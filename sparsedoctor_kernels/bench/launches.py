@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
     from sparsedoctor_kernels.launches import count_launches, report
 
-    for experts in (8, 64):
+    for experts in (8, 32, 64):
         print(f"E={experts}, k=2, backend triton, a quarter of the tokens padding:")
         plain = module_forward_launches(num_experts=experts)
         contrastive = module_forward_launches(num_experts=experts, contrastive_tokens=8)

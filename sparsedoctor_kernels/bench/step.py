@@ -45,6 +45,8 @@ class NaiveLoraMoELinear(LoraMoELinear):
     def _experts(self, x, lora_a, lora_b, weights, experts, out=None):
         return baselines.naive_lora_moe(x, lora_a, lora_b, weights, experts, self.config.scaling, out=out)
 
+    _experts_and_views = LoraMoELinear._experts_then_views  # the views as a second call, as people write them
+
     def _contrastive_rows(self, query, positive, query_experts):
         return baselines.naive_infonce(query, positive, self.queue.keys, self.queue.size, query_experts,
                                        self.config.temperature, reduction="none")

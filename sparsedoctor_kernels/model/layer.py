@@ -111,7 +111,17 @@ class LoraMoELinear(nn.Module):
         routing = self._route(router_logits, mask)  # counts and probability means over real tokens only
         adapter_in = self.dropout(flat)
         lora_a, lora_b = self.lora_a.to(dtype), self.lora_b.to(dtype)
-        out = self._experts(adapter_in, lora_a, lora_b, routing.weights, routing.experts, out=out)
+        views = None
+        if self._views_from_the_call(flat.shape[0]):
+            # The contrastive views come out of the layer's own call: its rank-space rows regated (the picked
+            # tokens' routed and fused gates), so the views cost one more expand, not a second read of x.
+            picked = self._pick(flat.shape[0], mask, flat.device)
+            gates = self._view_gates(routing, picked[0])
+            out, view_rows = self._experts_and_views(adapter_in, lora_a, lora_b, routing.weights, routing.experts,
+                                                     out, gates)
+            views = picked, view_rows, gates[2]
+        else:
+            out = self._experts(adapter_in, lora_a, lora_b, routing.weights, routing.experts, out=out)
         balance = None
         # Eval and generation (no grad, nothing recorded) need no loss; a checkpointing recomputation (grad on,
         # not recording) must compute the same tensors as its forward.
@@ -123,7 +133,7 @@ class LoraMoELinear(nn.Module):
             if self.config.contrastive_mode == "router":
                 contrastive = self._router_contrastive(router_logits, mask, sequence_length)
             else:
-                contrastive = self._contrastive(adapter_in, lora_a, lora_b, routing, mask, sequence_length)
+                contrastive = self._contrastive(adapter_in, lora_a, lora_b, routing, mask, sequence_length, views)
         if self.context.collect_routing:
             self.collected_routing.append((torch.softmax(router_logits.detach().float(), dim=-1),
                                            routing.experts[:, 0].detach()))
@@ -138,12 +148,26 @@ class LoraMoELinear(nn.Module):
         mask = self.context.token_mask
         return mask if mask is not None and mask.numel() == num_tokens else None
 
-    def _contrastive(self, adapter_in, lora_a, lora_b, routing, mask, sequence_length: int) -> torch.Tensor:
+    def _views_from_the_call(self, num_tokens: int) -> bool:
+        """Whether the views are regated rows of the layer's call: in training with the two-view term, unless
+        only the router may learn from it (then the views see detached experts, which one call cannot give)."""
+        c = self.config
+        return (self.training and min(c.contrastive_tokens, num_tokens) > 0 and c.contrastive_mode != "router"
+                and c.contrastive_updates == "all")
+
+    def _contrastive(self, adapter_in, lora_a, lora_b, routing, mask, sequence_length: int,
+                     views=None) -> torch.Tensor:
         num_tokens = adapter_in.shape[0]
         if min(self.config.contrastive_tokens, num_tokens) == 0:
             return adapter_in.new_zeros((), dtype=torch.float32)
-        picked, padding, real_weights = self._pick(num_tokens, mask, adapter_in.device)
-        query, positive, top1 = self._views(adapter_in, lora_a, lora_b, routing, picked)
+        if views is None:
+            picked, padding, real_weights = self._pick(num_tokens, mask, adapter_in.device)
+            view_rows, view_experts = self._separate_views(adapter_in, lora_a, lora_b, routing, picked)
+        else:
+            (picked, padding, real_weights), view_rows, view_experts = views
+        count = picked.shape[0]
+        query, positive = self._project(view_rows).view(2, count, -1).unbind(0)
+        top1 = view_experts[:count, 0]
         if self.config.contrastive_mode == "sequence":
             positive, real_weights = self._sequence_positive(positive, picked, padding, sequence_length, num_tokens)
         query_experts = top1.masked_fill(padding, -1)  # -1: padding, never enqueued
@@ -224,19 +248,20 @@ class LoraMoELinear(nn.Module):
         sequence, sums, counts = cls._sequence_sums(fused, picked, padding, sequence_length, num_tokens)
         return cls._leave_one_out(fused, padding, sequence, sums, counts)
 
-    def _views(self, tokens, lora_a, lora_b, routing, picked):
-        """(routed view, fused view, top-1 expert) of the picked tokens through the projection head, from one
-        expert call over each picked token twice: the routed view is the top-1 expert's own output (slot 0 at
-        weight 1, the other slots at weight 0), the fused view the gate-weighted top-k output."""
-        count = picked.shape[0]
+    def _view_gates(self, routing, picked):
+        """(rows, weights, experts) regating each picked token twice: first its routed view (the top-1 expert's
+        own output: slot 0 at weight 1, the other slots at weight 0), then its fused view (the gate-weighted
+        top-k output)."""
         twice = picked.repeat(2)
-        experts = routing.experts[twice]
-        weights = torch.cat([self._first_slot_weights(routing.weights).expand(count, -1), routing.weights[picked]])
-        if self.config.contrastive_updates == "router":  # only the gates (the router) and the heads learn from it
-            tokens, lora_a, lora_b = tokens.detach(), lora_a.detach(), lora_b.detach()
-        views = self._experts(tokens[twice], lora_a, lora_b, weights, experts)
-        query, positive = self._project(views).view(2, count, -1).unbind(0)
-        return query, positive, experts[:count, 0]
+        weights = torch.cat([self._first_slot_weights(routing.weights).expand(picked.shape[0], -1),
+                             routing.weights[picked]])
+        return twice, weights, routing.experts[twice]
+
+    def _separate_views(self, tokens, lora_a, lora_b, routing, picked):
+        """The views as a call of their own, for `contrastive_updates="router"`: only the gates (the router) and
+        the heads learn from them."""
+        rows, weights, experts = self._view_gates(routing, picked)
+        return self._experts(tokens.detach()[rows], lora_a.detach(), lora_b.detach(), weights, experts), experts
 
     def _first_slot_weights(self, weights: torch.Tensor) -> torch.Tensor:
         """[1, k]: 1 for slot 0, 0 for the others; made once per device and dtype (no launches per forward)."""
@@ -290,6 +315,17 @@ class LoraMoELinear(nn.Module):
         # The ids come from `route`, always in [0, E): no data-dependent check (a host sync) is needed.
         return sdk.lora_moe(x, lora_a, lora_b, weights, experts, scaling=self.config.scaling, out=out,
                             validate=False)
+
+    def _experts_and_views(self, x, lora_a, lora_b, weights, experts, out, regate):
+        """(out with the experts added, the regated rows [m, d_out]) from one call; the rows index x's."""
+        return sdk.lora_moe(x, lora_a, lora_b, weights, experts, scaling=self.config.scaling, out=out,
+                            regate=regate, validate=False)
+
+    def _experts_then_views(self, x, lora_a, lora_b, weights, experts, out, regate):
+        """`_experts_and_views` as two calls of `_experts`, for alternatives that have no regate."""
+        rows, rows_weights, rows_experts = regate
+        out = self._experts(x, lora_a, lora_b, weights, experts, out=out)
+        return out, self._experts(x[rows], lora_a, lora_b, rows_weights, rows_experts)
 
     def _contrastive_rows(self, query, positive, query_experts) -> torch.Tensor:
         return sdk.infonce_queue_loss(query, positive, self.queue, query_experts,

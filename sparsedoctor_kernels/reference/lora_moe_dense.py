@@ -57,6 +57,13 @@ def forward_into(x, lora_a, lora_b, weights, experts, scaling: float, out: torch
 
 
 def backward(grad_y, x, lora_a, lora_b, weights, experts, h, plan, scaling: float):
+    grad_x, grad_a, grad_b, grad_weights = _grads(grad_y, x, lora_a, lora_b, weights, experts, h, scaling)
+    return (grad_x.to(x.dtype), grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype).contiguous(),
+            grad_weights.to(weights.dtype))
+
+
+def _grads(grad_y, x, lora_a, lora_b, weights, experts, h, scaling: float):
+    """The gradients in the compute dtype (grad_b as [E, d_out, r], possibly strided)."""
     dtype = h.dtype
     num_tokens, top_k = experts.shape
     num_experts, rank, _ = lora_a.shape
@@ -73,5 +80,53 @@ def backward(grad_y, x, lora_a, lora_b, weights, experts, h, plan, scaling: floa
     grad_x = grad_h @ _a_cat(lora_a, dtype)
     grad_a = (grad_h.T @ x.to(dtype)).view(lora_a.shape)
     grad_b = (gy.T @ gated).view(-1, num_experts, rank).permute(1, 0, 2)
+    return grad_x, grad_a, grad_b, grad_weights
+
+
+def _rows_of(h: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h[rows], zero for a row outside [0, T); whether each row is inside)."""
+    valid = (rows >= 0) & (rows < h.shape[0])
+    if h.shape[0] == 0:
+        return h.new_zeros(rows.shape[0], h.shape[1]), valid
+    return torch.where(valid[:, None], h[torch.where(valid, rows, 0)], 0.0), valid
+
+
+def regate_forward(x, lora_a, lora_b, weights, experts, scaling: float, out, accumulate: bool, rows, rows_weights,
+                   rows_experts):
+    """The call into `out` (added, or written when not `accumulate`), and the regated rows from the same h:
+    y2[i] = select(chosen2, s * g2 * h[rows[i]]) @ B_cat. Returns (y2, h)."""
+    y, h, _ = forward(x, lora_a, lora_b, weights, experts, scaling)
+    out.add_(y) if accumulate else out.copy_(y)
+    num_experts, rank, _ = lora_a.shape
+    h_rows, _ = _rows_of(h, rows)
+    gate, chosen = _gates(rows_weights, rows_experts, num_experts, rank, h.dtype)
+    y2 = torch.where(chosen, scaling * gate * h_rows, 0.0) @ _b_cat(lora_b, h.dtype)
+    return y2.to(x.dtype), h
+
+
+def regate_backward(grad_y, grad_rows, x, lora_a, lora_b, weights, experts, h, rows, rows_weights, rows_experts,
+                    scaling: float):
+    """The call's gradients plus the regated rows': each regated row is the call's expand of its own gates on
+    h[rows[i]], so its gradient reaches x[rows[i]] and A through that row of h."""
+    grad_x, grad_a, grad_b, grad_weights = _grads(grad_y, x, lora_a, lora_b, weights, experts, h, scaling)
+    dtype = h.dtype
+    num_experts, rank, _ = lora_a.shape
+    h_rows, valid = _rows_of(h, rows)
+    g2 = grad_rows.to(dtype)
+    u2 = g2 @ _b_cat(lora_b, dtype).T
+    gate, chosen = _gates(rows_weights, rows_experts, num_experts, rank, dtype)
+    chosen = chosen & valid[:, None]
+    grad_h_rows = torch.where(chosen, scaling * gate * u2, 0.0)
+    gated = torch.where(chosen, scaling * gate * h_rows, 0.0)
+    u_h = torch.where(chosen, u2 * h_rows, 0.0).view(-1, num_experts, rank).sum(-1)
+    ids_valid = (rows_experts >= 0) & (rows_experts < num_experts)
+    picked = u_h.gather(1, torch.where(ids_valid, rows_experts, 0).long())
+    grad_rows_weights = torch.where(ids_valid, scaling * picked, 0.0)
+    # Through h[rows]: grad x[rows] += grad_h_rows @ A_cat, grad A += grad_h_rows^T x[rows] (rows may repeat).
+    safe = torch.where(valid, rows, 0).long()
+    if x.shape[0]:
+        grad_x = grad_x.index_add(0, safe, grad_h_rows @ _a_cat(lora_a, dtype))
+        grad_a = grad_a + (grad_h_rows.T @ x.to(dtype)[safe]).view(lora_a.shape)
+    grad_b = grad_b + (g2.T @ gated).view(-1, num_experts, rank).permute(1, 0, 2)
     return (grad_x.to(x.dtype), grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype).contiguous(),
-            grad_weights.to(weights.dtype))
+            grad_weights.to(weights.dtype), grad_rows_weights.to(rows_weights.dtype))

@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from unittest import mock
 
 # Representative launches: a training micro-batch at the Qwen3-4B q_proj shape with SparseDoctorConfig's
 # defaults (E=8 experts, top-2, rank 16, scaling 32 / 16), the widest routing the CUDA backend takes, the
@@ -98,6 +99,16 @@ def _scenarios() -> tuple[dict[str, str], list[Scenario]]:
         y, h, plan = strategy.forward(x, lora_a, lora_b, weights, experts, SCALING)
         strategy.forward_into(x, lora_a, lora_b, weights, experts, SCALING, torch.empty_like(y))
         strategy.backward(torch.empty_like(y), x, lora_a, lora_b, weights, experts, h, plan, SCALING)
+        if hasattr(strategy, "regate_forward"):  # the model's contrastive views: each picked token twice
+            rows = torch.randint(0, TOKENS, (2 * QUEUE_ROWS,))
+            rows_weights, rows_experts = weights[: rows.shape[0]], experts[: rows.shape[0]]
+            y_rows, h = strategy.regate_forward(x, lora_a, lora_b, weights, experts, SCALING, torch.empty_like(y),
+                                                True, rows, rows_weights, rows_experts)
+            # The launches are recorded, not run, so the safe row indices the shrink would write are garbage:
+            # the scatter-add between the launches (torch, not a Triton kernel) is skipped here.
+            with mock.patch.object(torch.Tensor, "index_put_", lambda self, *args, **kwargs: self):
+                strategy.regate_backward(torch.empty_like(y), torch.empty_like(y_rows), x, lora_a, lora_b, weights,
+                                         experts, h, rows, rows_weights, rows_experts, SCALING)
 
     for name, dtype in dtypes.items():
         scenarios.append(Scenario("lora_moe", name, lambda d=dtype: experts_layer(lora_moe, d)))

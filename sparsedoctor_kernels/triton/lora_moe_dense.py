@@ -51,14 +51,28 @@ def _gates(weights_ptr, experts_ptr, rows, row_ok, cols, rank, scaling, TOP_K: t
 
 
 @triton.jit
+def _source_rows(index_ptr, rows, row_ok, num_sources, GATHER: tl.constexpr):
+    """(row of the [num_sources, E*R] source each output row reads, whether it reads one): the row itself, or,
+    when GATHER, index[row]; an index outside [0, num_sources) reads nothing (zeros)."""
+    if GATHER:
+        source = tl.load(index_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+        source_ok = row_ok & (source >= 0) & (source < num_sources)
+    else:
+        source = rows.to(tl.int64)
+        source_ok = row_ok
+    return source, source_ok
+
+
+@triton.jit
 def _dense_shrink_kernel(
     src_ptr, stride_src,  # [T, D]: x, or grad_y in the backward
     weight_ptr, stride_we, stride_wr, stride_wd,  # [E, R, D] view: A, or B^T in the backward
     weights_ptr, experts_ptr,  # [T, k] gates and ids
     proj_ptr, gated_ptr,  # out [T, E*R]: h (forward only) and the selected s * g ⊙ (h or u)
     h_ptr, grad_gate_ptr,  # backward: h [T, E*R], and out [column blocks, T, k] partial s <u, h>
+    index_ptr, safe_index_ptr, num_sources,  # GATHER: h row of each src row, out: that row or 0 where invalid
     num_tokens, rank, depth, num_columns, scaling,
-    BACKWARD: tl.constexpr, TOP_K: tl.constexpr,
+    BACKWARD: tl.constexpr, GATHER: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -82,9 +96,15 @@ def _dense_shrink_kernel(
     gate, chosen = _gates(weights_ptr, experts_ptr, rows, row_ok, cols, rank, scaling, TOP_K, ACC)
     offsets = rows.to(tl.int64)[:, None] * num_columns + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
-    tl.store(gated_ptr + offsets, tl.where(chosen, gate * acc, 0.0), mask=mask)
+    source, source_ok = _source_rows(index_ptr, rows, row_ok, num_sources, GATHER)
+    # GATHER: a row that reads no h gets no gradient, and a safe index (0) for the scatter-add of its zeros.
+    keep = chosen & source_ok[:, None]
+    if GATHER and pid_c == 0:
+        tl.store(safe_index_ptr + rows, tl.where(source_ok, source, 0), mask=row_ok)
+    tl.store(gated_ptr + offsets, tl.where(keep, gate * acc, 0.0), mask=mask)
     if BACKWARD:
-        h = tl.load(h_ptr + offsets, mask=mask, other=0.0)
+        h = tl.load(h_ptr + source[:, None] * num_columns + cols[None, :], mask=source_ok[:, None] & col_ok[None, :],
+                    other=0.0)
         u_h = tl.where(chosen, acc * h, 0.0)
         column_expert = (cols // rank).to(tl.int64)
         for slot in tl.static_range(TOP_K):
@@ -97,23 +117,29 @@ def _dense_shrink_kernel(
 
 @triton.jit
 def _dense_expand_kernel(
-    rows_ptr,  # [T, E*R] rank-space rows, already gated
+    rows_ptr,  # [T, E*R] rank-space rows, already gated; GATHER: ungated h [num_sources, E*R]
     weight_ptr, stride_we, stride_wn, stride_wr,  # [E, N, R] view: B, or A^T for dx
     out_ptr, stride_out_t, stride_out_n,  # [T, N], any strides
-    num_tokens, rank, width, num_columns,
-    ACCUMULATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    index_ptr, weights_ptr, experts_ptr,  # GATHER: the h row of each output row, and its gates [T, k]
+    num_tokens, rank, width, num_columns, num_sources, scaling,
+    ACCUMULATE: tl.constexpr, GATHER: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < num_tokens
+    source, source_ok = _source_rows(index_ptr, rows, row_ok, num_sources, GATHER)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ok = outs < width
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=ACC)
     for c0 in range(0, num_columns, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
         col_ok = cols < num_columns
-        projected = tl.load(rows_ptr + rows.to(tl.int64)[:, None] * num_columns + cols[None, :],
-                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        projected = tl.load(rows_ptr + source[:, None] * num_columns + cols[None, :],
+                            mask=source_ok[:, None] & col_ok[None, :], other=0.0)
+        if GATHER:  # the gathered rows' own gates, selected in as the shrink's epilogue does
+            gate, chosen = _gates(weights_ptr, experts_ptr, rows, row_ok, cols, rank, scaling, TOP_K, ACC)
+            projected = tl.where(chosen, gate * projected, 0.0)
         weight_rows = weight_ptr + (cols // rank).to(tl.int64) * stride_we + (cols % rank) * stride_wr
         weight = tl.load(weight_rows[:, None] + outs[None, :] * stride_wn, mask=col_ok[:, None] & out_ok[None, :],
                          other=0.0)
@@ -131,8 +157,9 @@ def _dense_weight_grad_kernel(
     weights_ptr, experts_ptr,  # [T, k], read only when GATE
     src_ptr, stride_src,  # [T, N]: x for dA, grad_y for dB
     partial_ptr,  # out [splits, E*R, N]
-    num_tokens, rank, width, num_columns, tokens_per_split, scaling,
-    GATE: tl.constexpr, TOP_K: tl.constexpr,
+    index_ptr,  # GATHER: the row of rows_ptr ([num_sources, E*R]) each src row pairs with
+    num_tokens, rank, width, num_columns, tokens_per_split, num_sources, scaling,
+    GATE: tl.constexpr, GATHER: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -148,8 +175,9 @@ def _dense_weight_grad_kernel(
     for t0 in range(first, last, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
         row_ok = rows < last
-        projected = tl.load(rows_ptr + rows.to(tl.int64)[:, None] * num_columns + cols[None, :],
-                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        source, source_ok = _source_rows(index_ptr, rows, row_ok, num_sources, GATHER)
+        projected = tl.load(rows_ptr + source[:, None] * num_columns + cols[None, :],
+                            mask=source_ok[:, None] & col_ok[None, :], other=0.0)
         if GATE:
             gate, chosen = _gates(weights_ptr, experts_ptr, rows, row_ok, cols, rank, scaling, TOP_K, ACC)
             projected = tl.where(chosen, gate * projected, 0.0)
@@ -185,8 +213,9 @@ def saved_shape(num_tokens: int, top_k: int, num_experts: int, rank: int) -> tup
     return (num_tokens, num_experts * rank)
 
 
-def _shrink(src, weight_view, weights, experts, scaling, rank, *, acc_dtype, dot, h=None):
-    """(h or None, gated rows, per-slot gate gradient or None): forward when `h` is None, backward otherwise."""
+def _shrink(src, weight_view, weights, experts, scaling, rank, *, acc_dtype, dot, h=None, h_index=None):
+    """(h or None, gated rows, per-slot gate gradient or None, safe h_index or None): forward when `h` is None,
+    backward otherwise; with `h_index` (backward only) src row i pairs with h row h_index[i]."""
     num_tokens, depth = src.shape
     num_experts, top_k = weight_view.shape[0], experts.shape[1]
     num_columns = num_experts * rank
@@ -196,27 +225,40 @@ def _shrink(src, weight_view, weights, experts, scaling, rank, *, acc_dtype, dot
     gated = empty((num_tokens, num_columns), acc_dtype, src.device)
     proj = gated if backward else empty((num_tokens, num_columns), acc_dtype, src.device)
     grad_gate = empty((column_blocks, num_tokens, top_k), acc_dtype, src.device) if backward else gated
+    gather = h_index is not None
+    safe_index = torch.empty_like(h_index) if gather else None
     _dense_shrink_kernel[(column_blocks, triton.cdiv(num_tokens, BLOCK_T))](
         src, src.stride(0), weight_view, *weight_view.stride(), weights, experts, proj, gated,
-        h if backward else gated, grad_gate, num_tokens, rank, depth, num_columns, scaling,
-        BACKWARD=backward, TOP_K=top_k, BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_D=BLOCK_D, **dot,
+        h if backward else gated, grad_gate, h_index if gather else experts, safe_index if gather else experts,
+        h.shape[0] if backward else num_tokens, num_tokens, rank, depth, num_columns, scaling,
+        BACKWARD=backward, GATHER=gather, TOP_K=top_k, BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_D=BLOCK_D, **dot,
         num_warps=8 if block_c >= 128 else 4,
     )
-    return (None if backward else proj), gated, (grad_gate.sum(0) if backward else None)
+    if backward:  # one column block (E*r <= 128, the usual case): its partial is the gradient, no reduction
+        grad_gate = grad_gate[0] if column_blocks == 1 else grad_gate.sum(0)
+    return (None if backward else proj), gated, (grad_gate if backward else None), safe_index
 
 
-def _expand(rows, weight_view, out, rank, *, accumulate, dot):
-    """out (+)= rows @ W_cat, W viewed [E, N, R]."""
+def _expand(rows, weight_view, out, rank, *, accumulate, dot, gather=None):
+    """out (+)= rows @ W_cat, W viewed [E, N, R]; with `gather` = (index [n], weights [n, k], experts [n, k],
+    scaling), out row i is the h row `rows[index[i]]` gated by its own weights and experts (zero for an index
+    outside rows)."""
     num_tokens, width = out.shape
+    index, weights, experts, scaling = gather if gather is not None else (rows, rows, rows, 1.0)
     _dense_expand_kernel[(triton.cdiv(num_tokens, BLOCK_T), triton.cdiv(width, BLOCK_N))](
-        rows, weight_view, *weight_view.stride(), out, out.stride(0), out.stride(1),
-        num_tokens, rank, width, rows.shape[1],
-        ACCUMULATE=accumulate, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **dot,
+        rows, weight_view, *weight_view.stride(), out, out.stride(0), out.stride(1), index, weights, experts,
+        num_tokens, rank, width, rows.shape[1], rows.shape[0], scaling,
+        ACCUMULATE=accumulate, GATHER=gather is not None, TOP_K=experts.shape[1] if gather is not None else 1,
+        # Gathered rows gate in the loop: half-width column steps and 8 warps keep the gate tiles beside the
+        # accumulator in registers (no spills at k = 4); those rows are few (the picked tokens).
+        BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K // 2 if gather is not None else BLOCK_K, **dot,
+        num_warps=8 if gather is not None else 4,
     )
 
 
-def _weight_grad(rows, src, weights, experts, scaling, rank, *, gate, acc_dtype, dot):
-    """[E*R, N] = (gated rows)^T @ src, summed over token splits in a fixed order."""
+def _weight_grad(rows, src, weights, experts, scaling, rank, *, gate, acc_dtype, dot, rows_index=None):
+    """[E*R, N] = (gated rows)^T @ src, summed over token splits in a fixed order; with `rows_index`, src row i
+    pairs with rows[rows_index[i]] (zeros for an index outside rows)."""
     num_tokens, width = src.shape
     num_columns = rows.shape[1]
     grid_cols, grid_outs = triton.cdiv(num_columns, BLOCK_K), triton.cdiv(width, BLOCK_N)
@@ -224,9 +266,11 @@ def _weight_grad(rows, src, weights, experts, scaling, rank, *, gate, acc_dtype,
     tokens_per_split = triton.cdiv(triton.cdiv(num_tokens, splits), BLOCK_T) * BLOCK_T
     splits = triton.cdiv(num_tokens, tokens_per_split)
     partial = empty((splits, num_columns, width), acc_dtype, src.device)
+    gather = rows_index is not None
     _dense_weight_grad_kernel[(grid_cols, grid_outs, splits)](
-        rows, weights, experts, src, src.stride(0), partial, num_tokens, rank, width, num_columns, tokens_per_split,
-        scaling, GATE=gate, TOP_K=experts.shape[1], BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, **dot,
+        rows, weights, experts, src, src.stride(0), partial, rows_index if gather else experts,
+        num_tokens, rank, width, num_columns, tokens_per_split, rows.shape[0], scaling,
+        GATE=gate, GATHER=gather, TOP_K=experts.shape[1], BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, **dot,
     )
     return partial[0] if splits == 1 else partial.sum(0)
 
@@ -238,7 +282,7 @@ def _forward(x, lora_a, lora_b, weights, experts, scaling, out, *, accumulate):
     dot = dot_config(x.dtype, acc_dtype)
     if num_tokens == 0:
         return torch.zeros(0, num_experts * rank, dtype=acc_dtype, device=x.device)
-    h, gated, _ = _shrink(x, lora_a, weights, experts, scaling, rank, acc_dtype=acc_dtype, dot=dot)
+    h, gated, _, _ = _shrink(x, lora_a, weights, experts, scaling, rank, acc_dtype=acc_dtype, dot=dot)
     _expand(gated, lora_b, out, rank, accumulate=accumulate, dot=dot)
     return h
 
@@ -258,19 +302,58 @@ def forward_into(x, lora_a, lora_b, weights, experts, scaling: float, out: torch
     return _forward(x, lora_a, lora_b, weights, experts, scaling, out, accumulate=True), _no_plan(x)
 
 
+def regate_forward(x, lora_a, lora_b, weights, experts, scaling: float, out, accumulate: bool, rows, rows_weights,
+                   rows_experts):
+    """The call into `out` (added, or written when not `accumulate`), and the regated rows from the same h:
+    y2[i] = (s * g2_i ⊙ h[rows[i]]) @ B_cat with g2 from (rows_weights, rows_experts): one more expand, no
+    second read of x. Returns (y2 [m, d_out] in x's dtype, h)."""
+    h = _forward(x, lora_a, lora_b, weights, experts, scaling, out, accumulate=accumulate)
+    y2 = empty((rows.shape[0], lora_b.shape[1]), x.dtype, x.device)
+    if rows.shape[0]:
+        dot = dot_config(x.dtype, h.dtype)
+        _expand(h, lora_b, y2, lora_a.shape[1], accumulate=False, dot=dot,
+                gather=(rows, rows_weights, rows_experts, scaling))
+    return y2, h
+
+
 def backward(grad_y, x, lora_a, lora_b, weights, experts, h, plan, scaling: float):
+    return _backward(grad_y, x, lora_a, lora_b, weights, experts, h, scaling)[:4]
+
+
+def regate_backward(grad_y, grad_rows, x, lora_a, lora_b, weights, experts, h, rows, rows_weights, rows_experts,
+                    scaling: float):
+    """(grad x, grad A, grad B, grad weights, grad rows_weights). The regated rows' rank-space gradient is added
+    into the call's before its dx and dA products, so they cost no pass of their own over x or d_in."""
+    return _backward(grad_y, x, lora_a, lora_b, weights, experts, h, scaling,
+                     regate=(grad_rows, rows, rows_weights, rows_experts))
+
+
+def _backward(grad_y, x, lora_a, lora_b, weights, experts, h, scaling, regate=None):
     num_tokens, top_k = experts.shape
     num_experts, rank, d_in = lora_a.shape
-    if num_tokens == 0:
-        return torch.zeros_like(x), torch.zeros_like(lora_a), torch.zeros_like(lora_b), torch.zeros_like(weights)
+    grad_rows_weights = None if regate is None else torch.zeros_like(regate[2])
+    if num_tokens == 0:  # no h row exists, so the regated rows are zero too
+        return (torch.zeros_like(x), torch.zeros_like(lora_a), torch.zeros_like(lora_b), torch.zeros_like(weights),
+                grad_rows_weights)
     acc_dtype = h.dtype
     dot = dot_config(x.dtype, acc_dtype)
-    _, grad_h, grad_gate = _shrink(grad_y, lora_b.transpose(1, 2), weights, experts, scaling, rank,
-                                   acc_dtype=acc_dtype, dot=dot, h=h)
+    b_transposed = lora_b.transpose(1, 2)
+    _, grad_h, grad_gate, _ = _shrink(grad_y, b_transposed, weights, experts, scaling, rank,
+                                      acc_dtype=acc_dtype, dot=dot, h=h)
+    grad_b = _weight_grad(h, grad_y, weights, experts, scaling, rank, gate=True, acc_dtype=acc_dtype, dot=dot)
+    if regate is not None and regate[1].shape[0]:
+        grad_rows, rows, rows_weights, rows_experts = regate
+        _, grad_h_rows, grad_rows_weights, safe_rows = _shrink(
+            grad_rows, b_transposed, rows_weights, rows_experts, scaling, rank, acc_dtype=acc_dtype, dot=dot, h=h,
+            h_index=rows)
+        # Deterministic: index_put_ with accumulate sorts the indices (rows may repeat).
+        grad_h.index_put_((safe_rows,), grad_h_rows, accumulate=True)
+        grad_b = grad_b + _weight_grad(h, grad_rows, rows_weights, rows_experts, scaling, rank, gate=True,
+                                       acc_dtype=acc_dtype, dot=dot, rows_index=rows)
+        grad_rows_weights = grad_rows_weights.to(rows_weights.dtype)
     grad_x = empty((num_tokens, d_in), x.dtype, x.device)
     _expand(grad_h, lora_a.transpose(1, 2), grad_x, rank, accumulate=False, dot=dot)
     grad_a = _weight_grad(grad_h, x, weights, experts, scaling, rank, gate=False, acc_dtype=acc_dtype, dot=dot)
-    grad_b = _weight_grad(h, grad_y, weights, experts, scaling, rank, gate=True, acc_dtype=acc_dtype, dot=dot)
     return (grad_x, grad_a.view(lora_a.shape).to(lora_a.dtype),
             grad_b.view(num_experts, rank, -1).transpose(1, 2).to(lora_b.dtype).contiguous(),
-            grad_gate.to(weights.dtype))
+            grad_gate.to(weights.dtype), grad_rows_weights)
