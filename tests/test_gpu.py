@@ -134,6 +134,42 @@ def test_triton_lora_moe_on_gpu(shape, with_out, dtype):
         assert torch.count_nonzero(leaves["lora_b"].grad[unused]) == 0
 
 
+@pytest.mark.parametrize("strategy", ["dense", "grouped"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_triton_lora_moe_regate_on_gpu(dtype, strategy):
+    """The model's contrastive views: 256 picked tokens regated twice (routed, fused) beside the call."""
+    rounded, experts = _lora_case(4096, 2560, 4096, 8, 16, 2, dtype, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    picked = torch.randperm(4096, generator=gen)[:256]
+    rows = picked.repeat(2)
+    rows_weights = torch.cat([torch.tensor([[1.0, 0.0]]).expand(256, -1), rounded["weights"][picked]]).float()
+    rows_experts = experts[rows]
+    grad_rows = torch.randn(512, 4096, generator=gen, dtype=torch.float64).to(dtype).double()
+    names = ("x", "lora_a", "lora_b", "weights")
+    runs = []
+    for _ in range(2):
+        leaves = {n: rounded[n].to("cuda", dtype if n != "weights" else torch.float32).requires_grad_() for n in names}
+        leaf_rows_weights = rows_weights.cuda().requires_grad_()
+        y, y_rows = sdk.lora_moe(**leaves, experts=experts.cuda(), scaling=2.0, out=rounded["base"].to("cuda", dtype),
+                                 regate=(rows.cuda(), leaf_rows_weights, rows_experts.cuda()), backend="triton",
+                                 strategy=strategy)
+        ((y.double() * rounded["grad_y"].cuda()).sum() + (y_rows.double() * grad_rows.cuda()).sum()).backward()
+        runs.append([y.detach(), y_rows.detach(), leaf_rows_weights.grad] + [leaves[n].grad for n in names])
+    for first, again in zip(*runs):
+        assert torch.equal(first, again)
+    oracle = {n: rounded[n].clone().requires_grad_() for n in names}
+    oracle_rows_weights = rows_weights.double().requires_grad_()
+    want, want_rows = sdk.lora_moe(**oracle, experts=experts, scaling=2.0, backend="torch",
+                                   regate=(rows, oracle_rows_weights, rows_experts))
+    want = want + rounded["base"]
+    ((want * rounded["grad_y"]).sum() + (want_rows * grad_rows).sum()).backward()
+    assert_close_scaled(runs[0][0], want, dtype, "y")
+    assert_close_scaled(runs[0][1], want_rows, dtype, "regated rows")
+    assert_close_scaled(runs[0][2], oracle_rows_weights.grad, dtype, "grad regate weights")
+    for got, n in zip(runs[0][3:], names):
+        assert_close_scaled(got, oracle[n].grad, dtype, f"grad {n}")
+
+
 def test_triton_lora_moe_is_bitwise_deterministic_on_gpu():
     rounded, experts = _lora_case(4097, 512, 768, 8, 16, 2, torch.bfloat16, seed=3)
     runs = []
