@@ -46,6 +46,9 @@ VARIANTS: dict[str, dict] = {
     "sequence-router-only": {"contrastive_mode": "sequence", "contrastive_updates": "router"},
     "sequence-0.03": {"contrastive_mode": "sequence", "contrastive_coef": 0.03},
     "router": {"contrastive_mode": "router"},
+    "router-0.03": {"contrastive_mode": "router", "contrastive_coef": 0.03},
+    "router-0.01": {"contrastive_mode": "router", "contrastive_coef": 0.01},
+    "router-t0.3": {"contrastive_mode": "router", "temperature": 0.3},
 }
 REFERENCES = ("full", "control")  # paired differences are reported against these
 METRICS = ("eval_lm_loss", "mi_domain_top1_bits", "mi_domain_top1_given_token_bits", "router_entropy",
