@@ -37,6 +37,9 @@ if [[ "$stage" == session ]]; then
     --rep-ms 50) 2>&1 | tee "$out/bench_lora_moe.log" || status=1
   (cd benchmarks && python3 bench_step.py --rep-ms 200 --impls base lora dense sparsedoctor) 2>&1 \
     | tee "$out/bench_step.log" || status=1
+  # The library's default term (router mode, group_infonce) on the same step: its own rows (mode full-router).
+  (cd benchmarks && python3 bench_step.py --rep-ms 200 --impls sparsedoctor --contrastive-mode router) 2>&1 \
+    | tee "$out/bench_step_router.log" || status=1
 fi
 if [[ "$stage" == all || "$stage" == bench-route ]]; then
   (cd benchmarks && python3 bench_route.py "$@") 2>&1 | tee "$out/bench_route.log" || status=1

@@ -1,13 +1,15 @@
 """sparsedoctor_kernels: fused ops for contrastive LoRA mixture-of-experts fine-tuning (SparseDoctor).
 
 The public ops (contract: docs/ops.md): `route`, `Routing`, `load_balance_loss`, `lora_moe`, `ExpertQueue`,
-`infonce_queue_loss`. Each takes `backend=` ("torch", "triton", "cuda" or None for automatic).
+`infonce_queue_loss`, and `group_infonce` (the default contrastive term's).
+Each takes `backend=` ("torch", "triton", "cuda" or None for automatic).
 """
 
 from sparsedoctor_kernels._backend import BACKENDS
 from sparsedoctor_kernels.ops import (
     ExpertQueue,
     Routing,
+    group_infonce,
     infonce_queue_loss,
     load_balance_loss,
     lora_moe,
@@ -21,6 +23,7 @@ __all__ = [
     "ExpertQueue",
     "Routing",
     "__version__",
+    "group_infonce",
     "infonce_queue_loss",
     "load_balance_loss",
     "lora_moe",

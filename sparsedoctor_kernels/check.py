@@ -110,6 +110,19 @@ def _infonce_inputs(gen):
             "grad_loss": _random(gen, num_rows)}
 
 
+def _run_group_infonce(inputs, backend, device, dtype):
+    x = _copy(inputs["x"], device, dtype, grad=True)
+    loss = sdk.group_infonce(x, inputs["groups"].to(device), 6, temperature=0.2, backend=backend)
+    (3 * loss).backward()
+    return {"loss": loss, "grad x": x.grad}
+
+
+def _group_infonce_inputs(gen):
+    groups = torch.randint(0, 6, (29,), generator=gen)
+    groups[::5] = -1  # padding rows: in no group
+    return {"x": torch.softmax(_random(gen, 29, 7), -1), "groups": groups}
+
+
 @dataclass(frozen=True)
 class OpCase:
     op: str
@@ -129,6 +142,7 @@ CASES = (
     OpCase("lora_moe", _lora_moe_inputs, functools.partial(_run_lora_moe, strategy="dense"), "lora_moe (dense)"),
     OpCase("ExpertQueue.enqueue", _queue_inputs, _run_queue),
     OpCase("infonce_queue_loss", _infonce_inputs, _run_infonce),
+    OpCase("group_infonce", _group_infonce_inputs, _run_group_infonce),
 )
 
 

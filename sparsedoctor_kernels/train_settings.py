@@ -105,11 +105,14 @@ ADAPTER_HELP = {
     "queue_size": "routed views kept per expert as the contrastive term's negatives",
     "temperature": "InfoNCE temperature of the contrastive term",
     "balance_coef": "weight of the load-balance term in the loss",
-    "contrastive_coef": "weight of the contrastive (InfoNCE) term in the loss",
+    "contrastive_coef": "weight of the contrastive (InfoNCE) term in the loss; unset, the mode's measured weight: "
+                        "0.03 for router, 0.1 for paper and sequence",
     "contrastive_tokens": "tokens per forward the contrastive term samples (0: no contrastive term)",
-    "contrastive_mode": "the contrastive term's positive: paper (the token's own fused view), sequence (the mean "
-                        "fused view of the other sampled tokens of its sequence) or router (InfoNCE of routing "
-                        "distributions against the sequence's, other sequences' as negatives)",
+    "contrastive_mode": "the contrastive objective: router (InfoNCE of routing distributions against the "
+                        "sequence's, other sequences' as negatives; the measured default), paper (the routed view "
+                        "against the token's own fused view, the expert queue's negatives: our reading of "
+                        "SparseDoctor) or sequence (the routed view against the mean fused view of the other "
+                        "sampled tokens of its sequence)",
     "contrastive_updates": "what the contrastive term trains: all (experts, router, heads) or router (router and "
                            "heads; the experts' outputs enter its views detached)",
 }
@@ -123,8 +126,14 @@ def setting_fields() -> dict[str, dataclasses.Field]:
 def adapter_types() -> dict[str, type]:
     """SparseDoctorConfig field -> its value type (int, float, or list for a tuple of strings)."""
     declared = typing.get_type_hints(SparseDoctorConfig)
-    return {name: list if typing.get_origin(declared[name]) is tuple else declared[name]
-            for name in SparseDoctorConfig.field_names()}
+
+    def value_type(hint):
+        if typing.get_origin(hint) is tuple:
+            return list
+        given = [t for t in typing.get_args(hint) if t is not type(None)]  # `float | None`: None means "the default"
+        return given[0] if typing.get_args(hint) and len(given) == 1 else hint
+
+    return {name: value_type(declared[name]) for name in SparseDoctorConfig.field_names()}
 
 
 def adapter_help(name: str) -> str:

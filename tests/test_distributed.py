@@ -137,7 +137,7 @@ def test_torchrun_train_checkpoints_and_saves_the_final_adapter_with_identical_q
     command = _torchrun_command() + [
         "--standalone", "--nproc-per-node", "2", "-m", "sparsedoctor_kernels.cli", "train",
         "--output-dir", str(run_dir), "--steps", "4", "--save-every", "2", "--device", "cpu", "--batch-size", "2",
-        "--max-length", "48", "--no-progress", *SMALL_FLAGS]
+        "--max-length", "48", "--no-progress", *SMALL_FLAGS, "--contrastive-mode", "paper"]  # the queues sync
     result = _run_to_the_end(command, tmp_path)
     assert result.returncode == 0, result.stdout
 

@@ -373,3 +373,26 @@ def test_queue_and_infonce_capture_in_a_cuda_graph():
     torch.cuda.synchronize()
     torch.testing.assert_close(graph_loss, eager_loss)
     torch.testing.assert_close(graph_grad, eager_grad)
+
+
+@pytest.mark.parametrize("shape", [(256, 8, 8), (256, 16, 16), (64, 64, 64), (5, 3, 2)])
+def test_group_infonce_on_gpu(shape):
+    """The router term's kernel on the GPU against autograd of the formula in float64, bit-for-bit twice."""
+    from sparsedoctor_kernels.reference import group_infonce as reference
+
+    num_rows, dim, num_groups = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.softmax(torch.randn(num_rows, dim, generator=gen, dtype=torch.float64) * 2, -1)
+    groups = torch.randint(-1, num_groups, (num_rows,), generator=gen)
+    leaf = x.clone().requires_grad_()
+    want = reference.loss(leaf, groups, num_groups, 0.07)
+    want.backward()
+    runs = []
+    for _ in range(2):
+        got_leaf = x.float().cuda().requires_grad_()
+        got = sdk.group_infonce(got_leaf, groups.cuda(), num_groups, backend="triton")
+        got.backward()
+        runs.append((got.detach(), got_leaf.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert_close_scaled(runs[0][0], want, torch.float32, "loss")
+    assert_close_scaled(runs[0][1], leaf.grad, torch.float32, "grad x")

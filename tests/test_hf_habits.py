@@ -2,6 +2,7 @@
 loss terms in its logs), generate, print_trainable_parameters, save_pretrained / from_pretrained, PEFT's loader
 and ours refusing each other's adapters with one clear line, and the shared model loader."""
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -21,9 +22,9 @@ CONFIG = SparseDoctorConfig(num_experts=4, top_k=2, r=2, proj_dim=8, queue_size=
 VOCAB = 512
 
 
-def adapted(seed: int = 0) -> SparseDoctorModel:
+def adapted(seed: int = 0, config: SparseDoctorConfig = CONFIG) -> SparseDoctorModel:
     torch.manual_seed(seed)
-    return apply_sparsedoctor(tiny_qwen3(VOCAB), CONFIG)
+    return apply_sparsedoctor(tiny_qwen3(VOCAB), config)
 
 
 def adapter_state(model: SparseDoctorModel) -> dict[str, torch.Tensor]:
@@ -194,15 +195,17 @@ def test_print_trainable_parameters_counts_the_adapter_and_a_tied_embedding_once
     model.print_trainable_parameters()
     printed = capsys.readouterr().out
     trainable, total = (int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*(?=\D)", printed)[:2])
-    expected = 0
+    expected, heads = 0, 0
     for module in model.adapted_modules().values():
         d_in, d_out, experts = module.base.in_features, module.base.out_features, CONFIG.num_experts
-        expected += experts * d_in + experts * CONFIG.r * (d_in + d_out) + CONFIG.proj_dim * d_out + CONFIG.proj_dim
+        expected += experts * d_in + experts * CONFIG.r * (d_in + d_out)
+        heads += CONFIG.proj_dim * d_out + CONFIG.proj_dim  # frozen in the default (router) mode: no views
     base_count = tiny_qwen3(VOCAB).num_parameters()
-    assert (trainable, total) == (expected, base_count + expected)
+    assert CONFIG.contrastive_mode == "router"
+    assert (trainable, total) == (expected, base_count + expected + heads)
     assert (trainable, total) == model.trainable_parameter_counts()
     percent = float(re.search(r"\(([\d.]+)%\)", printed).group(1))
-    assert math.isclose(percent, 100 * expected / (base_count + expected), abs_tol=1e-4)
+    assert math.isclose(percent, 100 * expected / (base_count + expected + heads), abs_tol=1e-4)
 
 
 def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
@@ -260,14 +263,16 @@ def test_adapters_written_before_peft_type_still_load_and_a_wrong_one_is_named(t
 def test_an_adapter_written_before_contrastive_mode_existed_loads_as_the_paper_mode(tmp_path):
     if "contrastive_mode" not in SparseDoctorConfig.field_names():
         pytest.skip("SparseDoctorConfig has no contrastive_mode")
-    save_adapter(adapted(), tmp_path / "adapter")
+    # Such an adapter was trained in the paper mode (then the only one), and its file holds its weight.
+    paper = dataclasses.replace(CONFIG, contrastive_mode="paper", contrastive_coef=0.1)
+    save_adapter(adapted(config=paper), tmp_path / "adapter")
     config_path = tmp_path / "adapter" / "adapter_config.json"
     saved = json.loads(config_path.read_text())
     del saved["sparsedoctor"]["contrastive_mode"], saved["peft_type"]
     config_path.write_text(json.dumps(saved))
     assert read_adapter_config(tmp_path / "adapter")["sparsedoctor"]["contrastive_mode"] == "paper"
     loaded = SparseDoctorModel.from_pretrained(tiny_qwen3(VOCAB), tmp_path / "adapter")
-    assert loaded.sparsedoctor_config == CONFIG
+    assert loaded.sparsedoctor_config == paper
     del saved["sparsedoctor"]["r"]
     config_path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"field 'sparsedoctor' lacks \['r'\]"):

@@ -2,6 +2,7 @@
 the naive loop, the fused backends, checkpointing, adapters and Trainer."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -21,7 +22,10 @@ from sparsedoctor_kernels.model.tiny import tiny_qwen3  # noqa: E402
 
 from conftest import cpu_backends  # noqa: E402
 
-SMALL = dict(num_experts=4, top_k=2, r=4, lora_alpha=8, proj_dim=16, queue_size=32, contrastive_tokens=8)
+# The paper mode by default here: it exercises every piece (the two views, the heads, the queue and its
+# staging); the tests that matter for every mode take `contrastive_mode` (the library's default is "router").
+SMALL = dict(num_experts=4, top_k=2, r=4, lora_alpha=8, proj_dim=16, queue_size=32, contrastive_tokens=8,
+             contrastive_mode="paper")
 
 
 def make_model(seed=0, num_layers=2, **overrides):
@@ -68,7 +72,12 @@ def test_config_defaults_and_validation():
     assert (config.num_experts, config.top_k, config.r, config.lora_alpha, config.lora_dropout) == (8, 2, 16, 32, 0.05)
     assert config.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     assert (config.proj_dim, config.queue_size, config.temperature) == (64, 1024, 0.07)
-    assert (config.balance_coef, config.contrastive_coef, config.contrastive_tokens) == (0.01, 0.1, 256)
+    assert (config.balance_coef, config.contrastive_coef, config.contrastive_tokens) == (0.01, 0.03, 256)
+    assert (config.contrastive_mode, config.contrastive_updates) == ("router", "all")
+    # Each mode's measured weight when none is given; a given one (0 included) is kept.
+    assert SparseDoctorConfig(contrastive_mode="paper").contrastive_coef == 0.1
+    assert SparseDoctorConfig(contrastive_mode="sequence").contrastive_coef == 0.1
+    assert SparseDoctorConfig(contrastive_mode="paper", contrastive_coef=0.0).contrastive_coef == 0.0
     assert config.scaling == 2.0
     assert SparseDoctorConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="top_k"):
@@ -158,20 +167,24 @@ def test_layer_matches_the_naive_loop_with_gradients():
 
 
 @pytest.mark.skipif("triton" not in cpu_backends("lora_moe"), reason="Triton cannot run here")
-def test_triton_backends_give_the_reference_model(monkeypatch):
+@pytest.mark.parametrize("mode", ["paper", "router"])
+def test_triton_backends_give_the_reference_model(monkeypatch, mode):
     """The whole model on the Triton kernels (interpreter) against the torch reference ops: same loss terms
     and adapter gradients, and the same queues after a step."""
     results = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("SPARSEDOCTOR_BACKEND", backend)
-        model = make_model(lora_dropout=0.0, num_layers=1)  # the interpreter is slow: one decoder layer
+        # The interpreter is slow: one decoder layer.
+        model = make_model(lora_dropout=0.0, num_layers=1, contrastive_mode=mode)
         perturb_lora_b(model)
         model.train()
         torch.manual_seed(0)
         model(**batch(seed=5))  # stages views
         out = model(**batch(seed=6))  # commits them, then computes the contrastive term against them
         out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        # The router mode uses no projection heads: they get no gradient there.
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        assert all(".head." in n for n, p in model.named_parameters() if p.requires_grad and n not in grads)
         queues = {n: m.queue.keys.clone() for n, m in model.adapted_modules().items()}
         results[backend] = (out, grads, queues)
     (ref, ref_grads, ref_queues), (got, got_grads, got_queues) = results["torch"], results["triton"]
@@ -206,10 +219,11 @@ def test_queues_fill_with_normalised_views_of_real_tokens_only():
     assert torch.equal(module.queue.keys, before)  # eval never stages
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("mode", ["paper", "router"])
+def test_gradient_checkpointing_gives_the_same_gradients(mode):
     grads = []
     for checkpointing in (False, True):
-        model = make_model()
+        model = make_model(contrastive_mode=mode)
         perturb_lora_b(model)
         if checkpointing:
             model.gradient_checkpointing_enable()
@@ -220,7 +234,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         out.loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
         staged = [len(m._staged) for m in model.adapted_modules().values()]
-        assert staged == [1] * len(staged)  # the recomputation staged nothing twice
+        # The recomputation staged nothing twice (the router mode stages nothing: it has no queue).
+        assert staged == [1 if mode == "paper" else 0] * len(staged)
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7,
                                    msg=lambda m, n=name: f"{n}: {m}")
@@ -302,8 +317,9 @@ def test_public_ops_only():
         assert private not in source
 
 
-def test_bf16_autocast_training_step():
-    model = make_model()
+@pytest.mark.parametrize("mode", ["paper", "router"])
+def test_bf16_autocast_training_step(mode):
+    model = make_model(contrastive_mode=mode)
     perturb_lora_b(model)
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -313,10 +329,11 @@ def test_bf16_autocast_training_step():
     module = next(iter(model.adapted_modules().values()))
     assert module.lora_a.grad.dtype == torch.float32 and torch.isfinite(module.lora_a.grad).all()
     assert torch.isfinite(out.loss) and out.aux_losses["contrastive"] > 0
-    # The head computes in bf16 under autocast; the views are staged in the float32 queue's dtype.
-    assert module._staged and all(keys.dtype == torch.float32 for keys, _ in module._staged)
-    model.commit_queues()
-    assert module.queue.keys.dtype == torch.float32 and int(module.queue.size.sum()) > 0
+    if mode == "paper":
+        # The head computes in bf16 under autocast; the views are staged in the float32 queue's dtype.
+        assert module._staged and all(keys.dtype == torch.float32 for keys, _ in module._staged)
+        model.commit_queues()
+        assert module.queue.keys.dtype == torch.float32 and int(module.queue.size.sum()) > 0
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(**batch())
@@ -354,10 +371,11 @@ def test_a_model_cast_to_another_dtype_trains_and_evaluates(dtype):
     assert out.logits.dtype == dtype and torch.isfinite(out.loss) and out.aux_losses["contrastive"] == 0
 
 
-def test_a_float64_model_computes_the_float32_losses():
+@pytest.mark.parametrize("mode", ["paper", "router"])
+def test_a_float64_model_computes_the_float32_losses(mode):
     """Casting changes the precision, not the computation: same routing, subsets and losses."""
-    _, want = cast_model_step(torch.float32, lora_dropout=0.0)
-    _, got = cast_model_step(torch.float64, lora_dropout=0.0)
+    _, want = cast_model_step(torch.float32, lora_dropout=0.0, contrastive_mode=mode)
+    _, got = cast_model_step(torch.float64, lora_dropout=0.0, contrastive_mode=mode)
     assert got.aux_losses["balance"].dtype == got.aux_losses["contrastive"].dtype == torch.float64
     for key in ("lm", "balance", "contrastive"):
         torch.testing.assert_close(got.aux_losses[key].float(), want.aux_losses[key], rtol=1e-4, atol=1e-5)
@@ -379,11 +397,15 @@ def test_fused_and_reference_training_curves_agree(monkeypatch):
 
 def test_a_contrastive_term_without_a_queue_is_refused_and_top1_warns():
     with pytest.raises(ValueError, match="queue_size=0 leaves the contrastive term without negatives"):
-        SparseDoctorConfig(queue_size=0)
-    SparseDoctorConfig(queue_size=0, contrastive_coef=0.0)  # the term is off: nothing to refuse
-    SparseDoctorConfig(queue_size=0, contrastive_tokens=0)
+        SparseDoctorConfig(queue_size=0, contrastive_mode="paper")
+    SparseDoctorConfig(queue_size=0, contrastive_mode="paper", contrastive_coef=0.0)  # the term is off
+    SparseDoctorConfig(queue_size=0, contrastive_mode="paper", contrastive_tokens=0)
     with pytest.warns(UserWarning, match="top_k=1: the routed and fused views"):
-        SparseDoctorConfig(top_k=1)
+        SparseDoctorConfig(top_k=1, contrastive_mode="paper")
+    # The default (router) mode contrasts routing distributions in the batch: no queue, any top_k.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SparseDoctorConfig(queue_size=0, top_k=1)
 
 
 @pytest.mark.parametrize("field", ["balance_coef", "contrastive_coef"])

@@ -30,13 +30,14 @@ def _backend(backend: str):
             os.environ["SPARSEDOCTOR_BACKEND"] = previous
 
 
-def _layer(num_experts, top_k, rank, d_in, d_out, contrastive_tokens, seed):
+def _layer(num_experts, top_k, rank, d_in, d_out, contrastive_tokens, seed, contrastive_mode):
     from sparsedoctor_kernels.model import SparseDoctorConfig
     from sparsedoctor_kernels.model.layer import ForwardContext, LoraMoELinear
 
     torch.manual_seed(seed)
     config = SparseDoctorConfig(num_experts=num_experts, top_k=top_k, r=rank, proj_dim=16, queue_size=32,
-                                contrastive_tokens=contrastive_tokens, lora_dropout=0.0)
+                                contrastive_tokens=contrastive_tokens, lora_dropout=0.0,
+                                contrastive_mode=contrastive_mode)
     context = ForwardContext()
     layer = LoraMoELinear(torch.nn.Linear(d_in, d_out), config, context).train()
     with torch.no_grad():
@@ -45,11 +46,11 @@ def _layer(num_experts, top_k, rank, d_in, d_out, contrastive_tokens, seed):
 
 
 def layer_step(num_experts: int = 8, top_k: int = 2, rank: int = 4, tokens: int = 24, d_in: int = 32,
-               d_out: int = 40, backend: str = "triton", seed: int = 0):
+               d_out: int = 40, backend: str = "triton", seed: int = 0, contrastive_mode: str = "router"):
     """A closure running one training forward + backward of a LoraMoELinear wrapped alone (no model), with the
     contrastive term on, a quarter of the tokens padding and a queue committed once before, so every op of a
     training step runs."""
-    layer, context = _layer(num_experts, top_k, rank, d_in, d_out, 8, seed)
+    layer, context = _layer(num_experts, top_k, rank, d_in, d_out, 8, seed, contrastive_mode)
     x = torch.randn(tokens, d_in, requires_grad=True)
     real_tokens = torch.arange(tokens) < tokens - tokens // 4
 
@@ -66,11 +67,12 @@ def layer_step(num_experts: int = 8, top_k: int = 2, rank: int = 4, tokens: int 
 
 
 def layer_forward(num_experts: int = 8, top_k: int = 2, rank: int = 4, tokens: int = 24, d_in: int = 32,
-                  d_out: int = 40, backend: str = "triton", contrastive_tokens: int = 0, seed: int = 0):
+                  d_out: int = 40, backend: str = "triton", contrastive_tokens: int = 0, seed: int = 0,
+                  contrastive_mode: str = "router"):
     """A closure running one training-mode forward of a LoraMoELinear (balance loss recorded, a quarter of the
     tokens padding), after the context's per-forward constants are made: what one module adds to a model's
     forward."""
-    layer, context = _layer(num_experts, top_k, rank, d_in, d_out, contrastive_tokens, seed)
+    layer, context = _layer(num_experts, top_k, rank, d_in, d_out, contrastive_tokens, seed, contrastive_mode)
     x = torch.randn(tokens, d_in)
     real_tokens = torch.arange(tokens) < tokens - tokens // 4
 
@@ -114,11 +116,12 @@ def main(argv=None) -> int:
     for experts in (8, 32, 64):
         print(f"E={experts}, k=2, backend triton, a quarter of the tokens padding:")
         plain = module_forward_launches(num_experts=experts)
-        contrastive = module_forward_launches(num_experts=experts, contrastive_tokens=8)
         print(f"  module forward, no contrastive term (frozen GEMM excluded): {report(plain, top=0)}")
-        print(f"  contrastive term adds: {contrastive.total - plain.total} launches")
-        print(f"  training step (commit + forward + backward): "
-              f"{report(count_launches(layer_step(num_experts=experts, top_k=2)))}")
+        for mode in ("router", "paper"):  # the default, and the paper's two views with the queue
+            contrastive = module_forward_launches(num_experts=experts, contrastive_tokens=8, contrastive_mode=mode)
+            print(f"  {mode} mode: the contrastive term adds {contrastive.total - plain.total} launches; "
+                  f"training step (commit + forward + backward): "
+                  f"{report(count_launches(layer_step(num_experts=experts, top_k=2, contrastive_mode=mode)))}")
     return 0
 
 

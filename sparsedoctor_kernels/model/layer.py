@@ -88,6 +88,9 @@ class LoraMoELinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_a.data[expert], a=math.sqrt(5))
         self.lora_b = nn.Parameter(torch.zeros(num_experts, d_out, rank, device=device))  # delta = 0 at init
         self.head = nn.Linear(d_out, config.proj_dim, device=device)
+        if config.contrastive_mode == "router" or config.contrastive_tokens == 0:
+            # No views to project: a trainable head would get no gradient, which DDP refuses (unused parameters).
+            self.head.requires_grad_(False)
         self.queue = sdk.ExpertQueue(num_experts, config.queue_size, config.proj_dim, device=device)
         self.dropout = nn.Dropout(config.lora_dropout)
         self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -192,32 +195,17 @@ class LoraMoELinear(nn.Module):
     def _router_contrastive(self, router_logits, mask, sequence_length: int) -> torch.Tensor:
         """`contrastive_mode="router"`: InfoNCE at the router's distribution. A picked token's routing
         probabilities are the query, the mean routing of the other picked tokens of its sequence the positive,
-        the mean routing of the batch's other sequences the negatives (in-batch; no queue, no heads)."""
+        the mean routing of the batch's other sequences the negatives (in-batch; no queue, no heads): one
+        `group_infonce` with the sequences as groups and the padding rows in none."""
         num_tokens = router_logits.shape[0]
         if min(self.config.contrastive_tokens, num_tokens) == 0:
             return router_logits.new_zeros((), dtype=torch.float32)
         picked, padding, _ = self._pick(num_tokens, mask, router_logits.device)
-        probs = torch.softmax(router_logits[picked].float(), dim=-1)
-        rows, weights = self._router_rows(probs, picked, padding, sequence_length, num_tokens,
-                                          self.config.temperature)
-        return torch.dot(rows, weights)
-
-    @classmethod
-    def _router_rows(cls, probs, picked, padding, sequence_length: int, num_tokens: int, temperature: float):
-        """(InfoNCE per picked token, weights averaging the rows that have a partner in their sequence); the rows
-        without one are 0."""
-        sequence, sums, counts = cls._sequence_sums(probs, picked, padding, sequence_length, num_tokens)
-        positive, weights = cls._leave_one_out(probs, padding, sequence, sums, counts)
-        means = sums / counts.clamp_min(1)[:, None]
-        query = F.normalize(probs, dim=-1)
-        logits = query @ F.normalize(means, dim=-1).T / temperature
-        own = F.one_hot(sequence, sums.shape[0]).bool()
-        own_logit = (query * F.normalize(positive, dim=-1)).sum(-1) / temperature
-        # Sequences without a picked real token are no negatives; the own column (always finite) keeps every
-        # row's log-sum-exp finite, padding rows included (their weight is 0).
-        logits = torch.where(own, own_logit[:, None], logits.masked_fill(counts[None, :] == 0, float("-inf")))
-        rows = torch.logsumexp(logits, dim=-1) - own_logit
-        return rows.masked_fill(weights == 0, 0.0), weights
+        probs = torch.softmax(router_logits[picked].to(torch.promote_types(router_logits.dtype, torch.float32)),
+                              dim=-1)
+        sequence = torch.div(picked, sequence_length, rounding_mode="floor").masked_fill(padding, -1)
+        return sdk.group_infonce(probs, sequence, -(-num_tokens // sequence_length),
+                                 temperature=self.config.temperature)
 
     @staticmethod
     def _sequence_sums(values, picked, padding, sequence_length: int, num_tokens: int):

@@ -1,6 +1,8 @@
-"""The four public ops. Each file holds argument checks, backend dispatch, the `torch.library` custom ops that
-the backends implement, and the autograd.Function tying forward and backward together."""
+"""The public ops (the four of the contract, and `group_infonce`). Each file holds argument checks, backend
+dispatch, the `torch.library` custom ops that the backends implement, and the autograd.Function tying forward
+and backward together."""
 
+from sparsedoctor_kernels.ops import group_infonce as _group_infonce_module
 from sparsedoctor_kernels.ops import infonce, queue, routing
 from sparsedoctor_kernels.ops import lora_moe as _lora_moe_module
 
@@ -10,12 +12,14 @@ IMPLEMENTATIONS = {
     "lora_moe": _lora_moe_module.IMPLEMENTATIONS,
     "ExpertQueue.enqueue": queue.IMPLEMENTATIONS,
     "infonce_queue_loss": infonce.IMPLEMENTATIONS,
+    "group_infonce": _group_infonce_module.IMPLEMENTATIONS,
 }
 
+from sparsedoctor_kernels.ops.group_infonce import group_infonce  # noqa: E402
 from sparsedoctor_kernels.ops.infonce import infonce_queue_loss  # noqa: E402
 from sparsedoctor_kernels.ops.lora_moe import lora_moe  # noqa: E402
 from sparsedoctor_kernels.ops.queue import ExpertQueue  # noqa: E402
 from sparsedoctor_kernels.ops.routing import Routing, load_balance_loss, route  # noqa: E402
 
-__all__ = ["IMPLEMENTATIONS", "ExpertQueue", "Routing", "infonce_queue_loss", "load_balance_loss", "lora_moe",
-           "route"]
+__all__ = ["IMPLEMENTATIONS", "ExpertQueue", "Routing", "group_infonce", "infonce_queue_loss", "load_balance_loss",
+           "lora_moe", "route"]

@@ -2,6 +2,6 @@
 backend is tested against. Forward and backward are written out explicitly (no autograd inside) so that the
 same autograd.Function serves every backend. No function here synchronises with the host."""
 
-from sparsedoctor_kernels.reference import infonce, lora_moe, lora_moe_dense, queue, routing
+from sparsedoctor_kernels.reference import group_infonce, infonce, lora_moe, lora_moe_dense, queue, routing
 
-__all__ = ["infonce", "lora_moe", "lora_moe_dense", "queue", "routing"]
+__all__ = ["group_infonce", "infonce", "lora_moe", "lora_moe_dense", "queue", "routing"]

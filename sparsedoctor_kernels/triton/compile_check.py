@@ -73,7 +73,7 @@ def _scenarios() -> tuple[dict[str, str], list[Scenario]]:
     """Per module a description of its representative launches, and the launcher calls that make them."""
     import torch
 
-    from sparsedoctor_kernels.triton import infonce, lora_moe, lora_moe_dense, queue, routing
+    from sparsedoctor_kernels.triton import group_infonce, infonce, lora_moe, lora_moe_dense, queue, routing
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     scenarios = []
@@ -148,6 +148,15 @@ def _scenarios() -> tuple[dict[str, str], list[Scenario]]:
     for keys in ("fp32", "bf16"):
         scenarios.append(Scenario("infonce", f"queue {keys}", lambda k=dtypes[keys]: contrastive(k)))
 
+    def router_term(rows, dim, groups):
+        group_infonce.forward(torch.empty(rows, dim), torch.zeros(rows, dtype=torch.int64), groups, 0.07)
+
+    # The model's router term: the default subset of QUEUE_ROWS tokens at E=8 experts and 8 sequences, and the
+    # largest tiles the automatic choice gives the kernel (16 sequences; 64 rows of 64 experts).
+    for rows, dim, groups in ((QUEUE_ROWS, EXPERTS, 8), (QUEUE_ROWS, 16, 16), (64, 64, 64)):
+        scenarios.append(Scenario("group_infonce", f"n={rows} d={dim} S={groups}",
+                                  lambda r=rows, d=dim, g=groups: router_term(r, d, g)))
+
     described = {
         "routing": f"T={TOKENS}, E={EXPERTS} k={TOP_K} and E={WIDE_EXPERTS} k={WIDE_TOP_K}, forward and backward",
         "lora_moe": f"T={TOKENS}, d_in={D_IN} d_out={D_OUT} (Qwen3-4B q_proj), E={EXPERTS} k={TOP_K} r={RANK}, "
@@ -155,6 +164,7 @@ def _scenarios() -> tuple[dict[str, str], list[Scenario]]:
         "lora_moe_dense": f"as lora_moe, and E={WIDE_EXPERTS // 4} k=4 r=8",
         "queue": f"N={QUEUE_ROWS} rows into E x Q={CAPACITY} x p={DIM}",
         "infonce": f"N={QUEUE_ROWS} queries, E={EXPERTS} x Q={CAPACITY} x p={DIM} queue, fp32 queries",
+        "group_infonce": "the router term, one program (fp32 routing probabilities)",
     }
     return described, scenarios
 

@@ -1,0 +1,81 @@
+"""InfoNCE of rows against their groups' means, written as plainly as it reads (the Triton kernel in
+`triton/group_infonce.py` computes the same loss and its gradient in one program).
+
+For rows x_i [n, d] with group ids g_i (an id outside [0, S) puts the row in no group: it is neither a query nor
+part of any sum), s_c = sum of the rows of group c, n_c their count:
+    q_i = x_i / |x_i|,  p_i = (s_{g_i} - x_i) / |.|  (the mean of the *other* rows of its group: a direction),
+    k_c = s_c / |s_c|  (group c's mean direction), every norm clamped at 1e-12 as F.normalize does,
+    loss_i = logsumexp([<q_i, p_i>, <q_i, k_c> for every other group c with n_c > 0] / T) - <q_i, p_i> / T,
+and the result is the mean of loss_i over the rows that have a partner in their group (n_{g_i} >= 2); 0 when
+none has. The gradient reaches every row through its query, its positive and its group's mean: the negatives
+are not constants (unlike `infonce_queue_loss`'s queue), so the term moves groups apart, not only rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sparsedoctor_kernels._validation import compute_dtype
+
+EPS = 1e-12  # F.normalize's clamp of the norm
+
+
+def loss(x: torch.Tensor, groups: torch.Tensor, num_groups: int, temperature: float) -> torch.Tensor:
+    """The loss, differentiable through torch's autograd (in the compute dtype)."""
+    x = x.to(compute_dtype(x.dtype))
+    member = (groups >= 0) & (groups < num_groups)
+    group = torch.where(member, groups, 0).long()
+    rows = x.masked_fill(~member[:, None], 0.0)  # selected, not multiplied: a non-member row may hold anything
+    sums = x.new_zeros(num_groups, x.shape[1]).index_add(0, group, rows)
+    counts = x.new_zeros(num_groups).index_add(0, group, member.to(x.dtype))
+    has_partner = member & (counts[group] >= 2)
+    query, positive, keys = (F.normalize(v, dim=-1) for v in (rows, sums[group] - rows, sums))
+    own = (query * positive).sum(-1) / temperature
+    others = torch.arange(num_groups, device=x.device)[None, :] != group[:, None]
+    negatives = torch.where(others & (counts[None, :] > 0), query @ keys.T / temperature, float("-inf"))
+    per_row = torch.logsumexp(torch.cat([own[:, None], negatives], dim=1), dim=1) - own
+    return torch.where(has_partner, per_row, 0.0).sum() / has_partner.sum().clamp_min(1)
+
+
+def _normalized(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    norm = v.norm(dim=-1).clamp_min(EPS)
+    return v / norm[:, None], norm
+
+
+def _normalized_grad(grad: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """Through y = v / max(|v|, eps): (g - y <y, g>) / |v| where |v| > eps, g / eps below."""
+    projected = grad - unit * (unit * grad).sum(-1, keepdim=True)
+    return torch.where((norm > EPS)[:, None], projected, grad) / norm[:, None]
+
+
+def forward(x: torch.Tensor, groups: torch.Tensor, num_groups: int, temperature: float):
+    """(loss, its gradient w.r.t. x), both in the compute dtype, written out as the kernel computes them:
+    the membership matrix M [n, S] gives the sums (M^T x) and each row's own group sum (M s); the backward
+    retraces those products. Tested against autograd of `loss` in float64."""
+    x = x.to(compute_dtype(x.dtype))
+    member = (groups >= 0) & (groups < num_groups)
+    onehot = (member[:, None] & (groups[:, None] == torch.arange(num_groups, device=x.device)[None, :])).to(x.dtype)
+    rows = x.masked_fill(~member[:, None], 0.0)
+    sums, counts = onehot.T @ rows, onehot.sum(0)
+    own_sums, own_counts = onehot @ sums, onehot @ counts
+    has_partner = member & (own_counts >= 2)
+    weight = has_partner.to(x.dtype) / has_partner.sum().clamp_min(1)
+    query, query_norm = _normalized(rows)
+    positive, positive_norm = _normalized(own_sums - rows)
+    keys, keys_norm = _normalized(sums)
+    own = (query * positive).sum(-1) / temperature
+    negative = (counts[None, :] > 0) & (onehot == 0)
+    scores = torch.where(negative, query @ keys.T / temperature, float("-inf"))
+    top = torch.maximum(scores.max(1).values, own)
+    own_exp, score_exp = torch.exp(own - top), torch.where(negative, torch.exp(scores - top[:, None]), 0.0)
+    total = own_exp + score_exp.sum(1)
+    value = torch.where(has_partner, torch.log(total) + top - own, 0.0).sum() / has_partner.sum().clamp_min(1)
+
+    grad_own = weight * (own_exp / total - 1.0) / temperature
+    grad_scores = weight[:, None] * score_exp / total[:, None] / temperature
+    grad_query = grad_own[:, None] * positive + grad_scores @ keys
+    grad_other = _normalized_grad(grad_own[:, None] * query, positive, positive_norm)
+    grad_sums = _normalized_grad(grad_scores.T @ query, keys, keys_norm) + onehot.T @ grad_other
+    grad = _normalized_grad(grad_query, query, query_norm) - grad_other + onehot @ grad_sums
+    return value, torch.where(member[:, None], grad, 0.0)
