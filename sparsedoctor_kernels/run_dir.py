@@ -189,13 +189,16 @@ def check_same_run(settings: TrainSettings, output_dir: pathlib.Path) -> None:
 
 
 def _with_defaults(saved: dict) -> dict:
-    """A run_config.json written before a setting existed ran as its default does: the default fills it in."""
+    """A run_config.json written before a setting existed ran as its default then did: today's default fills
+    it in, except for the adapter fields whose default has changed since (a run from before the contrastive
+    mode existed ran the paper mode, not today's router mode)."""
+    from sparsedoctor_kernels.model.adapter import FIELDS_ADDED_LATER
     from sparsedoctor_kernels.train_settings import TrainSettings
 
     defaults = json.loads(json.dumps(TrainSettings().to_dict()))
     adapter = saved.get("adapter")
     if isinstance(adapter, dict):
-        saved = {**saved, "adapter": {**defaults["adapter"], **adapter}}
+        saved = {**saved, "adapter": {**defaults["adapter"], **FIELDS_ADDED_LATER, **adapter}}
     return {**defaults, **saved}
 
 

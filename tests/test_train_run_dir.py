@@ -1,6 +1,7 @@
 """A run directory holds one run: a fresh run refuses another run's directory, --overwrite starts over,
 --resume continues only a compatible run, checkpoints are written atomically and metrics hold each step once."""
 
+import dataclasses
 import json
 import os
 import re
@@ -10,7 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from train_helpers import PNG, SMALL_FLAGS, metric_steps, one_error_line, quiet, settings, snapshot  # noqa: E402
+from train_helpers import PNG, SMALL, SMALL_FLAGS, metric_steps, one_error_line, quiet, settings, snapshot  # noqa: E402
 
 from sparsedoctor_kernels import checkpoints, cli  # noqa: E402
 from sparsedoctor_kernels.training import TrainError, TrainSettings, train  # noqa: E402
@@ -69,6 +70,23 @@ def test_resume_refuses_changed_settings_and_names_every_field(tmp_path, capsys)
     assert "tiny_vocab_size" in message  # 600 in the test's run, the CLI's 1500 now
     assert not re.search(r"\bsteps:", message)  # steps may change on a resume
     assert snapshot(run_dir) == before
+
+
+def test_a_run_from_before_the_contrastive_mode_existed_resumes_only_as_the_paper_mode(tmp_path, capsys):
+    """Such a run trained the paper mode: resuming it with today's default (router) is refused by name, and
+    with the paper mode it is accepted."""
+    train(settings(tmp_path, steps=2, save_every=2, adapter=dataclasses.replace(
+        SMALL, contrastive_mode="paper", contrastive_coef=0.1)), log=quiet)
+    run_dir = tmp_path / "run"
+    record = json.loads((run_dir / "run_config.json").read_text())
+    del record["adapter"]["contrastive_mode"], record["adapter"]["contrastive_updates"]
+    (run_dir / "run_config.json").write_text(json.dumps(record))
+    flags = ["train", "--output-dir", str(run_dir), "--resume", "--steps", "3", "--batch-size", "4",
+             "--max-length", "48", "--tiny-vocab-size", "600", "--no-progress", *SMALL_FLAGS]
+    assert cli.main(flags) == 2
+    assert "contrastive_mode: 'paper' in the run, 'router' now" in one_error_line(capsys)
+    assert cli.main([*flags, "--contrastive-mode", "paper"]) == 0
+    assert metric_steps(run_dir) == [1, 2, 3]
 
 
 def test_resume_accepts_the_fields_that_may_change(tmp_path):
