@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -147,9 +148,12 @@ def _add_adapter_flags(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("adapter (SparseDoctorConfig; an `adapter:` mapping in a config file)")
     defaults = SparseDoctorConfig()
+    declared = {f.name: f.default for f in dataclasses.fields(SparseDoctorConfig)}
     for name, kind in adapter_types().items():  # `lora_alpha: float = 32` takes 0.5, not just ints
         renamed = f" (SparseDoctorConfig.{name})" if flag_for(name) != "--" + name.replace("_", "-") else ""
-        _add_setting(group, name, kind, getattr(defaults, name), adapter_help(name) + renamed)
+        # A field declared None (contrastive_coef) resolves per mode: its help says how, its default is "unset".
+        shown = "unset" if declared.get(name, ...) is None else None
+        _add_setting(group, name, kind, getattr(defaults, name), adapter_help(name) + renamed, shown)
 
 
 TRAIN_EPILOG = """A --config file (YAML or JSON, by its suffix) holds settings by their field names (learning_rate,

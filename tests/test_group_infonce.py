@@ -122,6 +122,9 @@ def test_shapes_beyond_one_program_take_the_reference_or_are_refused(gen):
     groups = torch.randint(0, 8, (600,), generator=gen)
     with pytest.raises(ValueError, match="use backend='torch'"):
         sdk.group_infonce(x, groups, 8, backend="triton")
+    wide = probabilities(gen, 10, 128, torch.float32)  # few rows, but the S x d tile of 64 x 128 is too large
+    with pytest.raises(ValueError, match=r"S x d .* got n=10, d=128, S=64"):
+        sdk.group_infonce(wide, torch.randint(0, 64, (10,), generator=gen), 64, backend="triton")
     # The automatic choice on a GPU takes the reference for it (decided from the shape alone, no GPU needed).
     implementation = importlib.import_module("sparsedoctor_kernels.ops.group_infonce")
     assert implementation._backend(None, torch.device("cuda"), (600, 64, 8)) == "torch"
@@ -146,3 +149,24 @@ def test_group_infonce_compiles_without_graph_breaks(gen):
 
     compiled = torch.compile(term, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), term(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_rows_compute_in_float32_and_get_their_gradient_in_their_dtype(dtype, gen):
+    """The torch backend on 16-bit x (the Triton interpreter has no bf16): float32 loss, gradient in x's dtype."""
+    x = probabilities(gen, 30, 6, dtype)
+    groups = torch.randint(-1, 4, (30,), generator=gen)
+    leaf = x.clone().requires_grad_()
+    got = sdk.group_infonce(leaf, groups, 4, temperature=0.3, backend="torch")
+    got.backward()
+    want, want_grad = oracle(x, groups, 4, 0.3)
+    assert got.dtype == torch.float32 and leaf.grad.dtype == dtype
+    assert_close(got, want, dtype, name="loss")
+    assert_close(leaf.grad, want_grad, dtype, name="grad x")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_rows_take_the_norm_clamp_like_the_formula(backend, gen):
+    x = probabilities(gen, 8, 3)
+    x[2] = 0.0  # a member row of norm 0: F.normalize's clamp decides its query and its partner's positive
+    check(x, torch.tensor([0, 0, 1, 1, 2, 2, 3, -1]), 4, backend)

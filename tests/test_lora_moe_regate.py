@@ -206,3 +206,13 @@ def test_regate_compiles_without_graph_breaks(gen, strategy):
                                 "rows_experts")]
     compiled = torch.compile(call, fullgraph=True, backend="eager")
     assert torch.allclose(compiled(*args), call(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_regate_takes_int32_rows_and_weights_in_x_dtype(backend, gen):
+    """The other accepted dtypes: int32 rows and ids, and weights2 in x's dtype (float64 here, so that the
+    Triton interpreter runs it too)."""
+    inputs = make_inputs(gen, 21, 9, 8, 4, 3, 2, 7, 3, dtype=torch.float64)
+    inputs["rows"], inputs["rows_experts"] = inputs["rows"].int(), inputs["rows_experts"].int()
+    inputs["rows_weights"] = inputs["rows_weights"].double()
+    run_and_compare(inputs, gen, backend, with_out=True)

@@ -28,7 +28,9 @@ class SparseDoctorConfig:
     queue_size: int = 1024
     temperature: float = 0.07
     balance_coef: float = 0.01
-    # None: the mode's own weight, CONTRASTIVE_WEIGHT_OF_MODE (0.03 for router, 0.1 for paper and sequence).
+    # None: the mode's own weight, CONTRASTIVE_WEIGHT_OF_MODE (0.03 for router, 0.1 for paper and sequence),
+    # resolved when the config is built: dataclasses.replace(config, contrastive_mode=...) keeps the old
+    # mode's number, so build a new config (or pass contrastive_coef) to switch modes.
     contrastive_coef: float | None = None
     contrastive_tokens: int = 256
     # "router" (the default, chosen by measurement: README, "The contrastive objective, measured"): InfoNCE of

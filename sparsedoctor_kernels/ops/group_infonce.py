@@ -53,8 +53,9 @@ def _backend(requested: str | None, device: torch.device, shape: tuple[int, int,
     backend = resolve_backend("group_infonce", requested, device, tuple(IMPLEMENTATIONS))
     if backend == "triton" and not IMPLEMENTATIONS["triton"].fits(*shape):
         if requested is not None:
-            raise ValueError(f"group_infonce: backend 'triton' holds n x max(d, S) <= 4096 padded elements in one "
-                             f"program, got n={shape[0]}, d={shape[1]}, S={shape[2]}; use backend='torch'")
+            raise ValueError(f"group_infonce: backend 'triton' holds tiles of n x max(d, S) and S x d padded "
+                             f"elements, each <= 4096, in one program; got n={shape[0]}, d={shape[1]}, "
+                             f"S={shape[2]}; use backend='torch'")
         return "torch"
     return backend
 
