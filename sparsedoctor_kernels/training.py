@@ -279,7 +279,11 @@ def _train(settings: TrainSettings, device: torch.device, log) -> TrainResult:
                          ) from None
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    params = [p for p in model.parameters() if p.requires_grad]
+    # Every adapter parameter, the heads too where they are frozen (no views to project: they get no gradient,
+    # and AdamW skips them), so the optimizer's parameter list, and a checkpoint's, is the same in every mode.
+    adapter = {id(p) for m in model.adapted_modules().values() for n, p in m.named_parameters()
+               if not n.startswith("base.")}
+    params = [p for p in model.parameters() if p.requires_grad or id(p) in adapter]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     start = 0
     if resume_from is not None:

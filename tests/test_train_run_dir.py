@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 from train_helpers import PNG, SMALL, SMALL_FLAGS, metric_steps, one_error_line, quiet, settings, snapshot  # noqa: E402
 
 from sparsedoctor_kernels import checkpoints, cli  # noqa: E402
+from sparsedoctor_kernels.model import SparseDoctorConfig  # noqa: E402
 from sparsedoctor_kernels.training import TrainError, TrainSettings, train  # noqa: E402
 
 
@@ -240,3 +241,15 @@ def test_resume_with_nothing_left_to_train_writes_missing_final_outputs(tmp_path
     assert metric_steps(run_dir) == [1, 2]
     assert cli.main(_fast_cli(run_dir, "--steps", "2", "--resume")) == 2  # now finished: refused again
     assert "nothing is left to train; raise --steps" in one_error_line(capsys)
+
+
+def test_the_optimizer_holds_every_adapter_parameter_in_every_mode(tmp_path):
+    """Frozen (unused) heads stay in the optimizer's list, so a checkpoint's optimizer state has one layout
+    whatever the contrastive mode, and checkpoints written while the heads were trainable still load."""
+    counts = {}
+    for mode in ("router", "paper"):
+        adapter = SparseDoctorConfig(**{**SMALL.to_dict(), "contrastive_mode": mode, "contrastive_coef": None})
+        train(settings(tmp_path, name=mode, steps=1, save_every=1, adapter=adapter), log=quiet)
+        state = json.loads((tmp_path / mode / "checkpoint-1" / checkpoints.STATE_JSON).read_text())
+        counts[mode] = sum(len(group["params"]) for group in state["param_groups"])
+    assert counts["router"] == counts["paper"]
