@@ -87,3 +87,22 @@ def infonce_rows(query, positive, queue_keys, queue_size, query_experts, tempera
         scores = torch.stack(scores)
         losses.append(torch.logsumexp(scores, 0) - scores[0])
     return torch.stack(losses) if losses else (q_all.sum(-1) + k_all.sum(-1)) * 0  # empty, in the graph
+
+
+def group_infonce(x, groups, num_groups: int, temperature: float):
+    """sdk.group_infonce in float64, straight from its definition, differentiable by autograd: each row against
+    the normalised mean of the other rows of its group, the other non-empty groups' means as negatives, the
+    mean over the rows with a partner."""
+    x = x.double()
+    member = (groups >= 0) & (groups < num_groups)
+    group = torch.where(member, groups, 0).long()
+    rows = x.masked_fill(~member[:, None], 0.0)  # selected, not multiplied: a non-member row may hold anything
+    sums = x.new_zeros(num_groups, x.shape[1]).index_add(0, group, rows)
+    counts = x.new_zeros(num_groups).index_add(0, group, member.double())
+    has_partner = member & (counts[group] >= 2)
+    query, positive, keys = (torch.nn.functional.normalize(v, dim=-1) for v in (rows, sums[group] - rows, sums))
+    own = (query * positive).sum(-1) / temperature
+    others = torch.arange(num_groups)[None, :] != group[:, None]
+    negatives = torch.where(others & (counts[None, :] > 0), query @ keys.T / temperature, float("-inf"))
+    per_row = torch.logsumexp(torch.cat([own[:, None], negatives], dim=1), dim=1) - own
+    return torch.where(has_partner, per_row, 0.0).sum() / has_partner.sum().clamp_min(1)

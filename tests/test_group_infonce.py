@@ -1,4 +1,4 @@
-"""`group_infonce` against autograd of the plain formula (reference/group_infonce.loss) in float64: the loss and
+"""`group_infonce` against autograd of the plain formula (brute.group_infonce) in float64: the loss and
 the gradient w.r.t. x, on every backend; odd shapes, empty input, groups without partners or negatives, ids
 outside [0, S), a single group, and poisoned outputs (conftest) so that an unwritten gradient row fails."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import sparsedoctor_kernels as sdk
-from sparsedoctor_kernels.reference import group_infonce as reference
 
+import brute
 from conftest import assert_close, cpu_backends
 
 BACKENDS = cpu_backends("group_infonce")
@@ -17,7 +17,7 @@ BACKENDS = cpu_backends("group_infonce")
 
 def oracle(x, groups, num_groups, temperature):
     leaf = x.detach().double().requires_grad_()
-    value = reference.loss(leaf, groups, num_groups, temperature)
+    value = brute.group_infonce(leaf, groups, num_groups, temperature)
     (grad,) = torch.autograd.grad(value, leaf) if value.requires_grad else (torch.zeros_like(leaf),)
     return value.detach(), grad
 

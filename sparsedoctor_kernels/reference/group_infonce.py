@@ -14,28 +14,10 @@ are not constants (unlike `infonce_queue_loss`'s queue), so the term moves group
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from sparsedoctor_kernels._validation import compute_dtype
 
 EPS = 1e-12  # F.normalize's clamp of the norm
-
-
-def loss(x: torch.Tensor, groups: torch.Tensor, num_groups: int, temperature: float) -> torch.Tensor:
-    """The loss, differentiable through torch's autograd (in the compute dtype)."""
-    x = x.to(compute_dtype(x.dtype))
-    member = (groups >= 0) & (groups < num_groups)
-    group = torch.where(member, groups, 0).long()
-    rows = x.masked_fill(~member[:, None], 0.0)  # selected, not multiplied: a non-member row may hold anything
-    sums = x.new_zeros(num_groups, x.shape[1]).index_add(0, group, rows)
-    counts = x.new_zeros(num_groups).index_add(0, group, member.to(x.dtype))
-    has_partner = member & (counts[group] >= 2)
-    query, positive, keys = (F.normalize(v, dim=-1) for v in (rows, sums[group] - rows, sums))
-    own = (query * positive).sum(-1) / temperature
-    others = torch.arange(num_groups, device=x.device)[None, :] != group[:, None]
-    negatives = torch.where(others & (counts[None, :] > 0), query @ keys.T / temperature, float("-inf"))
-    per_row = torch.logsumexp(torch.cat([own[:, None], negatives], dim=1), dim=1) - own
-    return torch.where(has_partner, per_row, 0.0).sum() / has_partner.sum().clamp_min(1)
 
 
 def _normalized(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +34,7 @@ def _normalized_grad(grad: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor)
 def forward(x: torch.Tensor, groups: torch.Tensor, num_groups: int, temperature: float):
     """(loss, its gradient w.r.t. x), both in the compute dtype, written out as the kernel computes them:
     the membership matrix M [n, S] gives the sums (M^T x) and each row's own group sum (M s); the backward
-    retraces those products. Tested against autograd of `loss` in float64."""
+    retraces those products. Tested against autograd of the formula (tests/brute.py) in float64."""
     x = x.to(compute_dtype(x.dtype))
     member = (groups >= 0) & (groups < num_groups)
     onehot = (member[:, None] & (groups[:, None] == torch.arange(num_groups, device=x.device)[None, :])).to(x.dtype)

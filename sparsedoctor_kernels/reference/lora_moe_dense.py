@@ -96,7 +96,10 @@ def regate_forward(x, lora_a, lora_b, weights, experts, scaling: float, out, acc
     """The call into `out` (added, or written when not `accumulate`), and the regated rows from the same h:
     y2[i] = select(chosen2, s * g2 * h[rows[i]]) @ B_cat. Returns (y2, h)."""
     y, h, _ = forward(x, lora_a, lora_b, weights, experts, scaling)
-    out.add_(y) if accumulate else out.copy_(y)
+    if accumulate:
+        out.add_(y)
+    else:
+        out.copy_(y)
     num_experts, rank, _ = lora_a.shape
     h_rows, _ = _rows_of(h, rows)
     gate, chosen = _gates(rows_weights, rows_experts, num_experts, rank, h.dtype)

@@ -226,7 +226,7 @@ def _shrink(src, weight_view, weights, experts, scaling, rank, *, acc_dtype, dot
     proj = gated if backward else empty((num_tokens, num_columns), acc_dtype, src.device)
     grad_gate = empty((column_blocks, num_tokens, top_k), acc_dtype, src.device) if backward else gated
     gather = h_index is not None
-    safe_index = torch.empty_like(h_index) if gather else None
+    safe_index = empty(h_index.shape, h_index.dtype, h_index.device) if gather else None
     _dense_shrink_kernel[(column_blocks, triton.cdiv(num_tokens, BLOCK_T))](
         src, src.stride(0), weight_view, *weight_view.stride(), weights, experts, proj, gated,
         h if backward else gated, grad_gate, h_index if gather else experts, safe_index if gather else experts,
@@ -331,7 +331,9 @@ def regate_backward(grad_y, grad_rows, x, lora_a, lora_b, weights, experts, h, r
 def _backward(grad_y, x, lora_a, lora_b, weights, experts, h, scaling, regate=None):
     num_tokens, top_k = experts.shape
     num_experts, rank, d_in = lora_a.shape
-    grad_rows_weights = None if regate is None else torch.zeros_like(regate[2])
+    regated = regate is not None and regate[1].shape[0] > 0 and num_tokens > 0
+    # The regated rows' weights get a zero gradient when there is no row, or no h row to regate (T = 0).
+    grad_rows_weights = torch.zeros_like(regate[2]) if regate is not None and not regated else None
     if num_tokens == 0:  # no h row exists, so the regated rows are zero too
         return (torch.zeros_like(x), torch.zeros_like(lora_a), torch.zeros_like(lora_b), torch.zeros_like(weights),
                 grad_rows_weights)
@@ -341,7 +343,7 @@ def _backward(grad_y, x, lora_a, lora_b, weights, experts, h, scaling, regate=No
     _, grad_h, grad_gate, _ = _shrink(grad_y, b_transposed, weights, experts, scaling, rank,
                                       acc_dtype=acc_dtype, dot=dot, h=h)
     grad_b = _weight_grad(h, grad_y, weights, experts, scaling, rank, gate=True, acc_dtype=acc_dtype, dot=dot)
-    if regate is not None and regate[1].shape[0]:
+    if regated:
         grad_rows, rows, rows_weights, rows_experts = regate
         _, grad_h_rows, grad_rows_weights, safe_rows = _shrink(
             grad_rows, b_transposed, rows_weights, rows_experts, scaling, rank, acc_dtype=acc_dtype, dot=dot, h=h,
