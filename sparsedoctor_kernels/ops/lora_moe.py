@@ -273,6 +273,13 @@ def lora_moe(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weight
         return _LoraMoEFunction.apply(out, *inputs.values(), float(scaling), backend, strategy)
     rows, rows_weights, rows_experts = (t.contiguous() for t in regate)
     if strategy == "dense":
+        if out is not None and out._is_view() and torch.is_grad_enabled():
+            # Autograd lets a function that writes into a view return one tensor only, and this one returns two:
+            # the delta comes back fresh and is added into the view (one more pass over [T, d_out], in this
+            # case alone).
+            delta, y_rows = _LoraMoERegateFunction.apply(None, *inputs.values(), rows, rows_weights, rows_experts,
+                                                         float(scaling), backend)
+            return out.add_(delta), y_rows
         return _LoraMoERegateFunction.apply(out, *inputs.values(), rows, rows_weights, rows_experts, float(scaling),
                                             backend)
     y = _LoraMoEFunction.apply(out, *inputs.values(), float(scaling), backend, strategy)
