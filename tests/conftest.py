@@ -66,8 +66,10 @@ def _temporary_files_under_pytest(tmp_path_factory):
     scratch = tmp_path_factory.mktemp("tmpdir")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TMPDIR", str(scratch))
-        # Compiler caches default to directories under /tmp or $HOME: keep those in pytest's tree too.
+        # Compiler caches default to directories under /tmp or $HOME: keep those in pytest's tree too, unless
+        # a caller hands in a Triton cache to share on purpose (benchmarks/gpu_session.py, so that a GPU
+        # session compiles each kernel once, not once per stage).
         patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(scratch / "torchinductor"))
-        patch.setenv("TRITON_CACHE_DIR", str(scratch / "triton"))
+        patch.setenv("TRITON_CACHE_DIR", os.environ.get("SPARSEDOCTOR_TEST_TRITON_CACHE") or str(scratch / "triton"))
         patch.setattr(tempfile, "tempdir", str(scratch))
         yield

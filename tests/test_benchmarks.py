@@ -170,3 +170,38 @@ def test_headline_script_keeps_its_block(tmp_path, monkeypatch):
     headline.main()
     text = (tmp_path / "README.md").read_text()
     assert "| H100 | step L=4,seq=2048 T=4096 (tokens/s) | 300 | 100 |" in text and "old" not in text
+
+
+def test_a_benchmark_stopped_part_way_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """A time limit stops a script with SIGTERM: the rows measured before it are written, not lost."""
+    import argparse
+    import os
+    import signal
+
+    measured = []
+
+    def run(args):
+        for index in range(3):
+            row = {column: "-" for column in _harness.CSV_COLUMNS}
+            row.update(op="lora_moe", impl=f"impl{index}", shape="s", mode="fwd", device="cpu")
+            measured.append(row)
+            _harness.echo(row)
+        os.kill(os.getpid(), signal.SIGTERM)  # as the session's time limit does
+        raise AssertionError("SIGTERM must stop the script before this")
+
+    out = tmp_path / "stopped.csv"
+    args = argparse.Namespace(device="cpu", out=out)
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        _harness.run_script(args, run, summarize=lambda rows, bandwidth: None)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is the script's alone
+    assert [row["impl"] for row in _rows(out)] == ["impl0", "impl1", "impl2"]
+
+    def fails(args):
+        _harness.echo(dict(measured[0], impl="before-the-error"))
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    with pytest.raises(RuntimeError):
+        _harness.run_script(args, fails, summarize=lambda rows, bandwidth: None)
+    assert [row["impl"] for row in _rows(out)] == ["impl0", "impl1", "impl2", "before-the-error"]

@@ -5,11 +5,14 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparsedoctor_kernels import reference
 from sparsedoctor_kernels.ops import IMPLEMENTATIONS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sanitize_ops.py"
+# The GPU where there is one (as compute-sanitizer runs it); on CPU the Triton kernels run under the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _load():
@@ -20,7 +23,7 @@ def _load():
 
 
 def test_sanitize_script_runs_route_and_queue_cases(capsys):
-    assert _load().main(["--ops", "route", "queue", "--device", "cpu"]) == 0
+    assert _load().main(["--ops", "route", "queue", "--device", DEVICE]) == 0
     assert "every case matched the reference" in capsys.readouterr().out
 
 
@@ -35,13 +38,13 @@ def test_sanitize_script_reports_a_wrong_backend(monkeypatch, capsys):
     script = _load()
     monkeypatch.setattr(script, "_backends", lambda op, device: ["triton"])
     monkeypatch.setitem(IMPLEMENTATIONS["ExpertQueue.enqueue"], "triton", DropsTheLastRow)
-    assert script.main(["--ops", "queue", "--device", "cpu"]) == 1
+    assert script.main(["--ops", "queue", "--device", DEVICE]) == 1
     assert "WRONG: queue triton" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("op", ["lora_moe", "lora_moe_regate", "infonce", "group_infonce"])
 def test_sanitize_script_cases_match_outputs_and_gradients(op, capsys):
-    assert _load().main(["--ops", op, "--device", "cpu"]) == 0
+    assert _load().main(["--ops", op, "--device", DEVICE]) == 0
     out = capsys.readouterr().out
     assert f"{op}: done" in out and "every case matched the reference" in out
 
@@ -98,7 +101,7 @@ def test_sanitize_script_reports_a_wrong_gradient(op, monkeypatch, capsys):
     monkeypatch.setattr(script, "_backends", lambda op, device: ["triton"])
     for implementations, fake in fakes:
         monkeypatch.setitem(implementations, "triton", fake)
-    assert script.main(["--ops", op, "--device", "cpu"]) == 1
+    assert script.main(["--ops", op, "--device", DEVICE]) == 1
     wrong = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WRONG: ")]
     assert wrong and all(line.startswith(f"WRONG: {op} triton") and ": grad " in line for line in wrong), wrong
     assert any(line.endswith(f": {gradient}") for line in wrong), wrong

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import pathlib
 import re
+import signal
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -146,6 +149,8 @@ def environment(device: torch.device) -> dict[str, str]:
 
 
 def git_commit() -> str:
+    """The checkout's commit (`-dirty` when tracked files changed); SPARSEDOCTOR_COMMIT where there is no .git
+    (the copy of the tree a GPU session runs in), else "-"."""
     root = pathlib.Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -153,7 +158,7 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "-"
+        return os.environ.get("SPARSEDOCTOR_COMMIT", "-")
     return commit + ("-dirty" if dirty else "")
 
 
@@ -173,10 +178,13 @@ def write_rows(path: pathlib.Path, rows: list[dict]) -> None:
             new_keys = {tuple(str(row[c]) for c in KEY_COLUMNS) for row in rows}
             kept = [row for row in csv.DictReader(handle)
                     if tuple(row[c] for c in KEY_COLUMNS) not in new_keys]
-    with path.open("w", newline="") as handle:
+    # Written beside it and renamed over it: a script killed mid-write leaves the old file whole, not empty.
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(kept + rows)
+    os.replace(partial, path)
 
 
 def format_row(value) -> str:
@@ -251,13 +259,33 @@ def script_main(argv, description: str, gpu_tokens: list[int], cpu_tokens: list[
     return run_script(parser.parse_args(argv), run, summarize)
 
 
+_echoed: list[dict] = []  # the rows of the running script measured so far, kept if it is stopped
+
+
+def _stop_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def run_script(args, run: Callable, summarize: Callable) -> int:
-    """Measure (rows echoed as CSV while they come), update the results CSV, print the summary table last."""
+    """Measure (rows echoed as CSV while they come), update the results CSV, print the summary table last.
+    A script stopped part way (Ctrl-C, SIGTERM from a time limit, an error) still writes the rows it measured."""
     device = torch.device(args.device)
+    path = args.out or results_path(device)
     print(f"# {environment(device)}", flush=True)
     print(",".join(CSV_COLUMNS), flush=True)
-    rows = run(args)
-    path = args.out or results_path(device)
+    _echoed.clear()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if in_main_thread else None
+    try:
+        rows = run(args)
+    except BaseException:
+        if _echoed:
+            write_rows(path, list(_echoed))
+            print(f"\nstopped: the {len(_echoed)} rows measured so far written to {path}", flush=True)
+        raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     write_rows(path, rows)
     summarize(rows, copy_bandwidth_gbps(device))
     print(f"\n{len(rows)} rows written to {path}")
@@ -265,4 +293,5 @@ def run_script(args, run: Callable, summarize: Callable) -> int:
 
 
 def echo(row_dict: dict) -> None:
+    _echoed.append(row_dict)
     print(",".join(format_row(row_dict[c]) for c in CSV_COLUMNS), flush=True)
