@@ -491,7 +491,8 @@ def main(argv=None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    print("\n" + (args.out / "summary.md").read_text())
+    summary = args.out / "summary.md"
+    print("\n" + (summary.read_text() if summary.is_file() else "no stage finished: no summary"))
     return 0 if outcomes and all(outcome.status == "ok" for outcome in outcomes) else 1
 
 
