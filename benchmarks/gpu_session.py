@@ -421,8 +421,9 @@ def write_bundle(outcomes: list[Outcome], work: pathlib.Path, out: pathlib.Path,
 
 def describe() -> int:
     """The environment stage: what ran where (the summary quotes this log)."""
-    commands = [["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem",
-                 "--format=csv,noheader"]]
+    # Two queries: a field this driver does not know fails its whole query, and the GPU's name must not go with it.
+    commands = [["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                ["nvidia-smi", "--query-gpu=clocks.max.sm,clocks.max.memory", "--format=csv"]]
     for command in commands:
         try:
             print(subprocess.run(command, capture_output=True, text=True, timeout=30).stdout.strip())
