@@ -2,6 +2,7 @@
 comes back is few plainly named files, and every command it will run on the GPU is one the scripts accept."""
 
 import importlib.util
+import io
 import math
 import os
 import re
@@ -280,3 +281,45 @@ def test_the_command_line_lists_stages_and_refuses_unknown_ones(capsys, tmp_path
         session.main(["--stages", "no_such_stage", "--out", str(tmp_path / "out")])
     assert "unknown stage(s) no_such_stage" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_landing_a_session_puts_its_csv_logs_and_headline_in_the_tree(tmp_path):
+    """What a session brought back lands as results/<device>.csv, its logs beside it, the headline regenerated;
+    a bundle member that would leave the logs folder is not written."""
+    from sparsedoctor_kernels.bench import harness
+
+    land = _load("land_gpu_session")
+    out = tmp_path / "fetched"
+    stages = [session.Stage("test_gpu", _python("print('97 passed in 80.0s')"), cap_s=60, min_s=0)]
+    session.run_session(stages, budget_s=600, work=tmp_path / "work", out=out, echo=_quiet)
+    row = {column: "" for column in harness.CSV_COLUMNS}
+    rows = [dict(row, op="lora_moe", impl=impl, shape="gate_proj", T="8192", E="8", k="2", r="16", mode="full",
+                 device="NVIDIA H200", ms_p50=ms) for impl, ms in (("triton", "0.5"), ("naive", "2.5"))]
+    for stale in out.glob("*.csv"):  # on a GPU machine the bundle copies that machine's real results too
+        stale.unlink()
+    harness.write_rows(out / "nvidia-h200.csv", rows)
+    with tarfile.open(out / "logs.tar.gz") as bundle:
+        members = [(m, bundle.extractfile(m).read()) for m in bundle.getmembers() if m.isfile()]
+    with tarfile.open(out / "logs.tar.gz", "w:gz") as bundle:  # the same bundle, plus a hostile member
+        for member, data in members:
+            bundle.addfile(member, io.BytesIO(data))
+        evil = tarfile.TarInfo("../../escaped.txt")
+        evil.size = 4
+        bundle.addfile(evil, io.BytesIO(b"evil"))
+
+    benchmarks = tmp_path / "benchmarks"
+    benchmarks.mkdir()
+    (benchmarks / "README.md").write_text("before\n<!-- HEADLINE:BEGIN -->\nold\n<!-- HEADLINE:END -->\nafter\n")
+    land.land(out, benchmarks)
+    results = benchmarks / "results"
+    assert (results / "nvidia-h200.csv").read_text() == (out / "nvidia-h200.csv").read_text()
+    logs = results / "nvidia-h200-logs"
+    assert "97 passed in 80.0s" in (logs / "logs" / "test_gpu.log").read_text()
+    assert "| test_gpu | ok |" in (logs / "summary.md").read_text()
+    assert not (logs / "results").exists()  # the CSV lands once, in results/
+    assert not any(p.name == "escaped.txt" for p in tmp_path.rglob("*"))
+    readme = (benchmarks / "README.md").read_text()
+    assert "| NVIDIA H200 | lora_moe gate_proj T=8192 E=8 fwd+bwd (ms) | 0.5 | 2.5 |" in readme
+    assert "old" not in readme and readme.startswith("before\n") and readme.endswith("after\n")
+    with pytest.raises(SystemExit, match="no GPU results CSV"):
+        land.land(tmp_path / "work", benchmarks)
