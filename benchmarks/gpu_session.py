@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import importlib.util
 import io
 import math
@@ -249,13 +250,14 @@ def run_session(stages: list[Stage], budget_s: float, work: pathlib.Path, out: p
     while pending:
         stage = pending.pop(0)
         left = budget_s - (time.monotonic() - started) - PACKAGING_RESERVE_S
-        if stage.needs and find_tool(stage.needs) is None:
+        tool = find_tool(stage.needs) if stage.needs else None
+        if stage.needs and tool is None:
             outcome = Outcome(stage.name, f"skipped: no {stage.needs}", 0.0, "")
         elif left < stage.min_s or left <= 0:
             outcome = Outcome(stage.name, f"skipped: {max(left, 0):.0f} s left", 0.0, "")
         else:
-            if stage.needs:
-                stage = dataclasses.replace(stage, command=[find_tool(stage.needs), *stage.command[1:]])
+            if tool is not None:
+                stage = dataclasses.replace(stage, command=[tool, *stage.command[1:]])
             cap = min(stage.cap_s, left)
             echo(f"[{time.monotonic() - started:5.0f} s] {stage.name}: {stage.purpose} (cap {cap:.0f} s)", flush=True)
             began = time.monotonic()
@@ -285,9 +287,17 @@ def _tail(path: pathlib.Path, lines: int) -> str:
     return "\n".join("    | " + line[:200] for line in text[-lines:])
 
 
+@functools.cache
+def _headline_module():
+    spec = importlib.util.spec_from_file_location("headline", ROOT / "benchmarks" / "headline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def results_csvs() -> list[pathlib.Path]:
     """The benchmark CSVs this machine wrote (the CPU ones are committed ones, not this session's)."""
-    return [p for p in sorted(RESULTS.glob("*.csv")) if not p.name.startswith("cpu")]
+    return _headline_module().gpu_csvs(RESULTS)
 
 
 # metric -> (the launch's field, unit -> scale to seconds or bytes)
@@ -378,11 +388,8 @@ def ncu_table(work: pathlib.Path) -> str:
 
 
 def _headline() -> str:
-    spec = importlib.util.spec_from_file_location("headline", ROOT / "benchmarks" / "headline.py")
-    module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
-        return module.headline()
+        return _headline_module().headline()
     except Exception as error:  # noqa: BLE001 - the summary must be written whatever the CSVs hold
         return f"(headline not generated: {error!r})"
 

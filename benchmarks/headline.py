@@ -11,10 +11,13 @@ HERE = pathlib.Path(__file__).resolve().parent
 BEGIN, END = "<!-- HEADLINE:BEGIN -->", "<!-- HEADLINE:END -->"
 
 
+def gpu_csvs(directory: pathlib.Path) -> list[pathlib.Path]:
+    """The results CSVs of GPUs in `directory` (a `cpu*.csv` only shows that the suite runs)."""
+    return [path for path in sorted(directory.glob("*.csv")) if not path.name.startswith("cpu")]
+
+
 def _rows():
-    for path in sorted((HERE / "results").glob("*.csv")):
-        if path.name.startswith("cpu"):
-            continue  # CPU rows only show that the suite runs
+    for path in gpu_csvs(HERE / "results"):
         with path.open(newline="") as handle:
             yield from csv.DictReader(handle)
 

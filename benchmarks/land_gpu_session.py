@@ -34,7 +34,10 @@ def _safe_members(bundle: tarfile.TarFile) -> list[tarfile.TarInfo]:
 
 def land(folder: pathlib.Path, benchmarks: pathlib.Path = BENCHMARKS) -> list[pathlib.Path]:
     """Copy the session's files into `benchmarks`/results and regenerate its README's headline; the paths written."""
-    csvs = [path for path in sorted(folder.glob("*.csv")) if not path.name.startswith("cpu")]
+    spec = importlib.util.spec_from_file_location("headline", BENCHMARKS / "headline.py")
+    headline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(headline)
+    csvs = headline.gpu_csvs(folder)
     if not csvs:
         raise SystemExit(f"no GPU results CSV in {folder}: the session measured nothing (see its summary.md)")
     results = benchmarks / "results"
@@ -59,9 +62,6 @@ def land(folder: pathlib.Path, benchmarks: pathlib.Path = BENCHMARKS) -> list[pa
         if (folder / "summary.md").is_file():
             shutil.copyfile(folder / "summary.md", logs / "summary.md")
             written.append(logs / "summary.md")
-    spec = importlib.util.spec_from_file_location("headline", BENCHMARKS / "headline.py")
-    headline = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(headline)
     headline.HERE = benchmarks
     headline.main()
     written.append(benchmarks / "README.md")

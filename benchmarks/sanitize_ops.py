@@ -134,14 +134,19 @@ def lora_moe_cases(device, failures):
                                                               (9, 13, 11, 2, 67, 1)):
         tensors, experts = _lora_moe_inputs(gen, num_tokens, d_in, d_out, num_experts, rank, top_k)
         cotangents = {"y": torch.randn(num_tokens, d_out, generator=gen, dtype=torch.float64)}
-        for layout in ("none", "contiguous", "transposed"):
-            want = _lora_moe_run(tensors, experts, cotangents, layout, "torch", "grouped", torch.float64, CPU)
-            for backend in _backends("lora_moe", device):
-                for strategy in ("grouped", "dense"):
-                    got = _lora_moe_run(tensors, experts, cotangents, layout, backend, strategy, torch.float32,
-                                        device)
-                    _compare(got, want, f"lora_moe {backend}/{strategy} out={layout} T={num_tokens} "
-                             f"E={num_experts} r={rank} k={top_k}", failures)
+        _compare_lora_moe_runs("lora_moe", tensors, experts, cotangents, None, device, failures,
+                               f"T={num_tokens} E={num_experts} r={rank} k={top_k}")
+
+
+def _compare_lora_moe_runs(op, tensors, experts, cotangents, regate, device, failures, sizes):
+    """Every backend and strategy, with each `out=` layout, against the float64 reference run the same way."""
+    for layout in ("none", "contiguous", "transposed"):
+        want = _lora_moe_run(tensors, experts, cotangents, layout, "torch", "grouped", torch.float64, CPU, regate)
+        for backend in _backends(op, device):
+            for strategy in ("grouped", "dense"):
+                got = _lora_moe_run(tensors, experts, cotangents, layout, backend, strategy, torch.float32,
+                                    device, regate)
+                _compare(got, want, f"{op} {backend}/{strategy} out={layout} {sizes}", failures)
 
 
 def lora_moe_regate_cases(device, failures):
@@ -166,15 +171,8 @@ def lora_moe_regate_cases(device, failures):
         regate = (rows.to(id_dtype), rows_experts.to(id_dtype))
         cotangents = {"y": torch.randn(num_tokens, d_out, generator=gen, dtype=torch.float64),
                       "y2": torch.randn(num_rows, d_out, generator=gen, dtype=torch.float64)}
-        for layout in ("none", "contiguous", "transposed"):
-            want = _lora_moe_run(tensors, experts, cotangents, layout, "torch", "grouped", torch.float64, CPU,
-                                 regate)
-            for backend in _backends("lora_moe_regate", device):
-                for strategy in ("grouped", "dense"):
-                    got = _lora_moe_run(tensors, experts, cotangents, layout, backend, strategy, torch.float32,
-                                        device, regate)
-                    _compare(got, want, f"lora_moe_regate {backend}/{strategy} out={layout} T={num_tokens} "
-                             f"E={num_experts} r={rank} k={top_k} m={num_rows} k2={rows_top_k}", failures)
+        _compare_lora_moe_runs("lora_moe_regate", tensors, experts, cotangents, regate, device, failures,
+                               f"T={num_tokens} E={num_experts} r={rank} k={top_k} m={num_rows} k2={rows_top_k}")
 
 
 def queue_cases(device, failures):
