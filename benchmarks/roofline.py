@@ -6,7 +6,7 @@ divided by the same device rates, and printed as (base + delta) / base: the slow
 to the frozen model if every kernel ran at the roofline. The frozen GEMMs are compute-bound and run at
 GEMM_FLOPS; the delta kernels are memory-bound at the copy bandwidth unless their FLOPs say otherwise.
 
-    python benchmarks/roofline.py                 # the README's table (H100 rates)
+    python benchmarks/roofline.py                 # docs/gpu.md's table (H100 rates)
     python benchmarks/roofline.py --tokens 16384 --device H200
 """
 

@@ -12,7 +12,7 @@ def _check(args: argparse.Namespace) -> int:
     import torch
 
     from sparsedoctor_kernels import __version__
-    from sparsedoctor_kernels.check import format_table, run_checks
+    from sparsedoctor_kernels.testing.check import format_table, run_checks
 
     print(f"sparsedoctor_kernels {__version__}, torch {torch.__version__}, "
           f"CUDA {'available: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
@@ -27,7 +27,7 @@ def _check(args: argparse.Namespace) -> int:
 def _settings_from(args: argparse.Namespace):
     """TrainSettings from the --config file, if any, with the flags given on the command line on top."""
     from sparsedoctor_kernels.model import SparseDoctorConfig
-    from sparsedoctor_kernels.train_settings import TrainError, TrainSettings, merged_values, read_config_file
+    from sparsedoctor_kernels.train.settings import TrainError, TrainSettings, merged_values, read_config_file
 
     file_values = read_config_file(args.config) if args.config else {}
     flag_values = {name: getattr(args, name) for name in sorted(getattr(args, GIVEN))}
@@ -44,7 +44,7 @@ def _with_flags(message: str, fields: list[str]) -> str:
     """A SparseDoctorConfig error in the words of the command line: `SparseDoctorConfig.top_k` -> `--top-k`."""
     import re
 
-    from sparsedoctor_kernels.training import flag_for
+    from sparsedoctor_kernels.train.settings import flag_for
 
     # Bare names only where they cannot be ordinary words (they hold an underscore).
     names = "|".join(sorted((re.escape(f) for f in fields), key=len, reverse=True))
@@ -53,8 +53,9 @@ def _with_flags(message: str, fields: list[str]) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from sparsedoctor_kernels.data import DataError
-    from sparsedoctor_kernels.training import TrainError, train
+    from sparsedoctor_kernels.train.data import DataError
+    from sparsedoctor_kernels.train.loop import train
+    from sparsedoctor_kernels.train.settings import TrainError
 
     try:
         result = train(_settings_from(args))
@@ -69,8 +70,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sparsedoctor_kernels.demo import run_demo
-    from sparsedoctor_kernels.training import TrainError
+    from sparsedoctor_kernels.experiments.demo import run_demo
+    from sparsedoctor_kernels.train.settings import TrainError
 
     try:
         return run_demo(args.output_dir, steps=args.steps, device=args.device, progress=not args.no_progress)
@@ -120,7 +121,7 @@ def _add_setting(group, name: str, kind: type, default, help_text: str, shown: s
                  metavar: str | None = None) -> None:
     """The flag of one setting: `kind` int, float or str takes a value, list one or more, bool is a switch that
     turns the default over (a True default's flag is --no-...)."""
-    from sparsedoctor_kernels.train_settings import flag_for
+    from sparsedoctor_kernels.train.settings import flag_for
 
     flag = flag_for(name)
     if shown is None:
@@ -144,7 +145,7 @@ def _add_setting(group, name: str, kind: type, default, help_text: str, shown: s
 def _add_adapter_flags(parser: argparse.ArgumentParser) -> None:
     """Every SparseDoctorConfig field as a flag, with the config's default (`r` is `--lora-r`)."""
     from sparsedoctor_kernels.model import SparseDoctorConfig
-    from sparsedoctor_kernels.train_settings import adapter_help, adapter_types, flag_for
+    from sparsedoctor_kernels.train.settings import adapter_help, adapter_types, flag_for
 
     group = parser.add_argument_group("adapter (SparseDoctorConfig; an `adapter:` mapping in a config file)")
     defaults = SparseDoctorConfig()
@@ -166,7 +167,7 @@ def _add_train_parser(commands) -> None:
     """Every TrainSettings field as a flag, generated from its metadata (type, help), then the adapter's.
     Every flag must pass through `torchrun ... -m sparsedoctor_kernels.cli train`: torchrun's parser reads
     abbreviations, so no flag here may be a prefix of one of its flags (tests/test_cli.py checks)."""
-    from sparsedoctor_kernels.train_settings import CHAT_TEMPLATES, TrainSettings, setting_fields
+    from sparsedoctor_kernels.train.settings import CHAT_TEMPLATES, TrainSettings, setting_fields
 
     train = commands.add_parser("train", help="train a SparseDoctor adapter on a causal LM", allow_abbrev=False,
                                 description="Train a SparseDoctor adapter on a causal LM.", epilog=TRAIN_EPILOG)
@@ -196,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train_parser(commands)
 
-    demo = commands.add_parser("demo", help="train, save, reload and plot on a tiny Qwen3 (a few minutes on CPU)")
+    demo = commands.add_parser("demo", help="train, save, reload and plot on a tiny Qwen3 (25 s on an idle "
+                                            "2-core CPU)")
     demo.add_argument("--output-dir", default="sparsedoctor-demo")
     demo.add_argument("--steps", type=int, default=100)
     demo.add_argument("--device", default=None)
@@ -245,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--predictions", help="with --score: a predictions JSONL ({\"id\", \"prediction\"} lines)")
     evaluate.set_defaults(handler=_eval)
 
-    from sparsedoctor_kernels.ablate import add_parser as add_ablate_parser
+    from sparsedoctor_kernels.experiments.ablate import add_parser as add_ablate_parser
 
     add_ablate_parser(commands)
 

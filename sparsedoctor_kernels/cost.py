@@ -14,7 +14,7 @@ added into the frozen output, one read-modify-write per pass).
   read-modify-write of the output for all slots; the backward reads grad_y twice (u and dB), x once (dA) and
   writes dx once. FLOPs: E/k times the grouped ones, nearly free while E*r is small.
 
-The same numbers are the benchmark's roofline column (`sparsedoctor_kernels.bench.lora_moe`) and the README's
+The same numbers are the benchmark's roofline column (`sparsedoctor_kernels.bench.lora_moe`) and docs/gpu.md's
 table (`benchmarks/roofline.py`).
 """
 

@@ -17,8 +17,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import sparsedoctor_kernels._alloc  # noqa: E402
 from sparsedoctor_kernels._backend import why_backend_cannot_run  # noqa: E402
-from sparsedoctor_kernels.check import TOLERANCES  # noqa: E402
 from sparsedoctor_kernels.ops import IMPLEMENTATIONS  # noqa: E402
+from sparsedoctor_kernels.testing.tolerances import TOLERANCES  # noqa: E402
 
 
 def cpu_backends(op: str) -> list[str]:

@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 
-import sparsedoctor_kernels.training
-from sparsedoctor_kernels import ablate
-from sparsedoctor_kernels.ablate import AblateError, AblateSettings, run_ablation, summarise
+from sparsedoctor_kernels.experiments import ablate
+from sparsedoctor_kernels.experiments.ablate import AblateError, AblateSettings, run_ablation, summarise
+from sparsedoctor_kernels.train import loop as training
+
+pytestmark = pytest.mark.slow  # whole ablation grids of training runs
 
 
 def tiny(tmp_path, **overrides) -> AblateSettings:
@@ -48,8 +50,8 @@ def test_grid_runs_writes_the_table_and_resumes(tmp_path, monkeypatch):
     # Resume: only the missing run trains again, and the table is the same.
     (grid / "runs" / "control" / "seed1" / "result.json").unlink()
     trained = []
-    real_train = sparsedoctor_kernels.training.train
-    monkeypatch.setattr(sparsedoctor_kernels.training, "train", lambda s, **k: trained.append(s) or real_train(s, **k))
+    real_train = training.train
+    monkeypatch.setattr(training, "train", lambda s, **k: trained.append(s) or real_train(s, **k))
     run_ablation(settings, log=lambda *a: None)
     assert [s.seed for s in trained] == [1] and trained[0].adapter.contrastive_coef == 0.0
     assert (grid / "table.md").read_text() == table  # the retrained run is deterministic, the others reused
@@ -87,10 +89,10 @@ def test_bad_settings_are_one_line_errors(tmp_path, overrides, match):
 
 
 def test_evaluate_counts_response_tokens_only_and_matches_the_models_loss(tmp_path):
-    from sparsedoctor_kernels.data import build_tokenizer, collate, corpus, encode
-    from sparsedoctor_kernels.data.domains import synthetic_domain_records
+    from sparsedoctor_kernels.experiments.domains import synthetic_domain_records
     from sparsedoctor_kernels.model import SparseDoctorConfig, apply_sparsedoctor
     from sparsedoctor_kernels.model.tiny import tiny_qwen3
+    from sparsedoctor_kernels.train.data import build_tokenizer, collate, corpus, encode
 
     records = synthetic_domain_records(records_per_domain=3, seed=0)
     tokenizer = build_tokenizer(corpus(records), vocab_size=300)

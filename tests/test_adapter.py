@@ -342,6 +342,7 @@ def save_on_two_ranks(directory: pathlib.Path) -> list[dict]:
 
 
 @pytest.mark.skipif(resource is None, reason="needs POSIX resource limits")
+@pytest.mark.slow
 def test_save_adapter_on_every_rank_commits_collectively_and_rank_0_writes(tmp_path):
     directory = tmp_path / "adapter"
     ranks = save_on_two_ranks(directory)
@@ -360,6 +361,7 @@ def test_save_adapter_on_every_rank_commits_collectively_and_rank_0_writes(tmp_p
 
 
 @pytest.mark.skipif(resource is None, reason="needs POSIX resource limits")
+@pytest.mark.slow
 def test_a_failed_save_on_rank_0_is_raised_on_every_rank(tmp_path):
     """Rank 0 cannot write (the directory holds other files): the other rank is told, and nobody waits."""
     directory = tmp_path / "adapter"

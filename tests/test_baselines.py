@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sparsedoctor_kernels as sdk
-from sparsedoctor_kernels import baselines
+from sparsedoctor_kernels.testing import baselines
 
 import brute
 from conftest import assert_close
@@ -18,6 +18,7 @@ def test_lora_moe_baselines_match_brute_force(impl, shape, with_out, gen):
     check_lora_moe_baseline(impl, shape, with_out, gen)
 
 
+@pytest.mark.slow
 def test_compiled_dense_baseline_matches_brute_force(gen):
     check_lora_moe_baseline(baselines.compiled_dense_lora_moe, (13, 8, 6, 4, 3, 2), True, gen)
 

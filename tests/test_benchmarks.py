@@ -130,6 +130,7 @@ def test_queue_and_infonce_benchmark_scripts_write_rows(tmp_path):
         _number(row, "gbps")
 
 
+@pytest.mark.slow
 def test_bench_command_quick_runs_the_step_and_writes_plots(tmp_path, capsys):
     from sparsedoctor_kernels import cli
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sparsedoctor_kernels import cli, reference
-from sparsedoctor_kernels.check import run_checks
 from sparsedoctor_kernels.ops import IMPLEMENTATIONS
+from sparsedoctor_kernels.testing.check import run_checks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +48,7 @@ def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_console_script_is_installed():
     exe = Path(sys.executable).with_name("sparsedoctor")
     if not exe.exists():

@@ -34,6 +34,7 @@ def _inputs(seed=0):
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.slow
 def test_fullgraph_compile_matches_eager(compiler):
     torch._dynamo.reset()
     x, params, queue, proj = _inputs()

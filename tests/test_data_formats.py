@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from sparsedoctor_kernels.data import (  # noqa: E402
+from sparsedoctor_kernels.train.data import (  # noqa: E402
     IGNORE,
     DataError,
     Message,

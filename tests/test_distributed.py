@@ -20,6 +20,8 @@ import sparsedoctor_kernels as sdk
 
 import brute
 
+pytestmark = pytest.mark.slow  # torchrun and gloo process groups: seconds each
+
 ROWS_PER_RANK = (5, 9)  # ranks bring different numbers of rows
 
 
@@ -131,7 +133,7 @@ def test_torchrun_train_checkpoints_and_saves_the_final_adapter_with_identical_q
     pytest.importorskip("transformers")
     from train_helpers import SMALL_FLAGS, metric_steps
 
-    from sparsedoctor_kernels.training import queue_digest
+    from sparsedoctor_kernels.train.loop import queue_digest
 
     run_dir = tmp_path / "ddp"
     command = _torchrun_command() + [

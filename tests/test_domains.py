@@ -7,17 +7,7 @@ import math
 
 import pytest
 
-from sparsedoctor_kernels.data import (
-    DataError,
-    build_tokenizer,
-    corpus,
-    demo_records,
-    encode,
-    format_example,
-    load_jsonl,
-    write_jsonl,
-)
-from sparsedoctor_kernels.data.domains import (
+from sparsedoctor_kernels.experiments.domains import (
     DOMAIN_NAMES,
     department_records,
     departments,
@@ -28,7 +18,17 @@ from sparsedoctor_kernels.data.domains import (
     split_records,
     synthetic_domain_records,
 )
-from sparsedoctor_kernels.data.facts import FACTS
+from sparsedoctor_kernels.train.data import (
+    DataError,
+    build_tokenizer,
+    corpus,
+    demo_records,
+    encode,
+    format_example,
+    load_jsonl,
+    write_jsonl,
+)
+from sparsedoctor_kernels.train.data.facts import FACTS
 
 
 def response_words(record) -> list[str]:

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from sparsedoctor_kernels import cli
-from sparsedoctor_kernels._files import write_atomically
+from sparsedoctor_kernels._util.files import write_atomically
 from sparsedoctor_kernels.eval import (
     MCQ,
     EvalDataError,

@@ -13,12 +13,12 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sparsedoctor_kernels import cli
-from sparsedoctor_kernels.data import build_tokenizer, corpus, demo_records
 from sparsedoctor_kernels.eval import MCQ, build_prompt, evaluate, extract_answer, score
 from sparsedoctor_kernels.eval.answers import opens_thinking, strip_thinking
 from sparsedoctor_kernels.eval.generation import greedy_generate, stop_token_ids
 from sparsedoctor_kernels.eval.prompts import NoChatTemplateError, chat_prompt
 from sparsedoctor_kernels.model.tiny import tiny_qwen3
+from sparsedoctor_kernels.train.data import build_tokenizer, corpus, demo_records
 
 from conftest import SHARED
 

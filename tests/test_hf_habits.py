@@ -317,13 +317,13 @@ def test_peft_and_our_loader_refuse_each_others_adapters_clearly(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_tokenizer():
-    from sparsedoctor_kernels.data import build_tokenizer
+    from sparsedoctor_kernels.train.data import build_tokenizer
 
     return build_tokenizer(["患者 发热 咳嗽 三天", "治疗 以 休息 为主", "the patient has a fever"], vocab_size=300)
 
 
 def test_the_dtype_rule_ignores_the_checkpoints_own_dtype(tmp_path, small_tokenizer):
-    from sparsedoctor_kernels.model.loading import default_dtype, load_causal_lm
+    from sparsedoctor_kernels.train.loading import default_dtype, load_causal_lm
 
     assert default_dtype("cuda:1") == default_dtype("cuda") == torch.bfloat16
     assert default_dtype("cpu") == default_dtype(None) == torch.float32
@@ -336,7 +336,7 @@ def test_the_dtype_rule_ignores_the_checkpoints_own_dtype(tmp_path, small_tokeni
 
 
 def test_a_missing_pad_token_is_the_eos_token_and_reaches_generation(tmp_path, small_tokenizer):
-    from sparsedoctor_kernels.model.loading import load_causal_lm, load_tokenizer
+    from sparsedoctor_kernels.train.loading import load_causal_lm, load_tokenizer
 
     small_tokenizer.save_pretrained(tmp_path / "tokenizer")
     config = json.loads((tmp_path / "tokenizer" / "tokenizer_config.json").read_text())
@@ -349,10 +349,11 @@ def test_a_missing_pad_token_is_the_eos_token_and_reaches_generation(tmp_path, s
 
 
 def test_train_and_eval_load_the_same_tiny_model():
-    from sparsedoctor_kernels import training
     from sparsedoctor_kernels.eval import command
+    from sparsedoctor_kernels.train import loop as training
+    from sparsedoctor_kernels.train.settings import TrainSettings
 
-    settings = training.TrainSettings()
+    settings = TrainSettings()
     train_tokenizer = training.load_tokenizer(settings, training.load_records(settings))
     trained_base = training.load_model(settings, train_tokenizer)
     eval_base, eval_tokenizer = command.load_model("tiny", None, None, "cpu", seed=settings.seed)

@@ -131,6 +131,7 @@ def test_tuple_queue_and_ids_outside_range(backend, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_infonce_gradcheck(backend, gen):
     queue = make_queue(gen, 3, 4, 5, sizes=[4, 2, 3], dtype=torch.float64)
     query = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -282,6 +283,7 @@ def _assert_matches_brute(got, expected, dtype=torch.float64, scale=1.0):
 
 @needs_triton
 @pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.slow
 def test_forced_split_counts_agree_with_brute_force_and_each_other(normalize, gen):
     """Splits cut inside experts and tiles, splits of one slot, more splits asked than slots; a partly filled
     queue (one expert empty, one full), p not a power of two, ids -1 and E seeing every expert."""

@@ -6,7 +6,7 @@ import torch
 
 import sparsedoctor_kernels as sdk
 import sparsedoctor_kernels._alloc
-from sparsedoctor_kernels.bench.launches import layer_step, module_forward_launches
+from sparsedoctor_kernels.bench.layer_launches import layer_step, module_forward_launches
 from sparsedoctor_kernels.cost import ENV_STRATEGY
 from sparsedoctor_kernels.launches import count_launches
 
@@ -53,6 +53,7 @@ def test_counts_triton_kernels_and_not_the_interpreters_copies():
 
 @pytest.mark.skipif("triton" not in cpu_backends("lora_moe"), reason="needs Triton (the interpreter on CPU)")
 @pytest.mark.parametrize("mode, strategy", sorted(LAYER_STEP_CEILING))
+@pytest.mark.slow
 def test_layer_step_launches_stay_under_the_ceiling_and_do_not_grow_with_experts(mode, strategy, monkeypatch):
     monkeypatch.setenv(ENV_STRATEGY, strategy)
     monkeypatch.setattr(sparsedoctor_kernels._alloc, "poison_outputs", False)  # the tests' NaN fills are no launch

@@ -84,7 +84,8 @@ def run_and_compare(inputs, gen, scaling=1.5, with_out=False, backend="torch"):
 # (T, d_in, d_out, E, r, k): odd sizes, 1s everywhere, k = E, E = 64 with k = 8, and sizes that cross the
 # Triton kernels' tiles (more than 64 pairs of one expert, d_in and d_out over 64, r over 64).
 @pytest.mark.parametrize("shape", [(29, 24, 19, 5, 3, 2), (1, 1, 1, 1, 1, 1), (17, 33, 7, 4, 1, 4),
-                                   (40, 16, 48, 64, 8, 8), (150, 70, 67, 3, 5, 2), (9, 13, 11, 2, 67, 1)])
+                                   pytest.param((40, 16, 48, 64, 8, 8), marks=pytest.mark.slow),
+                                   (150, 70, 67, 3, 5, 2), (9, 13, 11, 2, 67, 1)])
 def test_lora_moe_matches_brute_force(shape, with_out, dtype, backend, gen):
     if not backend_supports(backend, dtype):
         pytest.skip(f"{backend} on CPU does not run {dtype}")
@@ -213,6 +214,7 @@ def test_lora_moe_empty_input(with_out, backend, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_lora_moe_gradcheck(backend, gen):
     inputs = make_inputs(gen, 5, 4, 3, 3, 2, 2, dtype=torch.float64, weights_dtype=torch.float64)
     tensors = tuple(inputs[n].requires_grad_() for n in ("x", "lora_a", "lora_b", "weights"))
@@ -270,6 +272,7 @@ def test_out_of_range_ids_contribute_nothing_without_validation(backend, gen):
 @given(num_tokens=st.integers(0, 12), d_in=st.integers(1, 9), d_out=st.integers(1, 9),
        num_experts=st.integers(1, 6), rank=st.integers(1, 5), data=st.data(), seed=st.integers(0, 2**31 - 1),
        with_out=st.booleans(), backend=st.sampled_from(BACKENDS))
+@pytest.mark.slow
 def test_lora_moe_property(num_tokens, d_in, d_out, num_experts, rank, data, seed, with_out, backend):
     top_k = data.draw(st.integers(1, num_experts))
     gen = torch.Generator().manual_seed(seed)

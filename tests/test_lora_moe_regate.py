@@ -114,7 +114,8 @@ def run_and_compare(inputs, gen, backend, with_out, scaling=1.5, validate=None):
 # (T, d_in, d_out, E, r, k, m, k2): odd sizes, 1s, more rows than one 64-row tile, E = 64 with k = 8, a
 # regate with more slots than the call, and one with a single slot (the model's routed view).
 @pytest.mark.parametrize("shape", [(29, 24, 19, 5, 3, 2, 11, 2), (1, 1, 1, 1, 1, 1, 1, 1),
-                                   (80, 33, 70, 4, 5, 2, 70, 3), (40, 16, 18, 64, 2, 8, 9, 8),
+                                   (80, 33, 70, 4, 5, 2, 70, 3),
+                                   pytest.param((40, 16, 18, 64, 2, 8, 9, 8), marks=pytest.mark.slow),
                                    (17, 9, 7, 6, 4, 3, 5, 1)])
 def test_regate_matches_a_second_call(shape, with_out, dtype, backend, gen):
     if not backend_supports(backend, dtype):

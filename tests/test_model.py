@@ -10,7 +10,6 @@ import torch
 pytest.importorskip("transformers")
 
 import sparsedoctor_kernels as sdk  # noqa: E402
-from sparsedoctor_kernels import baselines  # noqa: E402
 from sparsedoctor_kernels.model import (  # noqa: E402
     LoraMoELinear,
     SparseDoctorConfig,
@@ -19,6 +18,7 @@ from sparsedoctor_kernels.model import (  # noqa: E402
     save_adapter,
 )
 from sparsedoctor_kernels.model.tiny import tiny_qwen3  # noqa: E402
+from sparsedoctor_kernels.testing import baselines  # noqa: E402
 
 from conftest import cpu_backends  # noqa: E402
 
@@ -168,6 +168,7 @@ def test_layer_matches_the_naive_loop_with_gradients():
 
 @pytest.mark.skipif("triton" not in cpu_backends("lora_moe"), reason="Triton cannot run here")
 @pytest.mark.parametrize("mode", ["paper", "router"])
+@pytest.mark.slow
 def test_triton_backends_give_the_reference_model(monkeypatch, mode):
     """The whole model on the Triton kernels (interpreter) against the torch reference ops: same loss terms
     and adapter gradients, and the same queues after a step."""
@@ -382,6 +383,7 @@ def test_a_float64_model_computes_the_float32_losses(mode):
 
 
 @pytest.mark.skipif("triton" not in cpu_backends("lora_moe"), reason="Triton cannot run here")
+@pytest.mark.slow
 def test_fused_and_reference_training_curves_agree(monkeypatch):
     """A few optimizer steps on the Triton kernels (interpreter) follow the torch reference's curve."""
     curves = {}

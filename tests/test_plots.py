@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from sparsedoctor_kernels import plots
+from sparsedoctor_kernels._util.plotting import pyplot
 from sparsedoctor_kernels.bench import harness
+from sparsedoctor_kernels.bench import plots as bench_plots
+from sparsedoctor_kernels.train import plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -16,7 +18,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(autouse=True)
 def _close_figures():
     yield
-    plots._pyplot().close("all")
+    pyplot().close("all")
 
 
 def _train_row(step):
@@ -117,7 +119,7 @@ def _bar_heights(axis):
 
 
 def test_bench_speedups_are_against_real_alternatives_and_name_the_device(tmp_path):
-    figures = plots.bench_figures(_bench_rows(), {"lora_moe": "naive"})
+    figures = bench_plots.bench_figures(_bench_rows(), {"lora_moe": "naive"})
     figure = figures["bench_speedup.png"]
     title = figure._suptitle.get_text()
     assert "NVIDIA H200" in title and "torch 2.13.0" in title and "triton 3.5.0" in title and "CPU run" not in title
@@ -128,34 +130,34 @@ def test_bench_speedups_are_against_real_alternatives_and_name_the_device(tmp_pa
     assert sorted(_bar_heights(speedup)) == pytest.approx([0.5, 0.5, 2.5, 2.5, 10.0, 10.0])
     assert all(patch.get_y() == 1.0 for patch in speedup.patches)  # a slow-down points down from 1x
     assert max(_bar_heights(speedup)) < 100  # the frozen layer alone would read 1000x
-    assert {plots.REFERENCES["base"], plots.REFERENCES["lora"]} <= set(_legend(times))
-    base_line = next(c for c in times.collections if c.get_label() == plots.REFERENCES["base"])
+    assert {bench_plots.REFERENCES["base"], bench_plots.REFERENCES["lora"]} <= set(_legend(times))
+    base_line = next(c for c in times.collections if c.get_label() == bench_plots.REFERENCES["base"])
     assert base_line.get_segments()[0][0][1] == pytest.approx(0.01)  # the time of base alone, as a line
     assert "bench_memory.png" not in figures  # no memory measured (CPU rows hold NaN)
-    written = plots.plot_bench(_bench_rows(peak="12.5"), {"lora_moe": "naive"}, tmp_path)
+    written = bench_plots.plot_bench(_bench_rows(peak="12.5"), {"lora_moe": "naive"}, tmp_path)
     assert [path.name for path in written] == ["bench_speedup.png", "bench_memory.png"]
     assert all(path.read_bytes()[:8] == PNG for path in written)
 
 
 def test_bench_device_label_falls_back_and_rejects_mixed_devices():
     rows = _bench_rows(device="cpu-x86_64")
-    title = plots.bench_figures(rows, {"lora_moe": "naive"})["bench_speedup.png"]._suptitle.get_text()
+    title = bench_plots.bench_figures(rows, {"lora_moe": "naive"})["bench_speedup.png"]._suptitle.get_text()
     assert "CPU (x86_64)" in title and "CPU run" in title
     unnamed = _bench_rows(device="")
-    label = plots.bench_figures(unnamed, {"lora_moe": "naive"}, device_label="my box")["bench_speedup.png"]
+    label = bench_plots.bench_figures(unnamed, {"lora_moe": "naive"}, device_label="my box")["bench_speedup.png"]
     assert "my box" in label._suptitle.get_text()
-    runtime = plots.bench_figures(unnamed, {"lora_moe": "naive"})["bench_speedup.png"]._suptitle.get_text()
+    runtime = bench_plots.bench_figures(unnamed, {"lora_moe": "naive"})["bench_speedup.png"]._suptitle.get_text()
     assert f"torch {torch.__version__}" in runtime
     with pytest.raises(ValueError, match="2 devices"):
-        plots.bench_figures(_bench_rows() + _bench_rows(device="NVIDIA H100"), {"lora_moe": "naive"})
+        bench_plots.bench_figures(_bench_rows() + _bench_rows(device="NVIDIA H100"), {"lora_moe": "naive"})
 
 
 def test_bench_single_row_and_missing_baseline_do_not_plot_zero_bars(tmp_path):
-    (written,) = plots.plot_bench([_bench_row("queue", "torch", 2.0, mode="fwd")], {"queue": "naive"}, tmp_path)
+    (written,) = bench_plots.plot_bench([_bench_row("queue", "torch", 2.0, mode="fwd")], {"queue": "naive"}, tmp_path)
     assert written.read_bytes()[:8] == PNG
     rows = [_bench_row("step", impl, ms, mode="full") for impl, ms in (("base", 1.0), ("sparsedoctor", 3.0))]
     rows.append(_bench_row("step", "naive", 9.0, T=512))  # the baseline at another size only
-    speedup, times = plots.bench_figures(rows, {"step": "naive"})["bench_speedup.png"].axes
+    speedup, times = bench_plots.bench_figures(rows, {"step": "naive"})["bench_speedup.png"].axes
     heights = _bar_heights(speedup)
     assert all(math.isfinite(h) and h > 0 for h in heights) and not heights  # nothing to compare at T=256
     assert len(_bar_heights(times)) == 2  # sparsedoctor at T=256, naive at T=512; base is a line

@@ -71,6 +71,7 @@ def test_route_ties_go_to_the_lower_expert_id(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_route_gradcheck(backend):
     logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     for renormalize in (True, False):

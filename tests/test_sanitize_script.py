@@ -10,6 +10,8 @@ import torch
 from sparsedoctor_kernels import reference
 from sparsedoctor_kernels.ops import IMPLEMENTATIONS
 
+pytestmark = pytest.mark.slow  # every op's sanitizer cases under the Triton interpreter
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sanitize_ops.py"
 # The GPU where there is one (as compute-sanitizer runs it); on CPU the Triton kernels run under the interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sparsedoctor_kernels.specialisation import (
+from sparsedoctor_kernels.train.specialisation import (
     SpecialisationStats,
     average_metrics,
     conditional_mutual_information,

@@ -16,12 +16,18 @@ pytest.importorskip("transformers")
 
 from train_helpers import SMALL, SMALL_FLAGS, one_error_line, quiet, settings, snapshot  # noqa: E402
 
-from sparsedoctor_kernels import __version__, cli, training  # noqa: E402
-from sparsedoctor_kernels.data import demo_records, trainable_examples, write_jsonl  # noqa: E402
+from sparsedoctor_kernels import __version__, cli  # noqa: E402
 from sparsedoctor_kernels.model import SparseDoctorConfig  # noqa: E402
-from sparsedoctor_kernels.run_dir import run_record  # noqa: E402
-from sparsedoctor_kernels.train_settings import ADAPTER_HELP, TrainSettings, validate_settings  # noqa: E402
-from sparsedoctor_kernels.training import TrainError, train  # noqa: E402
+from sparsedoctor_kernels.train import loop as training  # noqa: E402
+from sparsedoctor_kernels.train.data import demo_records, trainable_examples, write_jsonl  # noqa: E402
+from sparsedoctor_kernels.train.loop import train  # noqa: E402
+from sparsedoctor_kernels.train.run_dir import run_record  # noqa: E402
+from sparsedoctor_kernels.train.settings import (  # noqa: E402
+    ADAPTER_HELP,
+    TrainError,  # noqa: E402
+    TrainSettings,
+    validate_settings,
+)
 
 # Only the LM term and no randomness in the forward: what gradient accumulation must reproduce exactly.
 LM_ONLY = dataclasses.replace(SMALL, lora_dropout=0.0, balance_coef=0.0, contrastive_coef=0.0, contrastive_tokens=0)
@@ -100,6 +106,7 @@ def _settings_from_argv(argv: list[str]) -> TrainSettings:
     return cli._settings_from(cli.build_parser().parse_args(["train", *argv]))
 
 
+@pytest.mark.slow
 def test_config_file_and_the_same_flags_write_the_same_run_config(tmp_path, small_data):
     run_dir = tmp_path / "run"
     flags = ["--output-dir", str(run_dir), "--data", small_data, "--steps", "1", "--batch-size", "2",
@@ -194,6 +201,7 @@ def test_a_missing_config_file_is_named(tmp_path, capsys):
 
 # --- new settings ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_gradient_accumulation_of_two_batches_of_four_equals_one_batch_of_eight(tmp_path, small_data,
                                                                                monkeypatch):
     """The accumulated step's gradient is one batch's: the LM term is the mean over all the step's supervised
@@ -330,6 +338,7 @@ NEWER_FIELDS = ("epochs", "gradient_accumulation_steps", "weight_decay", "chat_t
                 "eval_split", "eval_data", "eval_every", "tensorboard")
 
 
+@pytest.mark.slow
 def test_a_run_recorded_before_the_newer_settings_resumes_with_their_defaults(tmp_path, small_data):
     train(settings(tmp_path, data=[small_data], steps=2, save_every=2), log=quiet)
     run_file = tmp_path / "run" / "run_config.json"

@@ -11,10 +11,13 @@ pytest.importorskip("transformers")
 
 from train_helpers import SMALL_FLAGS, metric_steps, one_error_line, quiet, settings, snapshot  # noqa: E402
 
-from sparsedoctor_kernels import cli, run_dir, training  # noqa: E402
-from sparsedoctor_kernels.data import demo_records, load_jsonl, write_jsonl  # noqa: E402
+from sparsedoctor_kernels import cli  # noqa: E402
 from sparsedoctor_kernels.model.wrapper import SparseDoctorModel  # noqa: E402
-from sparsedoctor_kernels.training import TrainError, train  # noqa: E402
+from sparsedoctor_kernels.train import loop as training  # noqa: E402
+from sparsedoctor_kernels.train import run_dir  # noqa: E402
+from sparsedoctor_kernels.train.data import demo_records, load_jsonl, write_jsonl  # noqa: E402
+from sparsedoctor_kernels.train.loop import train  # noqa: E402
+from sparsedoctor_kernels.train.settings import TrainError  # noqa: E402
 
 GOOD_LINE = json.dumps({"instruction": "头痛怎么办？", "response": "休息并就医。"}, ensure_ascii=False)
 

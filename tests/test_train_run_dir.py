@@ -13,9 +13,11 @@ pytest.importorskip("transformers")
 
 from train_helpers import PNG, SMALL, SMALL_FLAGS, metric_steps, one_error_line, quiet, settings, snapshot  # noqa: E402
 
-from sparsedoctor_kernels import checkpoints, cli  # noqa: E402
+from sparsedoctor_kernels import cli  # noqa: E402
 from sparsedoctor_kernels.model import SparseDoctorConfig  # noqa: E402
-from sparsedoctor_kernels.training import TrainError, TrainSettings, train  # noqa: E402
+from sparsedoctor_kernels.train import checkpoints  # noqa: E402
+from sparsedoctor_kernels.train.loop import train  # noqa: E402
+from sparsedoctor_kernels.train.settings import TrainError, TrainSettings  # noqa: E402
 
 
 def test_a_fresh_run_refuses_a_directory_holding_another_run(tmp_path, capsys):
@@ -38,6 +40,7 @@ def test_a_directory_with_only_other_files_is_fine_for_a_fresh_run(tmp_path):
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_overwrite_removes_the_previous_run_and_says_what_it_removed(tmp_path):
     train(settings(tmp_path, steps=4, save_every=2), log=quiet)
     run_dir = tmp_path / "run"
@@ -73,6 +76,7 @@ def test_resume_refuses_changed_settings_and_names_every_field(tmp_path, capsys)
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.slow
 def test_a_run_from_before_the_contrastive_mode_existed_resumes_only_as_the_paper_mode(tmp_path, capsys):
     """Such a run trained the paper mode: resuming it with today's default (router) is refused by name, and
     with the paper mode it is accepted."""
@@ -90,6 +94,7 @@ def test_a_run_from_before_the_contrastive_mode_existed_resumes_only_as_the_pape
     assert metric_steps(run_dir) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_resume_accepts_the_fields_that_may_change(tmp_path):
     train(settings(tmp_path, steps=2, save_every=2, device="cpu"), log=quiet)
     resumed = train(settings(tmp_path, steps=3, save_every=1, device=None, gradient_checkpointing=True,
@@ -97,6 +102,7 @@ def test_resume_accepts_the_fields_that_may_change(tmp_path):
     assert [row["step"] for row in resumed.history] == [3]
 
 
+@pytest.mark.slow
 def test_resume_cuts_metrics_back_to_the_checkpoint(tmp_path):
     train(settings(tmp_path, steps=3, save_every=2), log=quiet)  # checkpoint-2, then step 3: "interrupted"
     run_dir = tmp_path / "run"
@@ -178,7 +184,7 @@ def test_entries_named_like_a_run_but_without_one_are_refused_and_never_deleted(
 
 
 def test_resume_refuses_data_changed_at_the_same_path(tmp_path, capsys):
-    from sparsedoctor_kernels.data import demo_records, write_jsonl
+    from sparsedoctor_kernels.train.data import demo_records, write_jsonl
 
     data = write_jsonl(demo_records()[:40], tmp_path / "data.jsonl")
     run_dir = tmp_path / "run"
@@ -194,7 +200,7 @@ def test_resume_refuses_data_changed_at_the_same_path(tmp_path, capsys):
 
 
 def test_resume_checks_the_final_adapter_dir_can_be_written_before_training(tmp_path, capsys, monkeypatch):
-    from sparsedoctor_kernels import training
+    from sparsedoctor_kernels.train import loop as training
 
     run_dir = tmp_path / "run"
     assert cli.main(_fast_cli(run_dir, "--steps", "2", "--save-every", "2")) == 0
@@ -220,6 +226,7 @@ def test_a_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path, capsys, dama
     assert str(path) in message
 
 
+@pytest.mark.slow
 def test_resume_with_nothing_left_to_train_writes_missing_final_outputs(tmp_path, capsys):
     import shutil
 
@@ -243,6 +250,7 @@ def test_resume_with_nothing_left_to_train_writes_missing_final_outputs(tmp_path
     assert "nothing is left to train; raise --steps" in one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_the_optimizer_holds_every_adapter_parameter_in_every_mode(tmp_path):
     """Frozen (unused) heads stay in the optimizer's list, so a checkpoint's optimizer state has one layout
     whatever the contrastive mode, and checkpoints written while the heads were trainable still load."""

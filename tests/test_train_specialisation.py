@@ -3,14 +3,15 @@ held-out router and load entropy, plus MI(domain; top-1 expert) when the records
 
 import json
 
+import pytest
 import torch
 from train_helpers import quiet, settings
 
-from sparsedoctor_kernels.data import write_jsonl
-from sparsedoctor_kernels.data.domains import synthetic_domain_records
-from sparsedoctor_kernels.measure import held_out_metrics
-from sparsedoctor_kernels.specialisation import load_entropy
-from sparsedoctor_kernels.training import train
+from sparsedoctor_kernels.experiments.domains import synthetic_domain_records
+from sparsedoctor_kernels.train.data import write_jsonl
+from sparsedoctor_kernels.train.held_out import held_out_metrics
+from sparsedoctor_kernels.train.loop import train
+from sparsedoctor_kernels.train.specialisation import load_entropy
 
 
 def rows_of(run_dir):
@@ -35,6 +36,7 @@ def test_the_step_load_entropy_is_the_mean_over_modules_of_the_last_forwards_loa
     assert abs(rows_of(tmp_path / "run")[-1]["load_entropy"] - sum(loads) / len(loads)) < 1e-9
 
 
+@pytest.mark.slow
 def test_without_domains_the_eval_has_no_mutual_information(tmp_path):
     train(settings(tmp_path, steps=2, eval_split=0.2, eval_every=0), log=quiet)
     (row,) = [row for row in rows_of(tmp_path / "run") if "eval_loss" in row]
@@ -54,8 +56,8 @@ def test_last_load_counts_real_tokens_only(tmp_path):
 
 
 def test_held_out_eval_loss_matches_the_training_eval_loss(tmp_path):
-    from sparsedoctor_kernels.data import encode
-    from sparsedoctor_kernels.train_metrics import eval_loss
+    from sparsedoctor_kernels.train.data import encode
+    from sparsedoctor_kernels.train.metrics import eval_loss
 
     result = train(settings(tmp_path, steps=1), log=quiet)
     records = [{"instruction": "头痛怎么办", "response": "多休息"}, {"instruction": "发热", "response": "补液"}]

@@ -12,17 +12,19 @@ pytest.importorskip("transformers")
 from train_helpers import PNG, one_error_line, quiet, settings, snapshot  # noqa: E402
 
 from sparsedoctor_kernels import cli  # noqa: E402
-from sparsedoctor_kernels.data import (  # noqa: E402
+from sparsedoctor_kernels.experiments.demo import run_demo  # noqa: E402
+from sparsedoctor_kernels.train.data import (  # noqa: E402
     DataError,
     build_tokenizer,
     corpus,
     demo_records,
+    encode,  # noqa: E402
     format_example,
     load_jsonl,
     write_jsonl,
 )
-from sparsedoctor_kernels.demo import run_demo  # noqa: E402
-from sparsedoctor_kernels.training import TrainSettings, encode, train  # noqa: E402
+from sparsedoctor_kernels.train.loop import train  # noqa: E402
+from sparsedoctor_kernels.train.settings import TrainSettings  # noqa: E402
 
 from conftest import SHARED  # noqa: E402
 
@@ -98,6 +100,7 @@ def test_training_writes_metrics_plots_checkpoints_and_adapter(tmp_path):
     assert all(abs(sum(shares) - 1) < 1e-6 for shares in result.expert_load.values())
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     straight = train(settings(tmp_path, "straight", steps=6, save_every=3), log=lambda *_: None)
     train(settings(tmp_path, "resumed", steps=3, save_every=3), log=lambda *_: None)
@@ -124,6 +127,7 @@ def test_train_command(tmp_path, capsys):
                                                                                                       "down_proj"]
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_and_again_in_the_same_directory(tmp_path):
     for attempt in range(2):  # `sparsedoctor demo` is run again and again in one checkout
         lines = []
@@ -149,7 +153,7 @@ def test_max_length_default_is_the_settings_default_and_every_train_default_matc
 
 
 def test_options_that_collapse_or_overflow_the_letters_are_refused():
-    from sparsedoctor_kernels.data import DataError, normalize_options
+    from sparsedoctor_kernels.train.data import DataError, normalize_options
 
     with pytest.raises(DataError, match="same letter twice"):
         normalize_options({"a": "x", "A": "y"})

@@ -5,7 +5,7 @@ import json
 import pathlib
 
 from sparsedoctor_kernels.model import SparseDoctorConfig
-from sparsedoctor_kernels.training import TrainSettings
+from sparsedoctor_kernels.train.settings import TrainSettings
 
 SMALL = SparseDoctorConfig(num_experts=4, top_k=2, r=4, lora_alpha=8, proj_dim=16, queue_size=32,
                            contrastive_tokens=16)

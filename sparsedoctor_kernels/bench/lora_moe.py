@@ -3,7 +3,7 @@
 Two ops are reported:
 - `lora_moe`: the adapter delta alone. impl `triton` is this library's kernels with the strategy the cost
   model picks per call, `triton-grouped` / `triton-dense` each strategy forced, `torch` the reference; the
-  baselines (`sparsedoctor_kernels.baselines`) are `naive` (per-expert loop, in-place `index_add_`),
+  baselines (`sparsedoctor_kernels.testing.baselines`) are `naive` (per-expert loop, in-place `index_add_`),
   `dense` (every expert as one rank E*r LoRA, gates on the small h, one `addmm_`), `compiled`
   (`torch.compile` of `dense`), `lora` (one plain LoRA of rank r) and `base` (the frozen linear alone);
 - `lora_moe_layer`: the adapted layer, base linear + delta, every impl adding the delta into the base output
@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 import sparsedoctor_kernels as sdk
-from sparsedoctor_kernels import baselines
 from sparsedoctor_kernels.bench import harness
-from sparsedoctor_kernels.check import TOLERANCES
 from sparsedoctor_kernels.cost import choose_strategy, lora_moe_cost
+from sparsedoctor_kernels.testing import baselines
+from sparsedoctor_kernels.testing.tolerances import TOLERANCES
 
 # Qwen3-4B: hidden 2560, intermediate 9728, 32 query heads and 8 key/value heads of 128.
 QWEN3_4B_SHAPES = {"q_proj": (2560, 4096), "k_proj": (2560, 1024), "v_proj": (2560, 1024), "o_proj": (4096, 2560),

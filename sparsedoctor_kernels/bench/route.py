@@ -11,8 +11,8 @@ import sys
 import torch
 
 import sparsedoctor_kernels as sdk
-from sparsedoctor_kernels import baselines
 from sparsedoctor_kernels.bench import harness
+from sparsedoctor_kernels.testing import baselines
 
 GPU_TOKENS = [4096, 16384]
 CPU_TOKENS = [1024]

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import sparsedoctor_kernels as sdk
-from sparsedoctor_kernels import baselines
 from sparsedoctor_kernels.bench import harness
 from sparsedoctor_kernels.model import LoraMoELinear, SparseDoctorConfig, apply_sparsedoctor
+from sparsedoctor_kernels.testing import baselines
 
 IMPLS = ["base", "lora", "naive", "dense", "sparsedoctor"]
 MIN_STEPS = 10  # timed steps at least, whatever the time budget

@@ -36,7 +36,7 @@ def run_suite(ops, quick: bool, out: pathlib.Path, device: str | None) -> int:
     with csv_path.open(newline="") as handle:
         # lora_moe also writes lora_moe_layer rows (the adapter on top of the frozen layer): plotted with it.
         rows = [r for r in csv.DictReader(handle) if r["op"] in ops or r["op"].removesuffix("_layer") in ops]
-    from sparsedoctor_kernels.plots import plot_bench
+    from sparsedoctor_kernels.bench.plots import plot_bench
 
     for path in plot_bench(rows, BASELINE, out):
         print(f"plot: {path}")

@@ -11,7 +11,7 @@ import pathlib
 
 import torch
 
-from sparsedoctor_kernels._files import write_atomically
+from sparsedoctor_kernels._util.files import write_atomically
 from sparsedoctor_kernels.eval.files import output_directory, read_text
 from sparsedoctor_kernels.eval.items import EvalDataError
 from sparsedoctor_kernels.eval.loaders import CMMLU_MED_SUBJECTS, load_benchmark, load_cmb_key_items
@@ -74,11 +74,11 @@ def _user_error(flag: str, value):
 
 
 def load_model(model: str, adapter: str | None, tokenizer_path: str | None, device: str, seed: int = 0):
-    """(model, tokenizer): `tiny` or a local Hugging Face directory, loaded as model/loading.py loads them
+    """(model, tokenizer): `tiny` or a local Hugging Face directory, loaded as train/loading.py loads them
     (bfloat16 on CUDA, float32 elsewhere; EOS pads where there is no pad token), plus an optional SparseDoctor
     adapter (SparseDoctorModel.from_pretrained), on `device`, in eval mode."""
     from sparsedoctor_kernels.model import SparseDoctorModel
-    from sparsedoctor_kernels.model.loading import load_causal_lm, load_tokenizer
+    from sparsedoctor_kernels.train.loading import load_causal_lm, load_tokenizer
 
     adapter_dir = pathlib.Path(adapter) if adapter else None
     if tokenizer_path is None and adapter_dir is not None and (adapter_dir.parent / "tokenizer").is_dir():

@@ -1,5 +1,5 @@
 """File handling of `sparsedoctor eval`: reading UTF-8 text with errors that name the file and line, and an
-output directory checked before any work (writes go through `sparsedoctor_kernels._files`)."""
+output directory checked before any work (writes go through `sparsedoctor_kernels._util.files`)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsedoctor_kernels._progress import progress as progress_bar
+from sparsedoctor_kernels._util.progress import progress as progress_bar
 from sparsedoctor_kernels.eval.answers import extract_answer, opens_thinking, strip_thinking
 from sparsedoctor_kernels.eval.generation import greedy_generate, last_logits_only, position_ids_for, stop_token_ids
 from sparsedoctor_kernels.eval.items import MCQ

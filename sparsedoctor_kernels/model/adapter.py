@@ -17,6 +17,7 @@ import pathlib
 import re
 import shutil
 import uuid
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sparsedoctor_kernels.model.config import SparseDoctorConfig
-from sparsedoctor_kernels.model.wrapper import SparseDoctorModel
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -50,12 +50,25 @@ FIELDS_ADDED_LATER = {"contrastive_mode": "paper", "contrastive_updates": "all"}
 LISTED = 5  # names shown in an error message before "..."
 
 
+class AdaptedModel(Protocol):
+    """What saving and loading need of a model, and all they assume of it (SparseDoctorModel has it): this module
+    knows the wrapper by these members alone, so the wrapper can import it and not the other way round."""
+
+    config: object  # the base model's Hugging Face config
+    sparsedoctor_config: SparseDoctorConfig
+
+    def adapted_modules(self) -> dict[str, torch.nn.Module]: ...
+
+    def commit_queues(self) -> None: ...
+
+
 def _require_model(model, caller: str) -> None:
-    if not isinstance(model, SparseDoctorModel):
+    if not (isinstance(getattr(model, "sparsedoctor_config", None), SparseDoctorConfig)
+            and callable(getattr(model, "adapted_modules", None)) and callable(getattr(model, "commit_queues", None))):
         raise TypeError(f"{caller} needs the model returned by apply_sparsedoctor, got {type(model).__name__}")
 
 
-def _adapter_tensors(model: SparseDoctorModel) -> dict[str, torch.Tensor]:
+def _adapter_tensors(model: AdaptedModel) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, module in model.adapted_modules().items():
         state = module.state_dict(keep_vars=False)
@@ -64,7 +77,7 @@ def _adapter_tensors(model: SparseDoctorModel) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _describe(model: SparseDoctorModel) -> dict:
+def _describe(model: AdaptedModel) -> dict:
     base_config = model.config
     return {
         "peft_type": PEFT_TYPE_MARKER,
@@ -89,7 +102,7 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def save_adapter(model: SparseDoctorModel, directory: str | pathlib.Path, *,
+def save_adapter(model: AdaptedModel, directory: str | pathlib.Path, *,
                  replace_directory: bool = True) -> pathlib.Path:
     """Write the adapter into `directory` (created, or replaced whole) and return the directory.
 
@@ -125,7 +138,7 @@ def save_adapter(model: SparseDoctorModel, directory: str | pathlib.Path, *,
     return directory
 
 
-def _share_outcome(model: SparseDoctorModel, written: bool, directory: pathlib.Path) -> None:
+def _share_outcome(model: AdaptedModel, written: bool, directory: pathlib.Path) -> None:
     """Broadcast rank 0's success to every rank (on the queue's device, which the process group can use)."""
     device = next(iter(model.adapted_modules().values())).queue.ptr.device
     flag = torch.tensor([int(written)], device=device)
@@ -134,7 +147,7 @@ def _share_outcome(model: SparseDoctorModel, written: bool, directory: pathlib.P
         raise RuntimeError(f"rank 0 failed to write the adapter to {directory} (its error says why)")
 
 
-def _adapter_files(model: SparseDoctorModel) -> tuple[dict[str, torch.Tensor], str]:
+def _adapter_files(model: AdaptedModel) -> tuple[dict[str, torch.Tensor], str]:
     """(the tensors on the CPU, the config's JSON text): what both ways of saving write."""
     tensors = {key: value.detach().contiguous().cpu() for key, value in _adapter_tensors(model).items()}
     return tensors, json.dumps(_describe(model), indent=2, ensure_ascii=False) + "\n"
@@ -144,7 +157,7 @@ def _save_weights(tensors: dict[str, torch.Tensor], path: pathlib.Path) -> None:
     save_file(tensors, path, metadata={"format": "pt", "library": "sparsedoctor_kernels"})
 
 
-def _write_adapter(model: SparseDoctorModel, directory: pathlib.Path) -> None:
+def _write_adapter(model: AdaptedModel, directory: pathlib.Path) -> None:
     tensors, description = _adapter_files(model)
     # The real directory: a symlink keeps pointing at the adapter it names, and the sibling names are real.
     directory = pathlib.Path(os.path.realpath(directory))
@@ -162,7 +175,7 @@ def _write_adapter(model: SparseDoctorModel, directory: pathlib.Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)  # only left after a failure: the rename consumed it
 
 
-def _write_adapter_files(model: SparseDoctorModel, directory: pathlib.Path) -> None:
+def _write_adapter_files(model: AdaptedModel, directory: pathlib.Path) -> None:
     """The two files into `directory`, leaving its other files alone; each one written beside its final name
     and renamed over it, the weights before the config."""
     tensors, description = _adapter_files(model)
@@ -256,7 +269,7 @@ def _fsync(path: pathlib.Path) -> None:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_adapter(model: SparseDoctorModel, directory: str | pathlib.Path) -> SparseDoctorModel:
+def load_adapter(model: AdaptedModel, directory: str | pathlib.Path) -> AdaptedModel:
     """Load an adapter saved by `save_adapter` into `model` (same config and modules), in place.
 
     Everything is checked before anything is copied, so on any error the model is unchanged. Errors are

@@ -33,7 +33,7 @@ class SparseDoctorConfig:
     # mode's number, so build a new config (or pass contrastive_coef) to switch modes.
     contrastive_coef: float | None = None
     contrastive_tokens: int = 256
-    # "router" (the default, chosen by measurement: README, "The contrastive objective, measured"): InfoNCE of
+    # "router" (the default, chosen by measurement: docs/method.md, "The contrastive objective"): InfoNCE of
     # routing distributions, a token's against its sequence's, other sequences' as negatives; "paper": the routed
     # view against the token's own fused view (our reading of SparseDoctor), with the expert queue's negatives;
     # "sequence": the routed view against the mean fused view of the other picked tokens of its sequence.

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from sparsedoctor_kernels.model.adapter import load_adapter, read_adapter_config, save_adapter
 from sparsedoctor_kernels.model.config import SparseDoctorConfig
 from sparsedoctor_kernels.model.layer import ForwardContext, LoraMoELinear
+from sparsedoctor_kernels.model.loss import hybrid_loss
 
 
 @dataclass
@@ -76,14 +78,12 @@ class SparseDoctorModel(nn.Module):
         loaded, checked as `load_adapter` checks it. In eval mode with the adapter frozen, as PEFT loads one;
         `is_trainable=True` keeps the adapter trainable. On any error `base_model` is left as it was. The
         random initialisation that loading overwrites does not disturb the caller's RNG."""
-        from sparsedoctor_kernels.model.adapter import load_adapter, read_adapter_config
-
         if isinstance(base_model, SparseDoctorModel):
             raise TypeError("SparseDoctorModel.from_pretrained takes the base causal LM, not a SparseDoctorModel; "
                             "load an adapter into one with load_adapter(model, directory)")
         if not isinstance(base_model, nn.Module):
             raise TypeError(f"SparseDoctorModel.from_pretrained: base_model must be a loaded causal LM (an "
-                            f"nn.Module, e.g. from sparsedoctor_kernels.model.loading.load_causal_lm), got "
+                            f"nn.Module, e.g. from sparsedoctor_kernels.train.loading.load_causal_lm), got "
                             f"{type(base_model).__name__}")
         described = read_adapter_config(adapter_dir)  # before the base is touched
         config = SparseDoctorConfig.from_dict(described["sparsedoctor"])
@@ -130,8 +130,6 @@ class SparseDoctorModel(nn.Module):
     def save_pretrained(self, save_directory: str | pathlib.Path, *, replace_directory: bool = True) -> pathlib.Path:
         """`save_adapter(self, save_directory, replace_directory=...)`: the adapter's two files (PEFT's habit).
         By default the directory is replaced whole; `replace_directory=False` writes beside other files."""
-        from sparsedoctor_kernels.model.adapter import save_adapter
-
         return save_adapter(self, save_directory, replace_directory=replace_directory)
 
     def trainable_parameter_counts(self) -> tuple[int, int]:
@@ -166,8 +164,7 @@ class SparseDoctorModel(nn.Module):
         balance = torch.stack(balance_terms).mean() if balance_terms else zero
         contrastive = torch.stack(contrastive_terms).mean() if contrastive_terms else zero
         lm = out.loss
-        config = self.sparsedoctor_config
-        loss = None if lm is None else lm + config.balance_coef * balance + config.contrastive_coef * contrastive
+        loss = None if lm is None else hybrid_loss(lm, balance, contrastive, self.sparsedoctor_config)
         passed_on = {name: getattr(out, name, None) for name in (*_cache_names, "hidden_states", "attentions")}
         return SparseDoctorOutput(loss=loss, logits=out.logits,
                                   aux_losses={"lm": lm, "balance": balance, "contrastive": contrastive}, **passed_on)

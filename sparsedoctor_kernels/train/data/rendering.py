@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sparsedoctor_kernels.data.formats import Conversation, DataError
+from sparsedoctor_kernels.train.data.formats import Conversation, DataError
 
 MODES = ("auto", "chat", "plain")
 QUESTION_CUE, ANSWER_CUE = "问题：", "回答："

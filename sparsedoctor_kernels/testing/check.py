@@ -16,14 +16,7 @@ import torch
 import sparsedoctor_kernels as sdk
 from sparsedoctor_kernels._backend import BACKENDS, why_backend_cannot_run
 from sparsedoctor_kernels.ops import IMPLEMENTATIONS
-
-# (atol, rtol) per dtype, for values of order one.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-4, 1e-4),
-    torch.bfloat16: (3e-2, 3e-2),
-    torch.float16: (5e-3, 5e-3),
-}
+from sparsedoctor_kernels.testing.tolerances import TOLERANCES
 
 
 def _random(generator: torch.Generator, *shape: int) -> torch.Tensor:

@@ -12,17 +12,17 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from sparsedoctor_kernels import model as sparsedoctor_model
-from sparsedoctor_kernels._files import write_atomically
-from sparsedoctor_kernels.model import load_adapter
-from sparsedoctor_kernels.run_dir import LATEST_FILE, STATE_JSON, STATE_TENSORS
-from sparsedoctor_kernels.train_errors import TrainError
+from sparsedoctor_kernels._util.files import write_atomically
+from sparsedoctor_kernels.model import adapter
+from sparsedoctor_kernels.model.adapter import WEIGHTS_FILE, load_adapter
+from sparsedoctor_kernels.train.run_dir import LATEST_FILE, STATE_JSON, STATE_TENSORS
+from sparsedoctor_kernels.train.settings import TrainError
 
 
 def save_adapter(model, directory: pathlib.Path) -> None:
     """On every rank: under a process group save_adapter commits the staged queue rows with a collective
     all-gather, and rank 0 alone writes."""
-    sparsedoctor_model.save_adapter(model, directory)
+    adapter.save_adapter(model, directory)
 
 
 def save_checkpoint(model, optimizer, step: int, output_dir: pathlib.Path, rank: int) -> None:
@@ -85,8 +85,6 @@ def _write_trainer_state(optimizer, step: int, directory: pathlib.Path,
 def load_checkpoint(model, optimizer, directory: pathlib.Path) -> None:
     """Restore the adapter, the optimizer and this rank's RNG state. A checkpoint that cannot be read (cut
     short, corrupt, or from another adapter) is a TrainError naming the file."""
-    from sparsedoctor_kernels.model.adapter import WEIGHTS_FILE
-
     try:
         load_adapter(model, directory / "adapter")
     except Exception as error:  # safetensors' own errors are no ValueError

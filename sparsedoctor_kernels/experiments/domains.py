@@ -2,7 +2,7 @@
 
 Every record is an instruction record ({"instruction", "response"}) plus "domain" (the domain's name), which
 `format_example` ignores: the records train through the ordinary data path unchanged, and the field is there for
-the analysis (`split_records`, `domain_index`, `sparsedoctor_kernels.specialisation`).
+the analysis (`split_records`, `domain_index`, `sparsedoctor_kernels.train.specialisation`).
 
 Two tasks:
 
@@ -48,8 +48,8 @@ import math
 import random
 from dataclasses import dataclass
 
-from sparsedoctor_kernels.data import DataError, demo_records, format_example
-from sparsedoctor_kernels.data.facts import FACTS
+from sparsedoctor_kernels.train.data import DataError, demo_records, format_example
+from sparsedoctor_kernels.train.data.facts import FACTS
 
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"

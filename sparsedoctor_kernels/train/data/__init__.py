@@ -15,9 +15,9 @@ import random
 
 import torch
 
-from sparsedoctor_kernels._progress import progress as progress_bar
-from sparsedoctor_kernels.data.facts import FACTS
-from sparsedoctor_kernels.data.files import (  # noqa: F401  (this package's API)
+from sparsedoctor_kernels._util.progress import progress as progress_bar
+from sparsedoctor_kernels.train.data.facts import FACTS
+from sparsedoctor_kernels.train.data.files import (  # noqa: F401  (this package's API)
     SourcedRecord,
     is_json_array,
     iter_json_array,
@@ -26,7 +26,7 @@ from sparsedoctor_kernels.data.files import (  # noqa: F401  (this package's API
     read_records,
     write_jsonl,
 )
-from sparsedoctor_kernels.data.formats import (  # noqa: F401  (this package's API)
+from sparsedoctor_kernels.train.data.formats import (  # noqa: F401  (this package's API)
     LETTERS,
     Conversation,
     DataError,
@@ -36,7 +36,7 @@ from sparsedoctor_kernels.data.formats import (  # noqa: F401  (this package's A
     record_format,
     to_conversation,
 )
-from sparsedoctor_kernels.data.rendering import (  # noqa: F401  (this package's API)
+from sparsedoctor_kernels.train.data.rendering import (  # noqa: F401  (this package's API)
     IGNORE,
     MODES,
     Encoded,

@@ -1,7 +1,8 @@
 """The settings of `sparsedoctor train`: TrainSettings, whose fields carry their flag's value type and help text in
 their metadata (cli.py generates the command line from them), their checks, and a run config file (YAML or JSON)
 read into them. A setting's value comes from, in rising precedence: the field's default, the --config file, a
-flag given on the command line."""
+flag given on the command line. TrainError (and NoCheckpointError) are the run's one-line user errors, raised by
+every module of train/."""
 
 from __future__ import annotations
 
@@ -14,9 +15,17 @@ import pathlib
 import typing
 from dataclasses import dataclass, field
 
-from sparsedoctor_kernels.data.rendering import MODES as RENDERING_MODES
 from sparsedoctor_kernels.model import SparseDoctorConfig
-from sparsedoctor_kernels.train_errors import TrainError
+from sparsedoctor_kernels.train.data.rendering import MODES as RENDERING_MODES
+
+
+class TrainError(ValueError):
+    """A user error (settings, data, model path, output directory, resume state), said in one line."""
+
+
+class NoCheckpointError(TrainError, FileNotFoundError):
+    """--resume where there is no checkpoint to resume from."""
+
 
 # The CLI flag of a TrainSettings / SparseDoctorConfig field, where it is not "--" + the field with dashes.
 # `r` is `--lora-r`: torchrun's own parser reads `--r` as an ambiguous prefix of its `--rdzv-*` flags.

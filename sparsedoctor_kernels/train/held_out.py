@@ -3,7 +3,7 @@ in one eval-mode pass (no dropout, no contrastive sampling, the queues untouched
 
 `held_out_metrics(model, examples, domains, ...)` -> {"eval_lm_loss", "router_entropy", "load_entropy", "max_load",
 "tokens"} plus, when every example has a domain, "mi_domain_top1_bits" and "mi_domain_top1_given_token_bits"
-(`sparsedoctor_kernels.specialisation`), each averaged over the adapted modules; the statistics count the response
+(`sparsedoctor_kernels.train.specialisation`), each averaged over the adapted modules; the statistics count the response
 tokens only (those the LM loss is on), never the prompt or padding."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparsedoctor_kernels.data import collate
-from sparsedoctor_kernels.specialisation import SpecialisationStats, average_metrics
+from sparsedoctor_kernels.train.data import collate
+from sparsedoctor_kernels.train.specialisation import SpecialisationStats, average_metrics
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import pathlib
 import torch
 import torch.distributed as dist
 
-from sparsedoctor_kernels.data import collate, supervised_tokens_in
+from sparsedoctor_kernels.train.data import collate, supervised_tokens_in
 
 # The rows' numbers drawn in TensorBoard, under these tags.
 TENSORBOARD_TAGS = {"loss": "train/loss", "lm": "train/lm", "balance": "train/balance",

@@ -1,5 +1,5 @@
 """Kernel launches of one LoraMoELinear training forward + backward (Triton backend; the interpreter on CPU):
-the host overhead a GPU waits on, measured without one. `python -m sparsedoctor_kernels.bench.launches`.
+the host overhead a GPU waits on, measured without one. `python -m sparsedoctor_kernels.bench.layer_launches`.
 
 Three figures per E: the module's forward without the contrastive term (the frozen GEMM and the per-forward
 constants every module shares, such as the real-token count, left out), the contrastive term's extra launches,

@@ -3,7 +3,7 @@ LM (a local Hugging Face directory, or `tiny`: a small random Qwen3 with a BPE t
 AdamW on the adapter only, warmup + cosine learning rate, gradient accumulation, a held-out eval loss, optional
 bf16 autocast, gradient checkpointing, TensorBoard and DDP (under `torchrun`). Every user error (settings, data,
 model path, output directory, resume state) raises TrainError before anything is written; under DDP every rank
-checks, and only rank 0 writes. The settings are in train_settings.py, the run directory in run_dir.py,
+checks, and only rank 0 writes. The settings are in settings.py, the run directory in run_dir.py,
 checkpoints in checkpoints.py."""
 
 from __future__ import annotations
@@ -22,35 +22,28 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sparsedoctor_kernels._progress import progress as progress_bar
-from sparsedoctor_kernels.checkpoints import load_checkpoint, save_adapter, save_checkpoint
-from sparsedoctor_kernels.data import (  # noqa: F401  (encode, collate: this module's API too)
+from sparsedoctor_kernels._util.progress import progress as progress_bar
+from sparsedoctor_kernels.model import apply_sparsedoctor
+from sparsedoctor_kernels.train import loading
+from sparsedoctor_kernels.train.checkpoints import load_checkpoint, save_adapter, save_checkpoint
+from sparsedoctor_kernels.train.data import (
     collate,
     demo_records,
-    encode,
     load_jsonl,
     supervised_tokens_in,
     trainable_examples,
 )
-from sparsedoctor_kernels.measure import held_out_metrics
-from sparsedoctor_kernels.model import apply_sparsedoctor, loading
-from sparsedoctor_kernels.run_dir import (
+from sparsedoctor_kernels.train.held_out import held_out_metrics
+from sparsedoctor_kernels.train.metrics import MetricsWriter, eval_loss
+from sparsedoctor_kernels.train.run_dir import (
     METRICS_FILE,
     TENSORBOARD_DIR,
     check_output_dir,
     check_run_dir,
     prepare_run_dir,
 )
-from sparsedoctor_kernels.specialisation import layer_of, load_entropy
-from sparsedoctor_kernels.train_errors import TrainError
-from sparsedoctor_kernels.train_metrics import MetricsWriter, eval_loss
-from sparsedoctor_kernels.train_settings import (  # noqa: F401  (this module's API too)
-    FLAG_NAMES,
-    TrainSettings,
-    flag_for,
-    resolved_steps,
-    validate_settings,
-)
+from sparsedoctor_kernels.train.settings import TrainError, TrainSettings, resolved_steps, validate_settings
+from sparsedoctor_kernels.train.specialisation import layer_of, load_entropy
 
 
 @dataclass
@@ -330,7 +323,7 @@ def _eval_domains(kept_records: list[dict]) -> tuple:
 
 def _evaluate(model, data: _RunData, settings: TrainSettings, device, world: int, rank: int) -> dict:
     """eval_loss, and on one process the held-out routing statistics too: router and load entropy, and with
-    domains MI(domain; top-1 expert) (sparsedoctor_kernels.measure; under DDP only the loss, every rank's share)."""
+    domains MI(domain; top-1 expert) (train.held_out; under DDP only the loss, every rank's share)."""
     if world > 1:
         return {"eval_loss": eval_loss(model, data.eval_examples, data.pad_id, settings.batch_size, device,
                                        settings.bf16, world, rank)}
@@ -432,7 +425,7 @@ def _train_step(trained, optimizer, micro_batches: list[dict], step: int, settin
 
 
 def _write_outputs(output_dir: pathlib.Path, tokenizer, expert_load: dict) -> None:
-    from sparsedoctor_kernels.plots import plot_expert_load, plot_losses
+    from sparsedoctor_kernels.train.plots import plot_expert_load, plot_losses
 
     tokenizer.save_pretrained(output_dir / "tokenizer")
     full_history = [json.loads(line) for line in (output_dir / METRICS_FILE).read_text().splitlines()]

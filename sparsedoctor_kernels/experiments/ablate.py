@@ -5,7 +5,7 @@ weight, and the random-stream control: the contrastive term computed with the sa
 x seeds trains the same adapter on the same data in the same order (the seed fixes the data order and the
 initialisation, shared by every variant), then measures on held-out records: the LM loss of the response tokens
 and how the routers specialise (mutual information between a token's domain and its top-1 expert, the same
-given the token, router and load entropy; `sparsedoctor_kernels.specialisation`). Differences are paired by
+given the token, router and load entropy; `sparsedoctor_kernels.train.specialisation`). Differences are paired by
 seed, against the full method and against the control (the noise floor of a change of random stream).
 
     sparsedoctor ablate --output-dir ablation --seeds 0 1 2
@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from sparsedoctor_kernels._files import write_atomically
-from sparsedoctor_kernels._progress import progress as progress_bar
+from sparsedoctor_kernels._util.files import write_atomically
+from sparsedoctor_kernels._util.progress import progress as progress_bar
 
 # Overrides of SparseDoctorConfig per variant, on top of AblateSettings.adapter.
 # Each variant names its contrastive mode and weight, so that a change of the library's defaults does not change
@@ -116,13 +116,13 @@ def check_settings(settings: AblateSettings) -> None:
 
 def task_records(settings: AblateSettings) -> tuple[list[dict], list[dict], list[str]]:
     """(train records, held-out records, pretraining texts), deterministic (task seed 0, not the run seeds)."""
-    from sparsedoctor_kernels.data import corpus
-    from sparsedoctor_kernels.data.domains import (
+    from sparsedoctor_kernels.experiments.domains import (
         department_records,
         pretraining_texts,
         split_records,
         synthetic_domain_records,
     )
+    from sparsedoctor_kernels.train.data import corpus
 
     if settings.task == "synthetic":
         records = synthetic_domain_records(records_per_domain=settings.records_per_domain, seed=0)
@@ -138,7 +138,7 @@ def _pretrain(model, tokenizer, texts: list[str], steps: int, device, progress: 
     """Full-parameter causal-LM training of the tiny base on `texts` (batch 16, AdamW, constant 3e-3)."""
     import random
 
-    from sparsedoctor_kernels.data import collate
+    from sparsedoctor_kernels.train.data import collate
 
     encoded = [tokenizer(t)["input_ids"][:128] for t in texts]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -160,8 +160,8 @@ def prepare_base(settings: AblateSettings, directory: pathlib.Path, records: lis
                  device) -> pathlib.Path:
     """A tiny Qwen3 with a BPE tokenizer trained on the task, pretrained on `texts`, saved as a Hugging Face
     directory (once: an existing one of the same settings is reused)."""
-    from sparsedoctor_kernels.data import build_tokenizer, corpus
     from sparsedoctor_kernels.model.tiny import tiny_qwen3
+    from sparsedoctor_kernels.train.data import build_tokenizer, corpus
 
     recipe = {"task": settings.task, "hidden_size": settings.hidden_size, "num_layers": settings.num_layers,
               "pretrain_steps": settings.pretrain_steps, "records_per_domain": settings.records_per_domain}
@@ -189,9 +189,9 @@ def prepare_base(settings: AblateSettings, directory: pathlib.Path, records: lis
 def evaluate(model, tokenizer, records: list[dict], device, batch_size: int = 16) -> dict:
     """Held-out LM loss (mean NLL per response token, nats) and the specialisation metrics averaged over the
     adapted modules, on the response tokens of `records` (each with a "domain")."""
-    from sparsedoctor_kernels.data import encode
-    from sparsedoctor_kernels.data.domains import domain_index
-    from sparsedoctor_kernels.measure import held_out_metrics
+    from sparsedoctor_kernels.experiments.domains import domain_index
+    from sparsedoctor_kernels.train.data import encode
+    from sparsedoctor_kernels.train.held_out import held_out_metrics
 
     index = domain_index(records)
     return held_out_metrics(model, encode(records, tokenizer, 512), [index[r["domain"]] for r in records],
@@ -201,7 +201,8 @@ def evaluate(model, tokenizer, records: list[dict], device, batch_size: int = 16
 def run_one(settings: AblateSettings, variant: str, seed: int, base_dir: pathlib.Path, train_file: pathlib.Path,
             held_out: list[dict], device) -> dict:
     from sparsedoctor_kernels.model import SparseDoctorConfig
-    from sparsedoctor_kernels.training import TrainSettings, train
+    from sparsedoctor_kernels.train.loop import train
+    from sparsedoctor_kernels.train.settings import TrainSettings
 
     run_dir = pathlib.Path(settings.output_dir) / "runs" / variant / f"seed{seed}"
     result_path = run_dir / "result.json"
@@ -273,9 +274,9 @@ def table_markdown(rows: list[dict], variants: list[str], command: str) -> str:
 
 def plot_runs(results: list[dict], variants: list[str], path: pathlib.Path) -> pathlib.Path:
     """MI(domain; top-1 expert) against held-out LM loss, one point per run, the mean of each variant marked."""
-    from sparsedoctor_kernels.plots import _pyplot
+    from sparsedoctor_kernels._util.plotting import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     palette = plt.get_cmap("tab20")  # distinct colours for up to 20 variants (the default cycle repeats after 10)
     for index, variant in enumerate(variants):
@@ -324,8 +325,8 @@ def _prepare_output_dir(settings: AblateSettings) -> pathlib.Path:
 
 
 def run_ablation(settings: AblateSettings, command: str = "sparsedoctor ablate", log=print) -> list[dict]:
-    from sparsedoctor_kernels.data import write_jsonl
-    from sparsedoctor_kernels.training import pick_device
+    from sparsedoctor_kernels.train.data import write_jsonl
+    from sparsedoctor_kernels.train.loop import pick_device
 
     check_settings(settings)
     out = _prepare_output_dir(settings)

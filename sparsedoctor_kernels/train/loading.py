@@ -37,7 +37,7 @@ def load_tokenizer(model: str, *, tokenizer: str | None = None, records: list[di
     """The tokenizer at `tokenizer` if given, else `model`'s; for `tiny`, a BPE tokenizer trained on
     `records` (default: the bundled demo records) with `tiny_vocab_size` entries (default: build_tokenizer's)."""
     if tokenizer is None and model == TINY:
-        from sparsedoctor_kernels.data import build_tokenizer, corpus, demo_records
+        from sparsedoctor_kernels.train.data import build_tokenizer, corpus, demo_records
 
         sizes = {} if tiny_vocab_size is None else {"vocab_size": tiny_vocab_size}
         return fix_pad_token(build_tokenizer(corpus(demo_records() if records is None else records), **sizes))

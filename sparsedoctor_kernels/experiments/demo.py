@@ -11,20 +11,11 @@ import time
 
 import torch
 
-from sparsedoctor_kernels.data import demo_records, write_jsonl
 from sparsedoctor_kernels.model import SparseDoctorConfig, apply_sparsedoctor, load_adapter
-from sparsedoctor_kernels.run_dir import RUN_FILE, run_entries
-from sparsedoctor_kernels.train_errors import TrainError
-from sparsedoctor_kernels.training import (
-    TrainSettings,
-    check_output_dir,
-    collate,
-    encode,
-    load_base,
-    pick_device,
-    train,
-    validate_settings,
-)
+from sparsedoctor_kernels.train.data import collate, demo_records, encode, write_jsonl
+from sparsedoctor_kernels.train.loop import load_base, pick_device, train
+from sparsedoctor_kernels.train.run_dir import RUN_FILE, check_output_dir, run_entries
+from sparsedoctor_kernels.train.settings import TrainError, TrainSettings, validate_settings
 
 # Sized for two CPU cores: about a second a step. The method's structure is the default's, at toy sizes.
 DEMO_ADAPTER = SparseDoctorConfig(num_experts=8, top_k=2, r=8, lora_alpha=16, proj_dim=32, queue_size=256,
@@ -79,7 +70,9 @@ def run_demo(output_dir: str = "sparsedoctor-demo", steps: int = 100, device: st
     log(f"{'term':<12}{'first':>10}{'last':>10}")
     for key in ("lm", "balance", "contrastive", "loss"):
         log(f"{key:<12}{_mean(first, key):>10.4f}{_mean(last, key):>10.4f}")
-    log("(balance is 1.0 for perfectly even routing and E at worst; it starts even and balance_coef bounds it)")
+    log("(lm should fall: the adapter learns the data. balance is 1.0 for perfectly even routing and E at worst;\n"
+        " it starts even and may rise a little as experts specialise, balance_coef bounds it. contrastive is a\n"
+        " regulariser on the routing, not a target: it need not fall. loss = lm + the weighted terms.)")
 
     # Reload the saved adapter into a fresh model and compare logits on a few examples.
     trained = result.model.eval()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from sparsedoctor_kernels.data.formats import DataError, json_kind, to_conversation
+from sparsedoctor_kernels.train.data.formats import DataError, json_kind, to_conversation
 
 UTF8_BOM = b"\xef\xbb\xbf"
 JSON_SPACE = " \t\r\n"
@@ -165,7 +165,7 @@ def read_records(path: str | pathlib.Path) -> list[SourcedRecord]:
 
 def write_jsonl(records: list[dict], path: str | pathlib.Path) -> pathlib.Path:
     """Atomically (readers see the old file or the new one, never half of one)."""
-    from sparsedoctor_kernels._files import write_atomically
+    from sparsedoctor_kernels._util.files import write_atomically
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,13 +14,10 @@ import pathlib
 import re
 import shutil
 import tempfile
-from typing import TYPE_CHECKING
 
-from sparsedoctor_kernels._files import PARTIAL, write_atomically
-from sparsedoctor_kernels.train_errors import NoCheckpointError, TrainError
-
-if TYPE_CHECKING:
-    from sparsedoctor_kernels.training import TrainSettings
+from sparsedoctor_kernels._util.files import PARTIAL, write_atomically
+from sparsedoctor_kernels.model.adapter import CONFIG_FILE, FIELDS_ADDED_LATER, WEIGHTS_FILE
+from sparsedoctor_kernels.train.settings import NoCheckpointError, TrainError, TrainSettings
 
 RUN_FILE = "run_config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -120,16 +117,12 @@ def find_checkpoint(settings: TrainSettings, output_dir: pathlib.Path) -> tuple[
 
 
 def final_outputs_written(output_dir: pathlib.Path) -> bool:
-    from sparsedoctor_kernels.model.adapter import WEIGHTS_FILE
-
     return (output_dir / "adapter" / WEIGHTS_FILE).is_file() and (output_dir / "tokenizer").is_dir()
 
 
 def check_outputs_writable(settings: TrainSettings, output_dir: pathlib.Path, start: int) -> None:
     """Before a resumed run trains: the final adapter/ (replaced whole, so holding only an adapter's files),
     tokenizer/ and the checkpoints still to come can be written."""
-    from sparsedoctor_kernels.model.adapter import CONFIG_FILE, WEIGHTS_FILE
-
     adapter = output_dir / "adapter"
     if adapter.exists() or adapter.is_symlink():
         if not adapter.is_dir():
@@ -192,9 +185,6 @@ def _with_defaults(saved: dict) -> dict:
     """A run_config.json written before a setting existed ran as its default then did: today's default fills
     it in, except for the adapter fields whose default has changed since (a run from before the contrastive
     mode existed ran the paper mode, not today's router mode)."""
-    from sparsedoctor_kernels.model.adapter import FIELDS_ADDED_LATER
-    from sparsedoctor_kernels.train_settings import TrainSettings
-
     defaults = json.loads(json.dumps(TrainSettings().to_dict()))
     adapter = saved.get("adapter")
     if isinstance(adapter, dict):

@@ -1,0 +1,2 @@
+"""Helpers the applications share (atomic file writes, progress bars, matplotlib); the kernel library never
+imports them."""
