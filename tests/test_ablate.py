@@ -60,7 +60,7 @@ def test_grid_runs_writes_the_table_and_resumes(tmp_path, monkeypatch):
 def test_control_differs_from_the_full_method_only_in_the_weight_of_the_term():
     full = ablate.VARIANTS["full"]
     control = ablate.VARIANTS["control"]
-    assert control == {**full, "contrastive_coef": 0.0}
+    assert control == {**full, "contrastive_coef": 0.0, "contrastive_at_zero_weight": True}
     assert AblateSettings().adapter.get("lora_dropout", 0.05) > 0  # else the random stream changes nothing
 
 

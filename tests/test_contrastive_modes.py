@@ -129,7 +129,8 @@ def test_the_router_mode_needs_no_queue_and_takes_top_k_1():
 
 
 @pytest.mark.parametrize("overrides", [dict(contrastive_mode="router"), dict(contrastive_mode="paper"),
-                                       dict(contrastive_mode="paper", contrastive_tokens=0)])
+                                       dict(contrastive_mode="paper", contrastive_tokens=0),
+                                       dict(contrastive_mode="paper", contrastive_coef=0.0)])
 def test_every_trainable_parameter_gets_a_gradient(overrides):
     """What DDP requires of a training step (it refuses unused parameters): the heads are trainable only where
     there are views to project."""
@@ -145,5 +146,78 @@ def test_every_trainable_parameter_gets_a_gradient(overrides):
     model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused
-    heads_train = overrides.get("contrastive_mode") == "paper" and overrides.get("contrastive_tokens", 1) > 0
+    heads_train = (overrides.get("contrastive_mode") == "paper" and overrides.get("contrastive_tokens", 1) > 0
+                   and overrides.get("contrastive_coef", 1) > 0)
     assert all(m.head.weight.requires_grad == heads_train for m in model.adapted_modules().values())
+
+
+def _tiny_model(**overrides):
+    from sparsedoctor_kernels.model import apply_sparsedoctor
+    from sparsedoctor_kernels.model.tiny import tiny_qwen3
+
+    torch.manual_seed(0)
+    return apply_sparsedoctor(tiny_qwen3(64, hidden_size=32, num_layers=1),
+                              SparseDoctorConfig(**{"num_experts": 4, "r": 4, "queue_size": 16, "contrastive_tokens": 8,
+                                                    **overrides}))
+
+
+@pytest.mark.parametrize("mode", ["paper", "sequence", "router"])
+def test_a_zero_weight_computes_no_contrastive_term(mode, monkeypatch):
+    """Off means off: at contrastive_coef=0 no token is sampled, no view or head is computed, nothing is queued,
+    and the random stream is the one of contrastive_tokens=0; contrastive_at_zero_weight asks for the term."""
+    off = _tiny_model(contrastive_mode=mode, contrastive_coef=0.0)
+    assert not off.sparsedoctor_config.computes_contrastive
+    sampled = []
+    real_pick = LoraMoELinear._pick
+    monkeypatch.setattr(LoraMoELinear, "_pick", lambda self, *a: sampled.append(1) or real_pick(self, *a))
+    ids = torch.randint(0, 64, (2, 9))
+    off.train()
+    for _ in range(2):
+        out = off(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    assert not sampled and out.aux_losses["contrastive"] == 0
+    assert all(int(m.queue.size.sum()) == 0 and not m.head.weight.requires_grad for m in off.adapted_modules().values())
+    without_tokens = _tiny_model(contrastive_mode=mode, contrastive_coef=0.0, contrastive_tokens=0)
+    without_tokens.train()
+    torch.manual_seed(1)
+    a = off(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+    torch.manual_seed(1)
+    b = without_tokens(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+    assert torch.equal(a, b)  # the same random draws (dropout), so the same loss to the bit
+
+    control = _tiny_model(contrastive_mode=mode, contrastive_coef=0.0, contrastive_at_zero_weight=True)
+    assert control.sparsedoctor_config.computes_contrastive
+    control.train()
+    for _ in range(2):
+        out = control(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    assert sampled and out.aux_losses["contrastive"] > 0
+    assert torch.equal(out.loss, out.aux_losses["lm"] + 0.01 * out.aux_losses["balance"])  # weighted 0
+    if mode != "router":
+        assert all(int(m.queue.size.sum()) > 0 for m in control.adapted_modules().values())
+
+
+def test_a_zero_weight_costs_the_launches_of_no_term():
+    from sparsedoctor_kernels.bench.layer_launches import module_forward_launches
+
+    def launches(**overrides):
+        return module_forward_launches(backend="torch", **overrides)
+
+    plain = launches()
+    for mode in ("router", "paper"):
+        assert launches(contrastive_tokens=8, contrastive_mode=mode, contrastive_coef=0.0) == plain
+        assert launches(contrastive_tokens=8, contrastive_mode=mode).total > plain.total
+
+
+def test_contrastive_at_zero_weight_is_a_bool_and_old_adapters_keep_computing_the_term():
+    from sparsedoctor_kernels.model.adapter import with_fields_added_later
+
+    with pytest.raises(ValueError, match="contrastive_at_zero_weight must be True or False"):
+        SparseDoctorConfig(contrastive_at_zero_weight=1)
+    assert SparseDoctorConfig().contrastive_at_zero_weight is False
+    # Written before the field existed, an adapter computed the term at weight 0: it reads so; at another weight
+    # the field changes nothing and reads as today's default (so such a run resumes with today's flags).
+    old = {k: v for k, v in SparseDoctorConfig(contrastive_mode="paper").to_dict().items()
+           if k != "contrastive_at_zero_weight"}
+    assert with_fields_added_later(old)["contrastive_at_zero_weight"] is False
+    assert with_fields_added_later({**old, "contrastive_coef": 0.0})["contrastive_at_zero_weight"] is True
+    assert with_fields_added_later({**old, "contrastive_at_zero_weight": False, "contrastive_coef": 0.0}) == {
+        **old, "contrastive_at_zero_weight": False, "contrastive_coef": 0.0}

@@ -30,14 +30,14 @@ def _backend(backend: str):
             os.environ["SPARSEDOCTOR_BACKEND"] = previous
 
 
-def _layer(num_experts, top_k, rank, d_in, d_out, contrastive_tokens, seed, contrastive_mode):
+def _layer(num_experts, top_k, rank, d_in, d_out, contrastive_tokens, seed, contrastive_mode, contrastive_coef=None):
     from sparsedoctor_kernels.model import SparseDoctorConfig
     from sparsedoctor_kernels.model.layer import ForwardContext, LoraMoELinear
 
     torch.manual_seed(seed)
     config = SparseDoctorConfig(num_experts=num_experts, top_k=top_k, r=rank, proj_dim=16, queue_size=32,
                                 contrastive_tokens=contrastive_tokens, lora_dropout=0.0,
-                                contrastive_mode=contrastive_mode)
+                                contrastive_mode=contrastive_mode, contrastive_coef=contrastive_coef)
     context = ForwardContext()
     layer = LoraMoELinear(torch.nn.Linear(d_in, d_out), config, context).train()
     with torch.no_grad():
@@ -68,11 +68,12 @@ def layer_step(num_experts: int = 8, top_k: int = 2, rank: int = 4, tokens: int 
 
 def layer_forward(num_experts: int = 8, top_k: int = 2, rank: int = 4, tokens: int = 24, d_in: int = 32,
                   d_out: int = 40, backend: str = "triton", contrastive_tokens: int = 0, seed: int = 0,
-                  contrastive_mode: str = "router"):
+                  contrastive_mode: str = "router", contrastive_coef: float | None = None):
     """A closure running one training-mode forward of a LoraMoELinear (balance loss recorded, a quarter of the
     tokens padding), after the context's per-forward constants are made: what one module adds to a model's
     forward."""
-    layer, context = _layer(num_experts, top_k, rank, d_in, d_out, contrastive_tokens, seed, contrastive_mode)
+    layer, context = _layer(num_experts, top_k, rank, d_in, d_out, contrastive_tokens, seed, contrastive_mode,
+                            contrastive_coef)
     x = torch.randn(tokens, d_in)
     real_tokens = torch.arange(tokens) < tokens - tokens // 4
 

@@ -41,7 +41,8 @@ PAPER = {"contrastive_mode": "paper", "contrastive_coef": 0.1}
 VARIANTS: dict[str, dict] = {
     "full": PAPER,
     "no-contrastive": {**PAPER, "contrastive_tokens": 0, "contrastive_coef": 0.0},
-    "control": {**PAPER, "contrastive_coef": 0.0},  # the term is computed (same random draws as "full"), weighted 0
+    # The term computed (same random draws as "full") and weighted 0: asked for, since a zero weight computes nothing.
+    "control": {**PAPER, "contrastive_coef": 0.0, "contrastive_at_zero_weight": True},
     "small-queue": {**PAPER, "queue_size": 8},
     "no-balance": {**PAPER, "balance_coef": 0.0},
     "contrastive-1.0": {**PAPER, "contrastive_coef": 1.0},

@@ -50,6 +50,16 @@ FIELDS_ADDED_LATER = {"contrastive_mode": "paper", "contrastive_updates": "all"}
 LISTED = 5  # names shown in an error message before "..."
 
 
+def with_fields_added_later(described: dict) -> dict:
+    """A SparseDoctorConfig dict as written by any version, with the fields added since filled in with what the
+    writing version did: FIELDS_ADDED_LATER, and contrastive_at_zero_weight True where the weight was 0 (a zero
+    weight computed the term before the field existed; at any other weight the field changes nothing)."""
+    filled = {**FIELDS_ADDED_LATER, **described}
+    if "contrastive_at_zero_weight" not in described:
+        filled["contrastive_at_zero_weight"] = described.get("contrastive_coef") == 0
+    return filled
+
+
 class AdaptedModel(Protocol):
     """What saving and loading need of a model, and all they assume of it (SparseDoctorModel has it): this module
     knows the wrapper by these members alone, so the wrapper can import it and not the other way round."""
@@ -350,9 +360,8 @@ def _read_config(path: pathlib.Path) -> dict:
     if saved.get("peft_type", PEFT_TYPE_MARKER) != PEFT_TYPE_MARKER:
         raise ValueError(f"{path}: field 'peft_type' must be {PEFT_TYPE_MARKER!r} (the text PEFT shows when it "
                          f"refuses this adapter), got {saved['peft_type']!r}")
-    for name, value in FIELDS_ADDED_LATER.items():
-        if name in SparseDoctorConfig.field_names():
-            saved["sparsedoctor"].setdefault(name, value)
+    if isinstance(saved["sparsedoctor"], dict):
+        saved["sparsedoctor"] = with_fields_added_later(saved["sparsedoctor"])
     _check_sparsedoctor_config(saved["sparsedoctor"], path)
     _check_modules(saved["modules"], path)
     return saved

@@ -42,6 +42,10 @@ class SparseDoctorConfig:
     # outputs enter the views detached, so the term shapes routing without pulling those experts away from the LM
     # loss; through the hidden states a router reads, it still reaches earlier layers).
     contrastive_updates: str = "all"
+    # Off means off: at contrastive_coef=0 the term is not computed (no sampling, views, heads or queue writes).
+    # True computes it anyway, weighted 0: the ablation's random-stream control, which must draw the same random
+    # numbers as the weighted run.
+    contrastive_at_zero_weight: bool = False
 
     def __post_init__(self):
         if isinstance(self.target_modules, str) or not isinstance(self.target_modules, (list, tuple)):
@@ -80,6 +84,9 @@ class SparseDoctorConfig:
         if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
             raise ValueError(f"SparseDoctorConfig.target_modules must name at least one module, "
                              f"got {self.target_modules!r}")
+        if not isinstance(self.contrastive_at_zero_weight, bool):
+            raise ValueError(f"SparseDoctorConfig.contrastive_at_zero_weight must be True or False, "
+                             f"got {self.contrastive_at_zero_weight!r}")
         if self.contrastive_updates not in CONTRASTIVE_UPDATES:
             raise ValueError(f"SparseDoctorConfig.contrastive_updates must be one of {', '.join(CONTRASTIVE_UPDATES)}"
                              f", got {self.contrastive_updates!r}")
@@ -87,7 +94,7 @@ class SparseDoctorConfig:
 
     def _check_contrastive_term(self) -> None:
         """The contrastive term must be able to do something when it is on."""
-        if self.contrastive_coef == 0 or self.contrastive_tokens == 0 or self.contrastive_mode == "router":
+        if not self.computes_contrastive or self.contrastive_mode == "router":
             return  # the router mode contrasts routing distributions in the batch: no queue, any top_k
         if self.queue_size == 0:
             # No queue, no negatives: the loss would be a constant 0 and silently train nothing.
@@ -97,6 +104,12 @@ class SparseDoctorConfig:
             warnings.warn("SparseDoctorConfig.top_k=1: the routed and fused views of a token are then identical, "
                           "so the contrastive term gives the router no gradient (it can still move the experts "
                           "and heads); use top_k >= 2 for the method as described", UserWarning, stacklevel=4)
+
+    @property
+    def computes_contrastive(self) -> bool:
+        """Whether training computes the contrastive term: it samples tokens and has a weight (or is asked for at
+        weight 0, contrastive_at_zero_weight)."""
+        return self.contrastive_tokens > 0 and (self.contrastive_coef > 0 or self.contrastive_at_zero_weight)
 
     @property
     def scaling(self) -> float:

@@ -88,7 +88,7 @@ class LoraMoELinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_a.data[expert], a=math.sqrt(5))
         self.lora_b = nn.Parameter(torch.zeros(num_experts, d_out, rank, device=device))  # delta = 0 at init
         self.head = nn.Linear(d_out, config.proj_dim, device=device)
-        if config.contrastive_mode == "router" or config.contrastive_tokens == 0:
+        if config.contrastive_mode == "router" or not config.computes_contrastive:
             # No views to project: a trainable head would get no gradient, which DDP refuses (unused parameters).
             self.head.requires_grad_(False)
         self.queue = sdk.ExpertQueue(num_experts, config.queue_size, config.proj_dim, device=device)
@@ -131,7 +131,7 @@ class LoraMoELinear(nn.Module):
         if self.context.recording or torch.is_grad_enabled():
             balance = sdk.load_balance_loss(routing, num_tokens=self.context.real_tokens(flat.shape[0]))
         contrastive = None
-        if self.training and self.config.contrastive_tokens > 0:
+        if self.training and self.config.computes_contrastive:
             sequence_length = lead[-1] if len(lead) >= 2 else flat.shape[0]  # [batch, seq, d]: one sequence a row
             if self.config.contrastive_mode == "router":
                 contrastive = self._router_contrastive(router_logits, mask, sequence_length)
@@ -155,7 +155,7 @@ class LoraMoELinear(nn.Module):
         """Whether the views are regated rows of the layer's call: in training with the two-view term, unless
         only the router may learn from it (then the views see detached experts, which one call cannot give)."""
         c = self.config
-        return (self.training and min(c.contrastive_tokens, num_tokens) > 0 and c.contrastive_mode != "router"
+        return (self.training and c.computes_contrastive and num_tokens > 0 and c.contrastive_mode != "router"
                 and c.contrastive_updates == "all")
 
     def _contrastive(self, adapter_in, lora_a, lora_b, routing, mask, sequence_length: int,
@@ -272,7 +272,7 @@ class LoraMoELinear(nn.Module):
         Under an initialised process group this is a collective: every rank must call it, and it gathers
         exactly once whatever each rank staged (possibly nothing), so ranks never disagree on the number of
         all-gathers. The rows are written in staging order, as one enqueue per staged batch would."""
-        if self.config.contrastive_tokens == 0 or self.config.queue_size == 0:
+        if not self.config.computes_contrastive or self.config.queue_size == 0:
             self._staged.clear()  # nothing is ever queued; the same on every rank, so no collective is skipped
             return
         gather = dist.is_available() and dist.is_initialized()

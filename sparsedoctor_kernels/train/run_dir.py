@@ -16,7 +16,7 @@ import shutil
 import tempfile
 
 from sparsedoctor_kernels._util.files import PARTIAL, write_atomically
-from sparsedoctor_kernels.model.adapter import CONFIG_FILE, FIELDS_ADDED_LATER, WEIGHTS_FILE
+from sparsedoctor_kernels.model.adapter import CONFIG_FILE, WEIGHTS_FILE, with_fields_added_later
 from sparsedoctor_kernels.train.settings import NoCheckpointError, TrainError, TrainSettings
 
 RUN_FILE = "run_config.json"
@@ -188,7 +188,7 @@ def _with_defaults(saved: dict) -> dict:
     defaults = json.loads(json.dumps(TrainSettings().to_dict()))
     adapter = saved.get("adapter")
     if isinstance(adapter, dict):
-        saved = {**saved, "adapter": {**defaults["adapter"], **FIELDS_ADDED_LATER, **adapter}}
+        saved = {**saved, "adapter": {**defaults["adapter"], **with_fields_added_later(adapter)}}
     return {**defaults, **saved}
 
 

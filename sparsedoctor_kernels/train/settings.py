@@ -122,6 +122,8 @@ ADAPTER_HELP = {
                         "against the token's own fused view, the expert queue's negatives: our reading of "
                         "SparseDoctor) or sequence (the routed view against the mean fused view of the other "
                         "sampled tokens of its sequence)",
+    "contrastive_at_zero_weight": "compute the contrastive term even at --contrastive-coef 0, weighted 0 (the "
+                                  "ablation's random-stream control); off, a zero weight computes nothing",
     "contrastive_updates": "what the contrastive term trains: all (experts, router, heads) or router (router and "
                            "heads; the experts' outputs enter its views detached)",
 }
