@@ -82,3 +82,15 @@ def test_module_forward_launches_stay_under_the_ceiling_and_do_not_grow_with_exp
                        for e in (8, 64)]
         assert contrastive[0].total == contrastive[1].total, "launches must not depend on E"
         assert contrastive[0].total - plain[0].total <= CONTRASTIVE_TERM_CEILING[mode, strategy], mode
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["router", "paper"])
+def test_decoder_layer_launches_do_not_grow_with_experts(mode):
+    """What the adapter adds to a whole Qwen3 decoder layer (seven projections, the model's per-forward
+    constants) on the kernels' path: the same at E = 4 and E = 16, forward and backward."""
+    from sparsedoctor_kernels.bench.layer_launches import decoder_layer_launches
+
+    small = decoder_layer_launches(4, contrastive_mode=mode)
+    large = decoder_layer_launches(16, contrastive_mode=mode)
+    assert small == large and min(small) > 0

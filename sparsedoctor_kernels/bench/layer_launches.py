@@ -3,7 +3,8 @@ the host overhead a GPU waits on, measured without one. `python -m sparsedoctor_
 
 Three figures per E: the module's forward without the contrastive term (the frozen GEMM and the per-forward
 constants every module shares, such as the real-token count, left out), the contrastive term's extra launches,
-and a whole training step (queue commit, forward with the contrastive term, backward)."""
+and a whole training step (queue commit, forward with the contrastive term, backward). Then what the adapter adds
+to a whole Qwen3 decoder layer (seven adapted projections), forward and backward, for E in {4, 16, 64}."""
 
 from __future__ import annotations
 
@@ -110,6 +111,42 @@ def module_forward_launches(**kwargs):
     return counts
 
 
+def _forward_and_backward_launches(model, ids, mask) -> tuple[int, int]:
+    from sparsedoctor_kernels.launches import count_launches
+
+    losses = []
+    forward = count_launches(lambda: losses.append(model(input_ids=ids, attention_mask=mask, labels=ids).loss))
+    backward = count_launches(lambda: losses[0].backward())
+    return forward.total, backward.total
+
+
+def decoder_layer_launches(num_experts: int = 4, top_k: int = 2, rank: int = 16, backend: str = "triton",
+                           contrastive_mode: str = "router", batch: int = 2, sequence: int = 16,
+                           hidden_size: int = 64) -> tuple[int, int]:
+    """(forward, backward) launches the adapter adds to one Qwen3 decoder layer in training: a one-layer tiny
+    Qwen3 with all seven projections adapted (the library's default adapter but E, k, r) minus the same model
+    without adapters, both with the token embedding trainable so that the backward crosses the whole layer in
+    each. Everything the adapter costs counts, the model's per-forward constants (real-token mask) included."""
+    from sparsedoctor_kernels.model import SparseDoctorConfig, apply_sparsedoctor
+    from sparsedoctor_kernels.model.tiny import tiny_qwen3
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (batch, sequence))
+    mask = torch.ones_like(ids)
+    adapter = SparseDoctorConfig(num_experts=num_experts, top_k=top_k, r=rank, contrastive_mode=contrastive_mode)
+    models = {"base": tiny_qwen3(128, hidden_size=hidden_size, num_layers=1)}
+    models["adapted"] = apply_sparsedoctor(tiny_qwen3(128, hidden_size=hidden_size, num_layers=1), adapter)
+    counts = {}
+    with _backend(backend):
+        for name, model in models.items():
+            model.train()
+            embedding = model.get_input_embeddings() if name == "base" else model.base_model.get_input_embeddings()
+            embedding.weight.requires_grad_(True)
+            model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()  # warm: queues, lazy imports
+            counts[name] = _forward_and_backward_launches(model, ids, mask)
+    return tuple(adapted - base for adapted, base in zip(counts["adapted"], counts["base"]))
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
     from sparsedoctor_kernels.launches import count_launches, report
@@ -123,6 +160,14 @@ def main(argv=None) -> int:
             print(f"  {mode} mode: the contrastive term adds {contrastive.total - plain.total} launches; "
                   f"training step (commit + forward + backward): "
                   f"{report(count_launches(layer_step(num_experts=experts, top_k=2, contrastive_mode=mode)))}")
+    print("\nadapter launches per Qwen3 decoder layer, training (all seven projections adapted, k=2, r=16, "
+          "the model minus the same model without adapters):")
+    print("| E | mode | backend | forward | backward |\n| --- | --- | --- | --- | --- |")
+    for experts in (4, 16, 64):
+        for mode in ("router", "paper"):
+            for backend in ("triton", "torch"):
+                forward, backward = decoder_layer_launches(experts, contrastive_mode=mode, backend=backend)
+                print(f"| {experts} | {mode} | {backend} | {forward} | {backward} |")
     return 0
 
 

@@ -1,12 +1,12 @@
 """`sparsedoctor ablate`: the ablation table of the method, measured, on a bundled multi-domain task.
 
-A grid of variants (the full method, no contrastive term, a small queue, no balance loss, a large contrastive
-weight, and the random-stream control: the contrastive term computed with the same random draws but weighted 0)
-x seeds trains the same adapter on the same data in the same order (the seed fixes the data order and the
-initialisation, shared by every variant), then measures on held-out records: the LM loss of the response tokens
-and how the routers specialise (mutual information between a token's domain and its top-1 expert, the same
+A grid of variants (`full`: the paper mode as we read it; no contrastive term, a small queue, no balance loss, a
+large contrastive weight, and the random-stream control: the contrastive term computed with the same random draws
+but weighted 0) x seeds trains the same adapter on the same data in the same order (the seed fixes the data order
+and the initialisation, shared by every variant), then measures on held-out records: the LM loss of the response
+tokens and how the routers specialise (mutual information between a token's domain and its top-1 expert, the same
 given the token, router and load entropy; `sparsedoctor_kernels.train.specialisation`). Differences are paired by
-seed, against the full method and against the control (the noise floor of a change of random stream).
+seed, against `full` and against the control (the noise floor of a change of random stream).
 
     sparsedoctor ablate --output-dir ablation --seeds 0 1 2
 
