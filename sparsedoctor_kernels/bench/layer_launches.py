@@ -134,14 +134,14 @@ def decoder_layer_launches(num_experts: int = 4, top_k: int = 2, rank: int = 16,
     ids = torch.randint(0, 128, (batch, sequence))
     mask = torch.ones_like(ids)
     adapter = SparseDoctorConfig(num_experts=num_experts, top_k=top_k, r=rank, contrastive_mode=contrastive_mode)
-    models = {"base": tiny_qwen3(128, hidden_size=hidden_size, num_layers=1)}
-    models["adapted"] = apply_sparsedoctor(tiny_qwen3(128, hidden_size=hidden_size, num_layers=1), adapter)
+    bases = [tiny_qwen3(128, hidden_size=hidden_size, num_layers=1) for _ in range(2)]
+    models = {"base": bases[0], "adapted": apply_sparsedoctor(bases[1], adapter)}  # wrapping freezes its base
+    for base in bases:
+        base.get_input_embeddings().weight.requires_grad_(True)
     counts = {}
     with _backend(backend):
         for name, model in models.items():
             model.train()
-            embedding = model.get_input_embeddings() if name == "base" else model.base_model.get_input_embeddings()
-            embedding.weight.requires_grad_(True)
             model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()  # warm: queues, lazy imports
             counts[name] = _forward_and_backward_launches(model, ids, mask)
     return tuple(adapted - base for adapted, base in zip(counts["adapted"], counts["base"]))

@@ -17,7 +17,7 @@ import pathlib
 import re
 import shutil
 import uuid
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -60,6 +60,7 @@ def with_fields_added_later(described: dict) -> dict:
     return filled
 
 
+@runtime_checkable
 class AdaptedModel(Protocol):
     """What saving and loading need of a model, and all they assume of it (SparseDoctorModel has it): this module
     knows the wrapper by these members alone, so the wrapper can import it and not the other way round."""
@@ -73,8 +74,8 @@ class AdaptedModel(Protocol):
 
 
 def _require_model(model, caller: str) -> None:
-    if not (isinstance(getattr(model, "sparsedoctor_config", None), SparseDoctorConfig)
-            and callable(getattr(model, "adapted_modules", None)) and callable(getattr(model, "commit_queues", None))):
+    # Duck typing: the protocol's members are present (runtime_checkable checks exactly that) and the config is one.
+    if not (isinstance(model, AdaptedModel) and isinstance(model.sparsedoctor_config, SparseDoctorConfig)):
         raise TypeError(f"{caller} needs the model returned by apply_sparsedoctor, got {type(model).__name__}")
 
 
