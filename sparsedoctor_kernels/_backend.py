@@ -110,3 +110,16 @@ class LazyImplementation:
 
     def __repr__(self) -> str:
         return f"LazyImplementation({self.module_name!r})"
+
+
+def calls_directly(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op may call its implementation's forward directly, skipping its custom op and autograd
+    Function: nothing to record (grad mode off, as in generation and evaluation), nothing tracing
+    (torch.compile, export) and plain tensors only (a subclass such as DTensor or FakeTensor needs the
+    dispatcher; a Parameter is a plain tensor). The two layers of Python dispatch cost more than a decoding
+    step's matmuls."""
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors))
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)

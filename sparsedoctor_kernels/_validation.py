@@ -62,8 +62,9 @@ def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
 
 def _inspectable(tensor: torch.Tensor) -> bool:
     """Real memory to compare: not while torch.compile traces, not fake or meta tensors, not empty."""
-    return (tensor.numel() > 0 and tensor.device.type != "meta" and not torch.compiler.is_compiling()
-            and not is_fake(tensor))
+    if tensor.numel() == 0 or tensor.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    return type(tensor) in (torch.Tensor, torch.nn.Parameter) or not is_fake(tensor)  # is_fake is slow
 
 
 def require_writable_output(name: str, out: torch.Tensor, **inputs: torch.Tensor) -> None:

@@ -252,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_ablate_parser(commands)
 
     bench = commands.add_parser("bench", help="benchmark the ops and a training step against the alternatives")
-    bench.add_argument("--ops", default="route,lora_moe,queue,infonce,step",
-                       help="comma-separated subset of route,lora_moe,queue,infonce,step")
+    bench.add_argument("--ops", default="route,lora_moe,queue,infonce,step,versus_lora",
+                       help="comma-separated subset of route,lora_moe,queue,infonce,step,versus_lora (the adapter "
+                            "against PEFT LoRA: step, decoding, saved bytes, launches per layer; needs peft)")
     bench.add_argument("--quick", action="store_true", help="one representative size per op")
     bench.add_argument("--out", default="sparsedoctor-bench", help="directory for the CSV and the plots")
     bench.add_argument("--device", default=None, help="default: cuda when available, else cpu")

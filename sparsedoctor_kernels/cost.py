@@ -14,6 +14,11 @@ added into the frozen output, one read-modify-write per pass).
   read-modify-write of the output for all slots; the backward reads grad_y twice (u and dB), x once (dA) and
   writes dx once. FLOPs: E/k times the grouped ones, nearly free while E*r is small.
 
+The torch backend's eager implementations (`sparsedoctor_kernels.eager`) also pay a host dispatch per aten call,
+which decides at small T (decoding): grouped makes a few matmuls per expert that has pairs, dense a fixed handful
+of calls. Its grouped strategy reads the per-expert run lengths on the host, so on a GPU the torch backend runs
+dense unless asked.
+
 The same numbers are the benchmark's roofline column (`sparsedoctor_kernels.bench.lora_moe`) and docs/gpu.md's
 table (`benchmarks/roofline.py`).
 """
@@ -102,6 +107,8 @@ def lora_moe_cost(strategy: str, num_tokens: int, d_in: int, d_out: int, num_exp
     """The model above for `out=` calls; `element` is the byte size of x's dtype."""
     tokens, pairs, columns = num_tokens, num_tokens * top_k, num_experts * rank
     parameters = columns * (d_in + d_out) * element
+    if strategy == "grouped":
+        parameters = parameters * min(num_experts, pairs) // num_experts  # only the experts that get pairs
     ids = pairs * 12  # weights (fp32) and ids (int64) read once
     if strategy == "grouped":
         plan = pairs * 4 * 4  # keys, sorted order and tile tables, written and read back
@@ -121,24 +128,42 @@ def lora_moe_cost(strategy: str, num_tokens: int, d_in: int, d_out: int, num_exp
     return Cost(int(bytes_fwd), int(bytes_bwd), int(flops_fwd), int(2 * flops_fwd))
 
 
+# Host time per eager aten call (dispatch on CPU; launch on a GPU), an order of magnitude.
+EAGER_CALL_S = {"cpu": 5e-6, "cuda": 10e-6}
+
+
+def eager_calls(strategy: str, num_tokens: int, num_experts: int, top_k: int) -> int:
+    """Aten calls of one eager forward + backward: grouped's grow with the experts that get pairs (a few
+    matmuls each), dense's do not."""
+    if strategy == "dense":
+        return 20
+    return 12 + 6 * min(num_experts, num_tokens * top_k)
+
+
 def choose_strategy(num_tokens: int, d_in: int, d_out: int, num_experts: int, top_k: int, rank: int,
-                    dtype: torch.dtype, device: torch.device | str) -> str:
-    """The strategy the model expects to be faster for one forward + backward at these shapes."""
+                    dtype: torch.dtype, device: torch.device | str, backend: str = "triton") -> str:
+    """The strategy the model expects to be faster for one forward + backward at these shapes (on the torch
+    backend, its eager calls' host time counted too)."""
     rates = device_rates(device, dtype)
     element = dtype.itemsize
     times = {s: lora_moe_cost(s, num_tokens, d_in, d_out, num_experts, top_k, rank, element).seconds(rates)
              for s in STRATEGIES}
+    if backend == "torch":
+        call_s = EAGER_CALL_S.get(torch.device(device).type, EAGER_CALL_S["cuda"])
+        times = {s: t + call_s * eager_calls(s, num_tokens, num_experts, top_k) for s, t in times.items()}
     return min(STRATEGIES, key=lambda s: (times[s], s != "dense"))
 
 
 def resolve_strategy(requested: str | None, backend: str, shapes: tuple[int, ...], dtype: torch.dtype,
                      device: torch.device) -> str:
-    """Explicit argument, then SPARSEDOCTOR_LORA_MOE_STRATEGY, then: the reference's exact selection on the
-    torch backend, the cost model's choice on the kernels."""
+    """Explicit argument, then SPARSEDOCTOR_LORA_MOE_STRATEGY, then the cost model's choice for the backend and
+    device (dense for the torch backend off the CPU, whose grouped strategy would wait on the host)."""
     if requested is None:
         requested = os.environ.get(ENV_STRATEGY) or None
     if requested is None or requested == "auto":
-        return "grouped" if backend == "torch" else choose_strategy(*shapes, dtype, device)
+        if backend == "torch" and torch.device(device).type != "cpu":
+            return "dense"
+        return choose_strategy(*shapes, dtype, device, backend=backend)
     if requested not in STRATEGIES:
         raise ValueError(f"lora_moe: strategy must be one of {STRATEGIES}, 'auto' or None (also via "
                          f"{ENV_STRATEGY}), got {requested!r}")

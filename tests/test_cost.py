@@ -9,6 +9,7 @@ from sparsedoctor_kernels.cost import (
     STRATEGIES,
     choose_strategy,
     device_rates,
+    eager_calls,
     lora_moe_cost,
     resolve_strategy,
 )
@@ -50,17 +51,41 @@ def test_strategy_resolution_order(monkeypatch):
     shapes = tuple(HEADLINE.values())
     cpu = torch.device("cpu")
     monkeypatch.delenv(ENV_STRATEGY, raising=False)
-    assert resolve_strategy(None, "torch", shapes, torch.float32, cpu) == "grouped"  # the exact reference
+    assert resolve_strategy(None, "torch", shapes, torch.float32, cpu) == choose_strategy(
+        *shapes, torch.float32, cpu, backend="torch")
     assert resolve_strategy(None, "triton", shapes, torch.float32, cpu) == choose_strategy(*shapes, torch.float32,
                                                                                             cpu)
+    # The eager grouped strategy reads its run lengths on the host: never the default off the CPU.
+    assert resolve_strategy(None, "torch", shapes, torch.bfloat16, torch.device("cuda")) == "dense"
     monkeypatch.setenv(ENV_STRATEGY, "dense")
     assert resolve_strategy(None, "torch", shapes, torch.float32, cpu) == "dense"
     assert resolve_strategy("grouped", "torch", shapes, torch.float32, cpu) == "grouped"  # the argument wins
     monkeypatch.setenv(ENV_STRATEGY, "auto")
-    assert resolve_strategy(None, "torch", shapes, torch.float32, cpu) == "grouped"
+    assert resolve_strategy(None, "torch", shapes, torch.float32, cpu) == choose_strategy(
+        *shapes, torch.float32, cpu, backend="torch")
     with pytest.raises(ValueError, match="strategy must be one of"):
         resolve_strategy("sorted", "torch", shapes, torch.float32, cpu)
     monkeypatch.setenv(ENV_STRATEGY, "fastest")
     with pytest.raises(ValueError, match=ENV_STRATEGY):
         sdk.lora_moe(torch.zeros(2, 3), torch.zeros(1, 1, 3), torch.zeros(1, 4, 1), torch.ones(2, 1),
                      torch.zeros(2, 1, dtype=torch.int32))
+
+
+def test_grouped_reads_only_the_parameters_of_experts_that_get_pairs():
+    one_token, many = (lora_moe_cost("grouped", t, 512, 1536, 8, 2, 16, element=4) for t in (1, 4096))
+    parameters = 8 * 16 * (512 + 1536) * 4
+    assert one_token.bytes_fwd < parameters // 2  # 2 of 8 experts' weights, not all
+    assert lora_moe_cost("dense", 1, 512, 1536, 8, 2, 16, element=4).bytes_fwd > parameters
+    assert many.bytes_fwd > parameters
+
+
+def test_the_eager_choice_on_the_cpu():
+    """On the CPU's torch backend at issue 23's small Qwen3 (512 -> 1536, E=8, k=2, r=16): decoding reads the
+    two chosen experts' weights instead of all eight, and a training batch avoids dense's E/k = 4x FLOPs; when
+    every token picks every expert (E = k = 2) dense costs no more FLOPs, reads x once and makes fewer calls."""
+    cpu = torch.device("cpu")
+    assert choose_strategy(1, 512, 1536, 8, 2, 16, torch.float32, cpu, backend="torch") == "grouped"
+    assert choose_strategy(512, 512, 1536, 8, 2, 16, torch.float32, cpu, backend="torch") == "grouped"
+    assert choose_strategy(512, 512, 1536, 2, 2, 16, torch.float32, cpu, backend="torch") == "dense"
+    assert eager_calls("dense", 4096, 64, 2) == eager_calls("dense", 1, 8, 2)  # flat in T and E
+    assert eager_calls("grouped", 1, 64, 2) < eager_calls("grouped", 4096, 64, 2)  # only experts with pairs

@@ -329,3 +329,27 @@ def test_lora_moe_custom_ops_pass_opcheck(backend, gen, strategy):
     grad_y = torch.randn(7, 4, generator=gen)
     torch.library.opcheck(module._lora_moe_backward, (grad_y, *args[:5], h, plan, 0.5, backend, strategy),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+# (T, d_in, d_out, E, r, k): decoding (T * k <= E: the pairs one by one on the torch backend), a few tokens
+# around that bound, and a batch.
+@pytest.mark.parametrize("shape", [(1, 24, 19, 8, 3, 2), (3, 13, 11, 7, 5, 2), (4, 9, 10, 7, 2, 2),
+                                   (29, 24, 19, 5, 3, 2)])
+def test_calls_without_autograd_match_brute_force(shape, dtype, backend, gen):
+    """Under no_grad the op skips its custom op and autograd Function (and, on the torch backend, decodes
+    pair by pair): the same function, into `out` or fresh, ids outside [0, E) adding nothing."""
+    if not backend_supports(backend, dtype):
+        pytest.skip(f"{backend} on CPU does not run {dtype}")
+    inputs = make_inputs(gen, *shape, dtype=dtype)
+    inputs["experts"][0, -1] = -1  # one pair with no expert
+    expected = brute.lora_moe(**inputs, scaling=1.5)
+    base = torch.randn(shape[0], shape[2], generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        fresh = sdk.lora_moe(**inputs, scaling=1.5, backend=backend, validate=False)
+        out = base.to(dtype, copy=True)
+        into = sdk.lora_moe(**inputs, scaling=1.5, out=out, backend=backend, validate=False)
+    assert into is out and fresh.dtype == dtype and fresh.grad_fn is None
+    assert_close(fresh, expected, dtype, name="y")
+    assert_close(into, expected + base, dtype, name="out + y")

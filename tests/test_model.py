@@ -414,3 +414,32 @@ def test_a_contrastive_term_without_a_queue_is_refused_and_top1_warns():
 def test_negative_loss_weights_are_refused(field):
     with pytest.raises(ValueError, match=f"{field} must be >= 0"):
         SparseDoctorConfig(**{field: -1.0})
+
+
+def test_dropout_once_per_shared_input():
+    """q/k/v read one tensor and gate/up another: each shared input is dropped out once (one mask, one copy
+    kept for the backward), so a decoder layer draws four masks for its seven projections, and siblings feed
+    their experts the same dropped rows."""
+    from sparsedoctor_kernels.launches import count_launches
+
+    model = make_model(num_layers=1, lora_dropout=0.3, contrastive_mode="router")
+    adapter_inputs = {}
+
+    def recorder(module, projection):
+        def record(x, *args, **kwargs):
+            adapter_inputs[projection] = x
+            return type(module)._experts(module, x, *args, **kwargs)
+
+        return record
+
+    for name, module in model.adapted_modules().items():
+        module._experts = recorder(module, name.rsplit(".", 1)[-1])
+    model.train()
+    counts = count_launches(lambda: model(**batch()))
+    masks = sum(v for k, v in counts.items() if "bernoulli" in k or "native_dropout" in k)
+    assert masks == 4, counts
+    assert adapter_inputs["q_proj"] is adapter_inputs["k_proj"] is adapter_inputs["v_proj"]
+    assert adapter_inputs["gate_proj"] is adapter_inputs["up_proj"]
+    assert adapter_inputs["o_proj"] is not adapter_inputs["q_proj"]
+    dropped = adapter_inputs["q_proj"]
+    assert 0 < (dropped == 0).float().mean() < 0.6  # dropped out, at about the rate asked

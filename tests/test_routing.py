@@ -265,3 +265,22 @@ def test_route_rejects_bad_input(logits, top_k, error, match):
 def test_load_balance_loss_rejects_non_routing():
     with pytest.raises(TypeError, match="routing must be the sdk.Routing"):
         sdk.load_balance_loss(torch.zeros(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_route_without_autograd_matches_brute_force(masked, backend, gen):
+    """Under no_grad `route` calls its implementation directly (no custom op, no autograd Function): the same
+    routing, statistics and dtypes, and nothing recorded."""
+    logits = torch.randn(9, 7, generator=gen, dtype=torch.float64).float()
+    token_mask = torch.arange(9) < 6 if masked else None
+    with torch.no_grad():
+        routing = sdk.route(logits, 3, backend=backend, token_mask=token_mask)
+    assert routing.weights.grad_fn is None and routing.experts.dtype == torch.int32
+    with torch.enable_grad():
+        recorded = sdk.route(logits.clone().requires_grad_(), 3, backend=backend, token_mask=token_mask)
+    for name, got, want in zip(routing._fields, routing, recorded):
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+    weights, experts, _, _ = brute.route(logits.double(), 3, True)
+    torch.testing.assert_close(routing.experts, experts, rtol=0, atol=0)
+    assert_close(routing.weights, weights, torch.float32, name="weights")

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+# `value` and `unit`: a figure that is not a time (saved bytes per token, launches per layer).
 CSV_COLUMNS = ["op", "impl", "shape", "T", "E", "k", "r", "dtype", "mode", "ms_p20", "ms_p50", "ms_p80",
-               "peak_mem_mb", "gbps", "device", "torch", "triton", "commit", "tokens_per_s"]
+               "peak_mem_mb", "gbps", "device", "torch", "triton", "commit", "tokens_per_s", "value", "unit"]
 KEY_COLUMNS = ["op", "impl", "shape", "T", "E", "k", "r", "dtype", "mode", "device"]
 def default_results_dir() -> pathlib.Path:
     """benchmarks/results/ of a source checkout (where results are committed), else ./sparsedoctor-bench."""
@@ -198,7 +199,7 @@ def row(op: str, impl: str, shape: str, sizes: dict, dtype: torch.dtype, mode: s
             "k": sizes.get("k", "-"), "r": sizes.get("r", "-"), "dtype": str(dtype).removeprefix("torch."),
             "mode": mode, "ms_p20": round(timing.ms_p20, 5), "ms_p50": round(timing.ms_p50, 5),
             "ms_p80": round(timing.ms_p80, 5), "peak_mem_mb": round(timing.peak_mem_mb, 2), "gbps": round(gbps, 2),
-            **env, "tokens_per_s": ""}
+            **env, "tokens_per_s": "", "value": "", "unit": ""}
 
 
 def gradient_modes(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> dict[str, Callable]:

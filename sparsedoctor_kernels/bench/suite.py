@@ -11,14 +11,16 @@ import torch
 
 from sparsedoctor_kernels.bench import harness
 
-OPS = ("route", "lora_moe", "queue", "infonce", "step")
+OPS = ("route", "lora_moe", "queue", "infonce", "step", "versus_lora")
 BASELINE = {"route": "naive", "lora_moe": "naive", "lora_moe_layer": "naive", "queue": "naive", "infonce": "naive",
             "step": "naive"}
 # --quick on a GPU: one representative size per op (the CPU grids are already small).
 GPU_QUICK = {"route": ["--tokens", "16384"], "lora_moe": ["--shapes", "gate_proj", "--tokens", "8192", "--configs",
                                                           "8,2,16"],
-             "queue": ["--tokens", "16384"], "infonce": ["--tokens", "4096"], "step": []}
-CPU_QUICK = {"lora_moe": ["--shapes", "gate_proj", "k_proj"], "step": ["--layers", "1"]}
+             "queue": ["--tokens", "16384"], "infonce": ["--tokens", "4096"], "step": [],
+             "versus_lora": ["--reps", "3"]}
+CPU_QUICK = {"lora_moe": ["--shapes", "gate_proj", "k_proj"], "step": ["--layers", "1"],
+             "versus_lora": ["--layers", "1", "--reps", "2", "--figures", "step", "decode", "saved_bytes"]}
 
 
 def run_suite(ops, quick: bool, out: pathlib.Path, device: str | None) -> int:

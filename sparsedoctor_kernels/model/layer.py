@@ -38,6 +38,7 @@ class ForwardContext:
         self.contrastive_terms: list[torch.Tensor] = []
         self._real_tokens: torch.Tensor | None = None
         self._picked_weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._dropped: tuple[torch.Tensor, tuple, torch.Tensor] | None = None  # (input, key, dropout of it)
 
     def start(self, token_mask: torch.Tensor | None) -> None:
         self.token_mask, self.recording = token_mask, True
@@ -45,6 +46,23 @@ class ForwardContext:
         # Per-forward constants every layer shares: computed once here (or on first use), not once per module.
         self._real_tokens = None if token_mask is None else token_mask.sum()
         self._picked_weights = {}
+        self._dropped = None
+
+    def dropout(self, x: torch.Tensor, flat: torch.Tensor, dropout: nn.Dropout) -> torch.Tensor:
+        """`dropout(flat)` (flat: x as [tokens, features]), once per shared input: sibling projections called on
+        the same tensor (q/k/v on the normed hidden state, gate/up on the post-attention one) share one mask and
+        one copy kept for the backward, instead of a mask and a copy each. The last input is remembered (and
+        kept alive, so its identity cannot be reused) until another comes or the next forward starts; a
+        gradient-checkpointing recomputation replays the same sharing, the first sibling's mask from the
+        restored random state."""
+        if not (dropout.training and dropout.p > 0):
+            return flat
+        key = (x._version, tuple(flat.shape), flat.dtype, dropout.p)
+        if self._dropped is not None and self._dropped[0] is x and self._dropped[1] == key:
+            return self._dropped[2]
+        dropped = dropout(flat)
+        self._dropped = (x, key, dropped)
+        return dropped
 
     def real_tokens(self, num_tokens: int) -> torch.Tensor | int:
         """How many of a layer's `num_tokens` tokens are real: all of them unless the mask covers them."""
@@ -66,6 +84,7 @@ class ForwardContext:
 
     def stop(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         self.recording = False
+        self._dropped = None
         terms = self.balance_terms, self.contrastive_terms
         self.balance_terms, self.contrastive_terms = [], []
         return terms
@@ -112,7 +131,7 @@ class LoraMoELinear(nn.Module):
         router_logits = flat @ self.router.to(dtype).T
         mask = self._token_mask(flat.shape[0])
         routing = self._route(router_logits, mask)  # counts and probability means over real tokens only
-        adapter_in = self.dropout(flat)
+        adapter_in = self.context.dropout(x, flat, self.dropout)
         lora_a, lora_b = self.lora_a.to(dtype), self.lora_b.to(dtype)
         views = None
         if self._views_from_the_call(flat.shape[0]):

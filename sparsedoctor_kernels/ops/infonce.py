@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsedoctor_kernels import reference
+from sparsedoctor_kernels import eager
 from sparsedoctor_kernels._backend import LazyImplementation, default_validate, resolve_backend
 from sparsedoctor_kernels._validation import (
     check_ids_in_range,
@@ -19,7 +19,7 @@ from sparsedoctor_kernels._validation import (
 )
 from sparsedoctor_kernels.ops.queue import ExpertQueue
 
-IMPLEMENTATIONS = {"triton": LazyImplementation("sparsedoctor_kernels.triton.infonce"), "torch": reference.infonce}
+IMPLEMENTATIONS = {"triton": LazyImplementation("sparsedoctor_kernels.triton.infonce"), "torch": eager.infonce}
 REDUCTIONS = ("mean", "sum", "none")
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from sparsedoctor_kernels import reference
-from sparsedoctor_kernels._backend import LazyImplementation, default_validate, resolve_backend
+from sparsedoctor_kernels import eager
+from sparsedoctor_kernels._backend import LazyImplementation, calls_directly, default_validate, resolve_backend
 from sparsedoctor_kernels._validation import (
     check_ids_in_range,
     check_rows_in_range,
@@ -24,11 +24,11 @@ from sparsedoctor_kernels.cost import resolve_strategy
 # saved_shape: h (A[e] @ x per pair, or every expert's rank-space rows for the dense strategy) is kept so the
 # backward never recomputes the shrink, and `plan` (int32, possibly empty) is whatever routing order the
 # implementation built in the forward and reuses in the backward. IMPLEMENTATIONS holds each backend's grouped
-# strategy (for the torch backend: the reference, which selects each token's experts exactly); DENSE the
-# folded dense-expert strategy (see sparsedoctor_kernels.cost for when each wins).
-IMPLEMENTATIONS = {"triton": LazyImplementation("sparsedoctor_kernels.triton.lora_moe"), "torch": reference.lora_moe}
-DENSE = {"triton": LazyImplementation("sparsedoctor_kernels.triton.lora_moe_dense"),
-         "torch": reference.lora_moe_dense}
+# strategy (for the torch backend: eager matmuls per expert on the pairs sorted by expert); DENSE the folded
+# dense-expert strategy (see sparsedoctor_kernels.cost for when each wins). The readable oracles the tests use
+# are in sparsedoctor_kernels.reference.
+IMPLEMENTATIONS = {"triton": LazyImplementation("sparsedoctor_kernels.triton.lora_moe"), "torch": eager.lora_moe}
+DENSE = {"triton": LazyImplementation("sparsedoctor_kernels.triton.lora_moe_dense"), "torch": eager.lora_moe_dense}
 
 
 def _implementation(backend: str, strategy: str):
@@ -225,6 +225,19 @@ def _check_arguments(x, lora_a, lora_b, weights, experts, scaling, out):
     return require_same_device(**tensors)
 
 
+def _infer(implementation, inputs: dict, scaling: float, out: torch.Tensor | None) -> torch.Tensor:
+    """The forward alone, nothing kept for a backward: the implementation's `infer` where it has one."""
+    if out is None:
+        x, lora_b = inputs["x"], inputs["lora_b"]
+        out = x.new_zeros((x.shape[0], lora_b.shape[1]))
+    infer = getattr(implementation, "infer", None)
+    if infer is None:
+        implementation.forward_into(*inputs.values(), scaling, out)
+    else:
+        infer(*inputs.values(), scaling, out)
+    return out
+
+
 def lora_moe(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weights: torch.Tensor,
              experts: torch.Tensor, *, scaling: float = 1.0, out: torch.Tensor | None = None,
              backend: str | None = None, validate: bool | None = None, strategy: str | None = None,
@@ -242,7 +255,7 @@ def lora_moe(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weight
     kernels organise the work: `grouped` sorts the pairs by expert and computes only the chosen experts;
     `dense` computes every expert from one read of x and selects the gates in (fewer bytes while E*r is small;
     a NaN/inf weight of an expert a token did not choose can then reach that token). The default is the cost
-    model's choice (`sparsedoctor_kernels.cost`) on the kernels and the exact grouped reference on `torch`.
+    model's choice (`sparsedoctor_kernels.cost`) for the backend and device (on `torch` off the CPU: dense).
 
     `regate=(rows [m] int, weights2 [m, k2], experts2 [m, k2])` also returns some rows under other gates:
     the result is then `(y or out, y2)` with
@@ -270,6 +283,8 @@ def lora_moe(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weight
         # Checked on what the kernels read: an input that was copied to be contiguous cannot alias `out`.
         require_writable_output("out", out, **inputs)  # out=x (a residual-style call) is refused here
     if regate is None:
+        if calls_directly(out, *inputs.values()):
+            return _infer(_implementation(backend, strategy), inputs, float(scaling), out)
         return _LoraMoEFunction.apply(out, *inputs.values(), float(scaling), backend, strategy)
     rows, rows_weights, rows_experts = (t.contiguous() for t in regate)
     if strategy == "dense":

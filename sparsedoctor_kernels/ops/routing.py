@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from sparsedoctor_kernels import reference
-from sparsedoctor_kernels._backend import LazyImplementation, resolve_backend
+from sparsedoctor_kernels._backend import LazyImplementation, calls_directly, resolve_backend
 from sparsedoctor_kernels._validation import (
     compute_dtype,
     require_dtype,
@@ -115,6 +115,8 @@ def route(logits: torch.Tensor, top_k: int, *, renormalize: bool = True, backend
         require_same_device(logits=logits, token_mask=token_mask)
         token_mask = token_mask.contiguous()
     backend = resolve_backend("route", backend, logits.device, tuple(IMPLEMENTATIONS))
+    if calls_directly(logits, token_mask):
+        return Routing(*IMPLEMENTATIONS[backend].forward(logits.contiguous(), top_k, bool(renormalize), token_mask))
     return Routing(*_RouteFunction.apply(logits.contiguous(), top_k, bool(renormalize), backend, token_mask))
 
 

@@ -130,7 +130,8 @@ class OpCase:
 
 CASES = (
     OpCase("route", _route_inputs, _run_route),
-    # The oracle is the torch backend's own default (the exact grouped reference) for every strategy.
+    # The oracle is the torch backend in float64, grouped (exact selection) for every strategy; the tests hold that
+    # backend to the readable references and a brute-force loop.
     OpCase("lora_moe", _lora_moe_inputs, functools.partial(_run_lora_moe, strategy="grouped"), "lora_moe (grouped)"),
     OpCase("lora_moe", _lora_moe_inputs, functools.partial(_run_lora_moe, strategy="dense"), "lora_moe (dense)"),
     OpCase("ExpertQueue.enqueue", _queue_inputs, _run_queue),
