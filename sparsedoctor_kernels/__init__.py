@@ -1,7 +1,8 @@
 """sparsedoctor_kernels: fused ops for contrastive LoRA mixture-of-experts fine-tuning (SparseDoctor).
 
 The public ops (contract: docs/ops.md): `route`, `Routing`, `load_balance_loss`, `lora_moe`, `ExpertQueue`,
-`infonce_queue_loss`, and `group_infonce` (the default contrastive term's).
+`infonce_queue_loss`, `group_infonce` (the default contrastive term's), and `routed_lora_moe` (route + experts
+in one call, for inference).
 Each takes `backend=` ("torch", "triton", "cuda" or None for automatic).
 """
 
@@ -14,6 +15,7 @@ from sparsedoctor_kernels.ops import (
     load_balance_loss,
     lora_moe,
     route,
+    routed_lora_moe,
 )
 
 __version__ = "0.1.0"
@@ -28,4 +30,5 @@ __all__ = [
     "load_balance_loss",
     "lora_moe",
     "route",
+    "routed_lora_moe",
 ]

@@ -140,16 +140,32 @@ def eager_calls(strategy: str, num_tokens: int, num_experts: int, top_k: int) ->
     return 12 + 6 * min(num_experts, num_tokens * top_k)
 
 
+# choose_strategy's answers: the ops ask on every call, and a decoding step's matmuls cost less than the model.
+_chosen: dict[tuple, str] = {}
+_CHOSEN_MAX = 4096
+
+
 def choose_strategy(num_tokens: int, d_in: int, d_out: int, num_experts: int, top_k: int, rank: int,
                     dtype: torch.dtype, device: torch.device | str, backend: str = "triton") -> str:
     """The strategy the model expects to be faster for one forward + backward at these shapes (on the torch
     backend, its eager calls' host time counted too)."""
+    device = torch.device(device)
+    key = (num_tokens, d_in, d_out, num_experts, top_k, rank, dtype, device.type, device.index, backend)
+    chosen = _chosen.get(key)
+    if chosen is None:
+        if len(_chosen) >= _CHOSEN_MAX:
+            _chosen.clear()
+        chosen = _chosen[key] = _choose(num_tokens, d_in, d_out, num_experts, top_k, rank, dtype, device, backend)
+    return chosen
+
+
+def _choose(num_tokens, d_in, d_out, num_experts, top_k, rank, dtype, device, backend) -> str:
     rates = device_rates(device, dtype)
     element = dtype.itemsize
     times = {s: lora_moe_cost(s, num_tokens, d_in, d_out, num_experts, top_k, rank, element).seconds(rates)
              for s in STRATEGIES}
     if backend == "torch":
-        call_s = EAGER_CALL_S.get(torch.device(device).type, EAGER_CALL_S["cuda"])
+        call_s = EAGER_CALL_S.get(device.type, EAGER_CALL_S["cuda"])
         times = {s: t + call_s * eager_calls(s, num_tokens, num_experts, top_k) for s, t in times.items()}
     return min(STRATEGIES, key=lambda s: (times[s], s != "dense"))
 

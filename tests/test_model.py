@@ -443,3 +443,42 @@ def test_dropout_once_per_shared_input():
     assert adapter_inputs["o_proj"] is not adapter_inputs["q_proj"]
     dropped = adapter_inputs["q_proj"]
     assert 0 < (dropped == 0).float().mean() < 0.6  # dropped out, at about the rate asked
+
+
+@pytest.mark.slow
+def test_generation_with_a_static_cache_and_under_torch_compile():
+    """Greedy decoding through the adapters (the ops' calls without autograd) gives the same tokens with
+    the dynamic cache, a static cache, and the forward compiled by torch.compile over the static cache."""
+    model = make_model(num_layers=2)
+    perturb_lora_b(model, seed=3)
+    model.eval()
+    ids = torch.randint(0, 500, (2, 6), generator=torch.Generator().manual_seed(4))
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    dynamic = model.generate(input_ids=ids, **settings)
+    assert dynamic.shape == (2, 14)
+    assert torch.equal(model.generate(input_ids=ids, cache_implementation="static", **settings), dynamic)
+    model.forward = torch.compile(model.forward, backend="aot_eager", dynamic=False)
+    assert torch.equal(model.generate(input_ids=ids, cache_implementation="static", **settings), dynamic)
+
+
+def test_a_forward_without_labels_in_eval_computes_the_output_alone():
+    """Generation's forwards (eval, no grad, no labels) route and apply the experts in one fused call and skip
+    the balance term; with labels the same forward records it. The logits agree either way."""
+    model = make_model(num_layers=1)
+    perturb_lora_b(model)
+    model.eval()
+    inputs = batch(seed=5)
+    with torch.no_grad():
+        plain = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        scored = model(**inputs)
+    assert float(plain.aux_losses["balance"]) == 0.0 and float(scored.aux_losses["balance"]) > 0.0
+    torch.testing.assert_close(plain.logits, scored.logits, rtol=1e-5, atol=1e-5)
+    calls = []
+    original = sdk.routed_lora_moe
+    try:
+        sdk.routed_lora_moe = lambda *a, **k: calls.append(1) or original(*a, **k)
+        with torch.no_grad():
+            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    finally:
+        sdk.routed_lora_moe = original
+    assert len(calls) == len(model.adapted_modules())

@@ -39,6 +39,8 @@ class NaiveLoraMoELinear(LoraMoELinear):
     """SparseDoctor written the way people do today: softmax + topk, a Python loop over experts with host
     syncs, the InfoNCE over the whole [N, E*Q] score matrix and a per-expert MoCo enqueue."""
 
+    fused_inference = False  # its own routing and experts, in inference too
+
     def _route(self, router_logits, token_mask):
         return sdk.Routing(*baselines.naive_routing(router_logits, self.config.top_k, token_mask=token_mask))
 

@@ -79,20 +79,20 @@ def forward_into(x, lora_a, lora_b, weights, experts, scaling: float, out: torch
 def infer(x, lora_a, lora_b, weights, experts, scaling: float, out: torch.Tensor) -> None:
     """`forward_into` keeping nothing for a backward (grad mode off). A handful of pairs (decoding) go one by
     one: two matrix-vector products each from the chosen expert's own weights, so only k of the E experts'
-    parameters are read and nothing is sorted or copied."""
+    parameters are read and nothing is sorted or copied. The ids and gates are read on the host (free for
+    CPU tensors)."""
     num_tokens, top_k = experts.shape
     num_experts = lora_a.shape[0]
-    if num_tokens * top_k > num_experts:
+    dtype = compute_dtype(x.dtype, lora_a.dtype)
+    if num_tokens * top_k > num_experts or not (x.dtype == lora_a.dtype == out.dtype == dtype):
         forward_into(x, lora_a, lora_b, weights, experts, scaling, out)
         return
-    dtype = compute_dtype(x.dtype, lora_a.dtype)
-    gates = weights.to(dtype) * scaling
+    gates = (weights.to(dtype) * scaling).tolist()
     for token, (row, token_gates) in enumerate(zip(experts.tolist(), gates)):
-        x_row = x[token].to(dtype)
+        x_row, out_row = x[token], out[token]
         for expert, gate in zip(row, token_gates):
             if 0 <= expert < num_experts:  # a pair with no expert adds nothing
-                h = torch.mv(lora_a[expert].to(dtype), x_row)
-                out[token] += torch.mv(lora_b[expert].to(dtype), h * gate).to(out.dtype)
+                out_row.addmv_(lora_b[expert], torch.mv(lora_a[expert], x_row), alpha=gate)
 
 
 def backward(grad_y, x, lora_a, lora_b, weights, experts, h, plan, scaling: float):

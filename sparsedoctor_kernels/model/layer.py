@@ -31,6 +31,9 @@ class ForwardContext:
     def __init__(self):
         self.token_mask: torch.Tensor | None = None  # [batch * seq] bool: True for real tokens
         self.recording = False
+        # Off while the caller wants the outputs alone (generation: no labels, no training): the layers then skip
+        # the routing statistics and the balance loss, and decode through one fused inference call.
+        self.wants_losses = True
         # On while a caller measures specialisation: every layer keeps each forward's router probabilities and
         # top-1 experts (detached) in `collected_routing`, until the caller clears them.
         self.collect_routing = False
@@ -40,8 +43,8 @@ class ForwardContext:
         self._picked_weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._dropped: tuple[torch.Tensor, tuple, torch.Tensor] | None = None  # (input, key, dropout of it)
 
-    def start(self, token_mask: torch.Tensor | None) -> None:
-        self.token_mask, self.recording = token_mask, True
+    def start(self, token_mask: torch.Tensor | None, wants_losses: bool = True) -> None:
+        self.token_mask, self.recording, self.wants_losses = token_mask, True, wants_losses
         self.balance_terms, self.contrastive_terms = [], []
         # Per-forward constants every layer shares: computed once here (or on first use), not once per module.
         self._real_tokens = None if token_mask is None else token_mask.sum()
@@ -83,7 +86,7 @@ class ForwardContext:
         return self._picked_weights[key]
 
     def stop(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        self.recording = False
+        self.recording, self.wants_losses = False, True
         self._dropped = None
         terms = self.balance_terms, self.contrastive_terms
         self.balance_terms, self.contrastive_terms = [], []
@@ -91,6 +94,9 @@ class ForwardContext:
 
 
 class LoraMoELinear(nn.Module):
+    # The benchmarks' alternatives replace `_route` and `_experts`; the fused inference call is this class's own.
+    fused_inference = True
+
     def __init__(self, base: nn.Linear, config: SparseDoctorConfig, context: ForwardContext):
         super().__init__()
         self.base = base.requires_grad_(False)
@@ -128,6 +134,10 @@ class LoraMoELinear(nn.Module):
         out = self.base(flat)
         dtype = out.dtype  # under autocast the frozen layer decides the compute dtype
         flat = flat.to(dtype)
+        if self._output_only():
+            out = sdk.routed_lora_moe(flat, self.router.to(dtype), self.lora_a.to(dtype), self.lora_b.to(dtype),
+                                      self.config.top_k, scaling=self.config.scaling, out=out)
+            return out.reshape(*lead, out.shape[-1])
         router_logits = flat @ self.router.to(dtype).T
         mask = self._token_mask(flat.shape[0])
         routing = self._route(router_logits, mask)  # counts and probability means over real tokens only
@@ -165,6 +175,14 @@ class LoraMoELinear(nn.Module):
             if contrastive is not None:
                 self.context.contrastive_terms.append(contrastive)
         return out.reshape(*lead, out.shape[-1])
+
+    def _output_only(self) -> bool:
+        """Nothing but the output is wanted (generation): no gradient, no dropout, no loss recorded, no routing
+        collected. Then route and experts are one `routed_lora_moe` call, which on CPU decodes without the
+        routing statistics."""
+        context = self.context
+        return (self.fused_inference and not self.training and not torch.is_grad_enabled()
+                and not context.collect_routing and not (context.recording and context.wants_losses))
 
     def _token_mask(self, num_tokens: int) -> torch.Tensor | None:
         mask = self.context.token_mask

@@ -155,7 +155,8 @@ class SparseDoctorModel(nn.Module):
         if self.training:
             self.commit_queues()  # the previous step's views; a recomputation then sees the same queue
         token_mask = attention_mask.reshape(-1).bool() if attention_mask is not None else None
-        self.context.start(token_mask)
+        # Without labels outside training (generation) nothing reads the balance term: the layers skip it.
+        self.context.start(token_mask, wants_losses=self.training or labels is not None)
         try:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         finally:

@@ -1,6 +1,6 @@
-"""The public ops (the four of the contract, and `group_infonce`). Each file holds argument checks, backend
-dispatch, the `torch.library` custom ops that the backends implement, and the autograd.Function tying forward
-and backward together."""
+"""The public ops (the four of the contract, `group_infonce`, and `routed_lora_moe` for inference). Each file
+holds argument checks, backend dispatch, the `torch.library` custom ops that the backends implement, and the
+autograd.Function tying forward and backward together (`routed_lora_moe` composes two of them)."""
 
 from sparsedoctor_kernels.ops import group_infonce as _group_infonce_module
 from sparsedoctor_kernels.ops import infonce, queue, routing
@@ -19,7 +19,8 @@ from sparsedoctor_kernels.ops.group_infonce import group_infonce  # noqa: E402
 from sparsedoctor_kernels.ops.infonce import infonce_queue_loss  # noqa: E402
 from sparsedoctor_kernels.ops.lora_moe import lora_moe  # noqa: E402
 from sparsedoctor_kernels.ops.queue import ExpertQueue  # noqa: E402
+from sparsedoctor_kernels.ops.routed_lora_moe import routed_lora_moe  # noqa: E402
 from sparsedoctor_kernels.ops.routing import Routing, load_balance_loss, route  # noqa: E402
 
 __all__ = ["IMPLEMENTATIONS", "ExpertQueue", "Routing", "group_infonce", "infonce_queue_loss", "load_balance_loss",
-           "lora_moe", "route"]
+           "lora_moe", "route", "routed_lora_moe"]

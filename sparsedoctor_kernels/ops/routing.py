@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from sparsedoctor_kernels import reference
+from sparsedoctor_kernels import eager
 from sparsedoctor_kernels._backend import LazyImplementation, calls_directly, resolve_backend
 from sparsedoctor_kernels._validation import (
     compute_dtype,
@@ -21,7 +21,7 @@ from sparsedoctor_kernels._validation import (
 IMPLEMENTATIONS = {
     "triton": LazyImplementation("sparsedoctor_kernels.triton.routing"),
     "cuda": LazyImplementation("sparsedoctor_kernels.cuda.routing"),
-    "torch": reference.routing,
+    "torch": eager.routing,
 }
 
 

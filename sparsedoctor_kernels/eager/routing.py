@@ -1,0 +1,27 @@
+"""`route` in eager PyTorch: the reference's function in fewer calls (on CPU tensors with every token counted,
+the per-expert counts by one `bincount`, which on a GPU would wait on the host for its size); its backward and
+the masked statistics are the reference's."""
+
+from __future__ import annotations
+
+import torch
+
+from sparsedoctor_kernels._validation import compute_dtype
+from sparsedoctor_kernels.reference.routing import _statistics, backward, masked_statistics
+
+__all__ = ["backward", "forward", "masked_statistics"]
+
+
+def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: torch.Tensor | None = None):
+    """Returns (weights [T,k], experts [T,k] int32, counts [E] int32, probs_mean [E]) as the reference does."""
+    num_tokens, num_experts = logits.shape
+    probs = torch.softmax(logits.to(compute_dtype(logits.dtype)), dim=-1)
+    # A stable descending sort keeps equal probabilities in expert-id order: ties go to the lower id.
+    top, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    top = top[:, :top_k]
+    weights = top / top.sum(-1, keepdim=True) if renormalize else top.contiguous()
+    experts = order[:, :top_k].to(torch.int32)
+    if token_mask is not None or probs.device.type != "cpu":
+        return (weights, experts, *_statistics(probs, experts, token_mask))
+    counts = torch.bincount(order[:, :top_k].reshape(-1), minlength=num_experts).to(torch.int32)
+    return weights, experts, counts, probs.sum(0) / max(num_tokens, 1)
