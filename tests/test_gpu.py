@@ -394,3 +394,56 @@ def test_group_infonce_on_gpu(shape):
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert_close_scaled(runs[0][0], want, torch.float32, "loss")
     assert_close_scaled(runs[0][1], leaf.grad, torch.float32, "grad x")
+
+
+@pytest.mark.parametrize("num_tokens", [1, 4])
+def test_decoding_call_captures_in_a_cuda_graph(num_tokens):
+    """What a decoding layer calls (`routed_lora_moe` without autograd, Triton backend) is sync-free: it captures
+    in a CUDA graph and the replay gives the eager result."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(num_tokens, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+    router = torch.randn(8, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+    lora_a = torch.randn(8, 16, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+    lora_b = torch.randn(8, 96, 16, device="cuda", generator=gen, dtype=torch.bfloat16)
+    base = torch.randn(num_tokens, 96, device="cuda", generator=gen, dtype=torch.bfloat16)
+    out = base.clone()
+
+    def decode():
+        out.copy_(base)
+        return sdk.routed_lora_moe(x, router, lora_a, lora_b, 2, scaling=2.0, out=out)
+
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                eager = decode().clone()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            decode()
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(out, eager)
+
+
+def test_generation_under_cuda_graphs_matches_eager():
+    """Greedy decoding of an adapted tiny Qwen3 on the GPU: a static cache with the forward compiled in
+    `reduce-overhead` mode (CUDA graphs) gives the eager tokens."""
+    from sparsedoctor_kernels.model import SparseDoctorConfig, apply_sparsedoctor
+    from sparsedoctor_kernels.model.tiny import tiny_qwen3
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = apply_sparsedoctor(tiny_qwen3(seed=0, num_layers=2), SparseDoctorConfig(num_experts=4, top_k=2, r=4))
+    model = model.cuda().eval()
+    with torch.no_grad():
+        for module in model.adapted_modules().values():
+            module.lora_b.normal_(std=0.1)
+    ids = torch.randint(0, 500, (2, 6), device="cuda")
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    eager = model.generate(input_ids=ids, **settings)
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
+    graphed = model.generate(input_ids=ids, cache_implementation="static", **settings)
+    assert torch.equal(graphed, eager)
