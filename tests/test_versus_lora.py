@@ -35,6 +35,29 @@ def test_saved_bytes_count_each_storage_once_and_leave_parameters_out():
     assert versus_lora.saved_bytes(Model(), batch) == 2 * 3 * 8 * 4
 
 
+def _row(op, mode, **values):
+    row = {c: "" for c in harness.CSV_COLUMNS}
+    row.update(op=op, impl="peft" if mode == "lora" else "sparsedoctor", shape="s", mode=mode, **values)
+    return row
+
+
+def test_ratios_and_their_plot(tmp_path):
+    """Each figure against PEFT's in its own direction (time and bytes: ours / PEFT's; decoding: tokens/s),
+    with its goal; the plot holds the figures that have a goal."""
+    from sparsedoctor_kernels.bench.plots import plot_versus_lora
+
+    rows = [_row("step_vs_lora", "lora", ms_p50="100"), _row("step_vs_lora", "router", ms_p50="150"),
+            _row("decode_vs_lora", "lora", tokens_per_s="80"), _row("decode_vs_lora", "router", tokens_per_s="60"),
+            _row("saved_bytes", "lora", value="200"), _row("saved_bytes", "paper", value="180"),
+            _row("saved_bytes_step", "lora", value="1"), _row("saved_bytes_step", "paper", value="9"),
+            _row("launches", "router-fwd", value="184")]
+    table = {(op, mode): (ratio, goal, better) for op, _, mode, ratio, goal, better in versus_lora.ratios(rows)}
+    assert table == {("step_vs_lora", "router"): (1.5, 1.3, "<="), ("decode_vs_lora", "router"): (0.75, 0.8, ">="),
+                     ("saved_bytes", "paper"): (0.9, 1.0, "<="), ("saved_bytes_step", "paper"): (9.0, None, "")}
+    png = plot_versus_lora([r for r in versus_lora.ratios(rows) if r[4] is not None], tmp_path / "v.png", "cpu")
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["router", "paper"])
 def test_saved_activation_bytes_per_token_at_most_peft(mode):

@@ -235,3 +235,32 @@ def plot_bench(rows: list[dict], baseline: dict[str, str], directory, device_lab
     directory = pathlib.Path(directory)
     return [save_figure(figure, directory / name, dpi=110)
             for name, figure in bench_figures(rows, baseline, device_label, references).items()]
+
+
+def plot_versus_lora(table: list[list], path, device_label: str) -> pathlib.Path:
+    """`versus_lora.png`: each figure of `bench.versus_lora.ratios` as a bar of ours / PEFT LoRA's (1 = PEFT's),
+    one colour per contrastive mode, its goal a marker on the bar (lower is better except for decoding)."""
+    plt = pyplot()
+    if not table:
+        raise ValueError("no versus_lora rows to plot")
+    labels = list(dict.fromkeys(f"{op}\n{shape}" for op, shape, *_ in table))
+    modes = list(dict.fromkeys(row[2] for row in table))
+    figure, axis = plt.subplots(figsize=(max(8, 1.6 * len(labels) * len(modes)), 4.5), constrained_layout=True)
+    width = 0.8 / len(modes)
+    labelled = set()
+    for op, shape, mode, ratio, goal, _ in table:
+        index = modes.index(mode)
+        x = labels.index(f"{op}\n{shape}") + (index - (len(modes) - 1) / 2) * width
+        axis.bar(x, ratio, width, color=f"C{index}", label=None if mode in labelled else mode)
+        labelled.add(mode)
+        axis.text(x, ratio, f"{ratio:.2f}", ha="center", va="bottom", fontsize=7)
+        if goal is not None:
+            axis.plot([x - width / 2, x + width / 2], [goal, goal], color="black", linewidth=2)
+    axis.axhline(1.0, color="dimgrey", linestyle="--", linewidth=1)
+    axis.set_xticks(range(len(labels)), labels, fontsize=7)
+    axis.set_ylabel("ours / PEFT LoRA r16 (black: goal)")
+    axis.set_ylim(0, max(max(row[3] for row in table), 1.0) * 1.12)
+    axis.legend(fontsize=8, title="contrastive mode")
+    axis.set_title(f"SparseDoctor against PEFT LoRA r16 on {device_label} (decode: higher is better; the rest: "
+                   "lower)", fontsize=10)
+    return save_figure(figure, path, dpi=110)

@@ -36,11 +36,19 @@ def run_suite(ops, quick: bool, out: pathlib.Path, device: str | None) -> int:
         print(f"\n=== {op} ===", flush=True)
         status |= module.main(argv)
     with csv_path.open(newline="") as handle:
-        # lora_moe also writes lora_moe_layer rows (the adapter on top of the frozen layer): plotted with it.
-        rows = [r for r in csv.DictReader(handle) if r["op"] in ops or r["op"].removesuffix("_layer") in ops]
-    from sparsedoctor_kernels.bench.plots import plot_bench
+        every_row = list(csv.DictReader(handle))
+    # lora_moe also writes lora_moe_layer rows (the adapter on top of the frozen layer): plotted with it.
+    rows = [r for r in every_row if r["op"] in ops or r["op"].removesuffix("_layer") in ops]
+    from sparsedoctor_kernels.bench.plots import bench_device_label, plot_bench, plot_versus_lora
 
-    for path in plot_bench(rows, BASELINE, out):
+    paths = plot_bench(rows, BASELINE, out) if rows else []
+    if "versus_lora" in ops:
+        from sparsedoctor_kernels.bench.versus_lora import ratios
+
+        table = [row for row in ratios(every_row) if row[4] is not None]  # the figures with a goal
+        if table:
+            paths.append(plot_versus_lora(table, out / "versus_lora.png", bench_device_label(every_row) or device))
+    for path in paths:
         print(f"plot: {path}")
     print(f"rows: {csv_path}")
     if device != "cuda":

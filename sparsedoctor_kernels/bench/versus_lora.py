@@ -214,9 +214,12 @@ def _row(op, impl, shape, sizes, dtype, timing, env, tokens_per_s) -> dict:
     return row
 
 
-def summarize(rows: list[dict], copy_gbps: float) -> None:
-    """Each figure as a ratio to PEFT's, beside its goal (issue 23)."""
-    by_key = {(r["op"], r["shape"], r["mode"]): r for r in rows if r["op"] != "launches"}
+ROW_OPS = ("step_vs_lora", "decode_vs_lora", "saved_bytes", "saved_bytes_step", "launches")
+
+
+def ratios(rows: list[dict]) -> list[list]:
+    """[figure, shape, mode, ours / PEFT's, goal or None, "<=" / ">=" / ""] for every figure PEFT also has."""
+    by_key = {(r["op"], r["shape"], r["mode"]): r for r in rows if r["op"] in ROW_OPS and r["op"] != "launches"}
     table = []
     for (op, shape, mode), row in by_key.items():
         peft = by_key.get((op, shape, "lora"))
@@ -229,8 +232,15 @@ def summarize(rows: list[dict], copy_gbps: float) -> None:
         elif op == "saved_bytes":
             ratio, goal, better = float(row["value"]) / float(peft["value"]), GOALS["saved_bytes"], "<="
         else:
-            ratio, goal, better = float(row["value"]) / float(peft["value"]), "-", ""
-        table.append([op, shape, mode, ratio, f"{better} {goal}"])
+            ratio, goal, better = float(row["value"]) / float(peft["value"]), None, ""
+        table.append([op, shape, mode, ratio, goal, better])
+    return table
+
+
+def summarize(rows: list[dict], copy_gbps: float) -> None:
+    """Each figure as a ratio to PEFT's, beside its goal (issue 23)."""
+    table = [[op, shape, mode, ratio, f"{better} {goal}" if goal is not None else "-"]
+             for op, shape, mode, ratio, goal, better in ratios(rows)]
     print("\nagainst PEFT LoRA r16 (step: time / PEFT's; decode: tokens/s / PEFT's; saved_bytes: bytes / PEFT's)")
     harness.print_table(["figure", "shape", "mode", "x PEFT", "goal"], table)
     launches = [r for r in rows if r["op"] == "launches"]
