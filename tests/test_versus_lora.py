@@ -17,8 +17,6 @@ SMALL = versus_lora.SMALL
 
 def test_saved_bytes_count_each_storage_once_and_leave_parameters_out():
     linear = torch.nn.Linear(8, 8)
-    model = torch.nn.Module()
-    model.linear = linear
 
     class Model(torch.nn.Module):
         def __init__(self):

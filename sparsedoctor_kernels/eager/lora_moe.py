@@ -87,11 +87,17 @@ def infer(x, lora_a, lora_b, weights, experts, scaling: float, out: torch.Tensor
     if num_tokens * top_k > num_experts or not (x.dtype == lora_a.dtype == out.dtype == dtype):
         forward_into(x, lora_a, lora_b, weights, experts, scaling, out)
         return
-    gates = (weights.to(dtype) * scaling).tolist()
-    for token, (row, token_gates) in enumerate(zip(experts.tolist(), gates)):
+    add_pair_by_pair(x, lora_a, lora_b, experts.tolist(), (weights.to(dtype) * scaling).tolist(), out)
+
+
+def add_pair_by_pair(x, lora_a, lora_b, experts: list[list[int]], gates: list[list[float]], out) -> None:
+    """out[t] += gate * B[e] @ (A[e] @ x[t]) for each (token, slot) pair given on the host, one matrix-vector
+    product pair each from the chosen expert's own weights; a pair with no expert adds nothing."""
+    num_experts = lora_a.shape[0]
+    for token, (row, token_gates) in enumerate(zip(experts, gates)):
         x_row, out_row = x[token], out[token]
         for expert, gate in zip(row, token_gates):
-            if 0 <= expert < num_experts:  # a pair with no expert adds nothing
+            if 0 <= expert < num_experts:
                 out_row.addmv_(lora_b[expert], torch.mv(lora_a[expert], x_row), alpha=gate)
 
 

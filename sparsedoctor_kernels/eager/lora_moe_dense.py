@@ -15,7 +15,13 @@ from __future__ import annotations
 import torch
 
 from sparsedoctor_kernels._validation import compute_dtype
-from sparsedoctor_kernels.reference.lora_moe_dense import plan_numel, regate_backward, regate_forward, saved_shape
+from sparsedoctor_kernels.reference.lora_moe_dense import (
+    _b_cat,
+    plan_numel,
+    regate_backward,
+    regate_forward,
+    saved_shape,
+)
 
 __all__ = ["backward", "forward", "forward_into", "plan_numel", "regate_backward", "regate_forward", "saved_shape"]
 
@@ -26,10 +32,6 @@ def _gates(weights: torch.Tensor, experts: torch.Tensor, num_experts: int, scali
     ids = torch.where(valid, experts, 0).long()
     gates = torch.zeros(experts.shape[0], num_experts, dtype=dtype, device=experts.device)
     return gates.scatter_add_(1, ids, torch.where(valid, weights.to(dtype) * scaling, 0.0)), ids, valid
-
-
-def _b_cat(lora_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return lora_b.to(dtype).transpose(1, 2).reshape(-1, lora_b.shape[1])  # [E*r, d_out]
 
 
 def forward(x, lora_a, lora_b, weights, experts, scaling: float):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from sparsedoctor_kernels._validation import compute_dtype
+from sparsedoctor_kernels.eager.lora_moe import add_pair_by_pair
 
 
 def applies(x: torch.Tensor, lora_a: torch.Tensor, top_k: int, out: torch.Tensor) -> bool:
@@ -23,7 +24,4 @@ def infer(x, router, lora_a, lora_b, top_k: int, renormalize: bool, scaling: flo
     top, order = torch.sort(probs, dim=-1, descending=True, stable=True)  # ties to the lower id, as `route`
     top = top[:, :top_k]
     weights = top / top.sum(-1, keepdim=True) if renormalize else top
-    for token, (row, gates) in enumerate(zip(order[:, :top_k].tolist(), (weights * scaling).tolist())):
-        x_row, out_row = x[token], out[token]
-        for expert, gate in zip(row, gates):
-            out_row.addmv_(lora_b[expert], torch.mv(lora_a[expert], x_row), alpha=gate)
+    add_pair_by_pair(x, lora_a, lora_b, order[:, :top_k].tolist(), (weights * scaling).tolist(), out)
