@@ -1,8 +1,9 @@
 """sparsedoctor_kernels: fused ops for contrastive LoRA mixture-of-experts fine-tuning (SparseDoctor).
 
 The public ops (contract: docs/ops.md): `route`, `Routing`, `load_balance_loss`, `lora_moe`, `ExpertQueue`,
-`infonce_queue_loss`, `group_infonce` (the default contrastive term's), and `routed_lora_moe` (route + experts
-in one call, for inference).
+`infonce_queue_loss`, `group_infonce` (the default contrastive term's), `routed_lora_moe` (route + experts
+in one call, for inference) and `sibling_lora_moe` (the experts of projections that read one input, from one
+pass over it).
 Each takes `backend=` ("torch", "triton", "cuda" or None for automatic).
 """
 
@@ -16,6 +17,7 @@ from sparsedoctor_kernels.ops import (
     lora_moe,
     route,
     routed_lora_moe,
+    sibling_lora_moe,
 )
 
 __version__ = "0.1.0"
@@ -31,4 +33,5 @@ __all__ = [
     "lora_moe",
     "route",
     "routed_lora_moe",
+    "sibling_lora_moe",
 ]

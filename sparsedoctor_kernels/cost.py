@@ -53,7 +53,11 @@ GPU_RATES = {
     "A100": (1.6e12, 200e12, 15e12),
 }
 _DEFAULT_GPU = "H100"
-_CPU_RATES = DeviceRates("cpu", 20e9, 100e9)  # a few cores; only the order of magnitude matters here
+# The CPU's are effective rates of the torch backend's eager calls, not of the memory system: fitted so that
+# the choice matches timed forward + backward calls on a 2-core x86 machine at one thread (T 16..2048, d_in
+# 512..2560, E 8 and 32; docs/benchmarks.md). Gathers and scatters of rows (the grouped strategy's) run far
+# below copy bandwidth there, which is what the low byte rate stands for.
+_CPU_RATES = DeviceRates("cpu", 1e9, 30e9)
 
 
 _rates_by_device: dict[tuple[str, int | None, bool], DeviceRates] = {}
@@ -160,7 +164,9 @@ def choose_strategy(num_tokens: int, d_in: int, d_out: int, num_experts: int, to
 
 
 def _choose(num_tokens, d_in, d_out, num_experts, top_k, rank, dtype, device, backend) -> str:
-    rates = device_rates(device, dtype)
+    # Kernels on CPU tensors run under the Triton interpreter, which stands in for a GPU: they choose as one.
+    stand_in = backend != "torch" and device.type == "cpu"
+    rates = device_rates(torch.device("cuda") if stand_in else device, dtype)
     element = dtype.itemsize
     times = {s: lora_moe_cost(s, num_tokens, d_in, d_out, num_experts, top_k, rank, element).seconds(rates)
              for s in STRATEGIES}

@@ -422,7 +422,10 @@ def test_dropout_once_per_shared_input():
     their experts the same dropped rows."""
     from sparsedoctor_kernels.launches import count_launches
 
-    model = make_model(num_layers=1, lora_dropout=0.3, contrastive_mode="router")
+    model = make_model(num_layers=1, lora_dropout=0.3, contrastive_mode="router").train()
+    counts = count_launches(lambda: model(**batch()))  # grouped siblings: one dropout per group
+    assert sum(v for k, v in counts.items() if "bernoulli" in k or "native_dropout" in k) == 4, counts
+    model.group_siblings(False)  # each projection's own call, watched below
     adapter_inputs = {}
 
     def recorder(module, projection):
@@ -482,3 +485,22 @@ def test_a_forward_without_labels_in_eval_computes_the_output_alone():
     finally:
         sdk.routed_lora_moe = original
     assert len(calls) == len(model.adapted_modules())
+
+
+def test_balance_loss_of_all_modules_is_the_mean_of_the_ops():
+    """The wrapper's one expression for every module's balance term equals the mean of sdk.load_balance_loss."""
+    from sparsedoctor_kernels.model.loss import balance_loss
+
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand(20, generator=gen) > 0.3
+    routings = [sdk.route(torch.randn(20, 6, generator=gen, requires_grad=True), 2, token_mask=mask)
+                for _ in range(5)]
+    real = mask.sum()
+    shared = balance_loss([(r.counts, r.probs_mean, real) for r in routings], top_k=2)
+    expected = torch.stack([sdk.load_balance_loss(r, num_tokens=real) for r in routings]).mean()
+    torch.testing.assert_close(shared, expected)
+    per_module_tokens = [(r.counts, r.probs_mean, t) for r, t in zip(routings, (real, 20, 0, real, 7))]
+    expected = torch.stack([sdk.load_balance_loss(r, num_tokens=t)
+                            for r, t in zip(routings, (real, 20, 0, real, 7))]).mean()
+    torch.testing.assert_close(balance_loss(per_module_tokens, top_k=2), expected)
+    assert balance_loss([], top_k=2) == 0

@@ -40,6 +40,7 @@ class NaiveLoraMoELinear(LoraMoELinear):
     syncs, the InfoNCE over the whole [N, E*Q] score matrix and a per-expert MoCo enqueue."""
 
     fused_inference = False  # its own routing and experts, in inference too
+    groups_siblings = False  # and each projection alone, in training too
 
     def _route(self, router_logits, token_mask):
         return sdk.Routing(*baselines.naive_routing(router_logits, self.config.top_k, token_mask=token_mask))

@@ -2,6 +2,6 @@
 no per-expert masking), sync-free where they run on CUDA. The readable oracles the tests compare with stay in
 `sparsedoctor_kernels.reference`."""
 
-from sparsedoctor_kernels.eager import infonce, lora_moe, lora_moe_dense, routed, routing
+from sparsedoctor_kernels.eager import infonce, lora_moe, lora_moe_dense, routed, routing, sibling_lora_moe
 
-__all__ = ["infonce", "lora_moe", "lora_moe_dense", "routed", "routing"]
+__all__ = ["infonce", "lora_moe", "lora_moe_dense", "routed", "routing", "sibling_lora_moe"]

@@ -37,11 +37,14 @@ class ForwardContext:
         # On while a caller measures specialisation: every layer keeps each forward's router probabilities and
         # top-1 experts (detached) in `collected_routing`, until the caller clears them.
         self.collect_routing = False
-        self.balance_terms: list[torch.Tensor] = []
+        # Each recording module's routing statistics (counts, probs_mean, real tokens): the balance term of all
+        # of them is one expression in the wrapper (model.loss.balance_loss).
+        self.balance_terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]] = []
         self.contrastive_terms: list[torch.Tensor] = []
         self._real_tokens: torch.Tensor | None = None
         self._picked_weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._dropped: tuple[torch.Tensor, tuple, torch.Tensor] | None = None  # (input, key, dropout of it)
+        self.sibling_groups: list = []  # the model's SiblingGroups: their pending results end with each forward
 
     def start(self, token_mask: torch.Tensor | None, wants_losses: bool = True) -> None:
         self.token_mask, self.recording, self.wants_losses = token_mask, True, wants_losses
@@ -50,6 +53,11 @@ class ForwardContext:
         self._real_tokens = None if token_mask is None else token_mask.sum()
         self._picked_weights = {}
         self._dropped = None
+        self._clear_groups()
+
+    def _clear_groups(self) -> None:
+        for group in self.sibling_groups:
+            group.clear()
 
     def dropout(self, x: torch.Tensor, flat: torch.Tensor, dropout: nn.Dropout) -> torch.Tensor:
         """`dropout(flat)` (flat: x as [tokens, features]), once per shared input: sibling projections called on
@@ -88,14 +96,17 @@ class ForwardContext:
     def stop(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         self.recording, self.wants_losses = False, True
         self._dropped = None
+        self._clear_groups()
         terms = self.balance_terms, self.contrastive_terms
         self.balance_terms, self.contrastive_terms = [], []
         return terms
 
 
 class LoraMoELinear(nn.Module):
-    # The benchmarks' alternatives replace `_route` and `_experts`; the fused inference call is this class's own.
+    # The benchmarks' alternatives replace `_route` and `_experts`; the fused inference call and the sibling
+    # group's shared pass are this class's own.
     fused_inference = True
+    groups_siblings = True
 
     def __init__(self, base: nn.Linear, config: SparseDoctorConfig, context: ForwardContext):
         super().__init__()
@@ -122,6 +133,7 @@ class LoraMoELinear(nn.Module):
         self._slot_weights: dict[tuple, torch.Tensor] = {}  # _first_slot_weights' constants
         self.last_load: torch.Tensor | None = None  # [E] real tokens' pairs per expert in the last forward
         self.collected_routing: list[tuple[torch.Tensor, torch.Tensor]] = []  # (probs [T, E], top-1 [T])
+        self.siblings = None  # the SiblingGroup of projections that read this one's input, set by the wrapper
 
     def extra_repr(self) -> str:
         c = self.config
@@ -131,50 +143,59 @@ class LoraMoELinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
-        out = self.base(flat)
-        dtype = out.dtype  # under autocast the frozen layer decides the compute dtype
-        flat = flat.to(dtype)
-        if self._output_only():
-            out = sdk.routed_lora_moe(flat, self.router.to(dtype), self.lora_a.to(dtype), self.lora_b.to(dtype),
-                                      self.config.top_k, scaling=self.config.scaling, out=out)
-            return out.reshape(*lead, out.shape[-1])
-        router_logits = flat @ self.router.to(dtype).T
-        mask = self._token_mask(flat.shape[0])
-        routing = self._route(router_logits, mask)  # counts and probability means over real tokens only
-        adapter_in = self.context.dropout(x, flat, self.dropout)
-        lora_a, lora_b = self.lora_a.to(dtype), self.lora_b.to(dtype)
+        num_tokens = flat.shape[0]
+        mask = self._token_mask(num_tokens)
         views = None
-        if self._views_from_the_call(flat.shape[0]):
-            # The contrastive views come out of the layer's own call: its rank-space rows regated (the picked
-            # tokens' routed and fused gates), so the views cost one more expand, not a second read of x.
-            picked = self._pick(flat.shape[0], mask, flat.device)
-            gates = self._view_gates(routing, picked[0])
-            out, view_rows = self._experts_and_views(adapter_in, lora_a, lora_b, routing.weights, routing.experts,
-                                                     out, gates)
-            views = picked, view_rows, gates[2]
+        if self._in_group(num_tokens):
+            # The group's first call computed this member too, from one pass over the shared input.
+            grouped = self.siblings.result(self, x, flat)
+            out, router_logits, routing, adapter_in = (grouped.out, grouped.router_logits, grouped.routing,
+                                                       grouped.adapter_in)
+            dtype = out.dtype
         else:
-            out = self._experts(adapter_in, lora_a, lora_b, routing.weights, routing.experts, out=out)
-        balance = None
-        # Eval and generation (no grad, nothing recorded) need no loss; a checkpointing recomputation (grad on,
-        # not recording) must compute the same tensors as its forward.
-        if self.context.recording or torch.is_grad_enabled():
-            balance = sdk.load_balance_loss(routing, num_tokens=self.context.real_tokens(flat.shape[0]))
+            out = self.base(flat)
+            dtype = out.dtype  # under autocast the frozen layer decides the compute dtype
+            flat = flat.to(dtype)
+            if self._output_only():
+                out = sdk.routed_lora_moe(flat, self.router.to(dtype), self.lora_a.to(dtype),
+                                          self.lora_b.to(dtype), self.config.top_k, scaling=self.config.scaling,
+                                          out=out)
+                return out.reshape(*lead, out.shape[-1])
+            router_logits = flat @ self.router.to(dtype).T
+            routing = self._route(router_logits, mask)  # counts and probability means over real tokens only
+            adapter_in = self.context.dropout(x, flat, self.dropout)
+            out, views = self._apply_experts(adapter_in, routing, mask, out)
         contrastive = None
         if self.training and self.config.computes_contrastive:
-            sequence_length = lead[-1] if len(lead) >= 2 else flat.shape[0]  # [batch, seq, d]: one sequence a row
+            sequence_length = lead[-1] if len(lead) >= 2 else num_tokens  # [batch, seq, d]: one sequence a row
             if self.config.contrastive_mode == "router":
                 contrastive = self._router_contrastive(router_logits, mask, sequence_length)
             else:
-                contrastive = self._contrastive(adapter_in, lora_a, lora_b, routing, mask, sequence_length, views)
+                contrastive = self._contrastive(adapter_in, self.lora_a.to(dtype), self.lora_b.to(dtype), routing, mask,
+                                                sequence_length, views)
         if self.context.collect_routing:
             self.collected_routing.append((torch.softmax(router_logits.detach().float(), dim=-1),
                                            routing.experts[:, 0].detach()))
         if self.context.recording:
             self.last_load = routing.counts.detach()
-            self.context.balance_terms.append(balance)
+            self.context.balance_terms.append((routing.counts, routing.probs_mean,
+                                               self.context.real_tokens(num_tokens)))
             if contrastive is not None:
                 self.context.contrastive_terms.append(contrastive)
         return out.reshape(*lead, out.shape[-1])
+
+    def _apply_experts(self, adapter_in, routing, mask, out):
+        """(out with the experts added, the contrastive views of the call or None)."""
+        lora_a, lora_b = self.lora_a.to(out.dtype), self.lora_b.to(out.dtype)
+        if not self._views_from_the_call(adapter_in.shape[0]):
+            return self._experts(adapter_in, lora_a, lora_b, routing.weights, routing.experts, out=out), None
+        # The contrastive views come out of the layer's own call: its rank-space rows regated (the picked tokens'
+        # routed and fused gates), so the views cost one more expand, not a second read of x.
+        picked = self._pick(adapter_in.shape[0], mask, adapter_in.device)
+        gates = self._view_gates(routing, picked[0])
+        out, view_rows = self._experts_and_views(adapter_in, lora_a, lora_b, routing.weights, routing.experts, out,
+                                                 gates)
+        return out, (picked, view_rows, gates[2])
 
     def _output_only(self) -> bool:
         """Nothing but the output is wanted (generation): no gradient, no dropout, no loss recorded, no routing
@@ -183,6 +204,12 @@ class LoraMoELinear(nn.Module):
         context = self.context
         return (self.fused_inference and not self.training and not torch.is_grad_enabled()
                 and not context.collect_routing and not (context.recording and context.wants_losses))
+
+    def _in_group(self, num_tokens: int) -> bool:
+        """Whether this call takes its output from its sibling group's shared pass: the views of the two-view
+        term come out of a member's own call (regated rows), so that case computes alone."""
+        return (self.siblings is not None and self.groups_siblings and self.siblings.applies()
+                and not self._views_from_the_call(num_tokens) and not self._output_only())
 
     def _token_mask(self, num_tokens: int) -> torch.Tensor | None:
         mask = self.context.token_mask
@@ -238,8 +265,9 @@ class LoraMoELinear(nn.Module):
         if min(self.config.contrastive_tokens, num_tokens) == 0:
             return router_logits.new_zeros((), dtype=torch.float32)
         picked, padding, _ = self._pick(num_tokens, mask, router_logits.device)
-        probs = torch.softmax(router_logits[picked].to(torch.promote_types(router_logits.dtype, torch.float32)),
-                              dim=-1)
+        # float32 at least (float64 stays): chosen in Python, not by torch.promote_types, which dispatches.
+        dtype = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
+        probs = torch.softmax(router_logits[picked].to(dtype), dim=-1)
         sequence = torch.div(picked, sequence_length, rounding_mode="floor").masked_fill(padding, -1)
         return sdk.group_infonce(probs, sequence, -(-num_tokens // sequence_length),
                                  temperature=self.config.temperature)

@@ -16,7 +16,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from sparsedoctor_kernels.model.adapter import load_adapter, read_adapter_config, save_adapter
 from sparsedoctor_kernels.model.config import SparseDoctorConfig
 from sparsedoctor_kernels.model.layer import ForwardContext, LoraMoELinear
-from sparsedoctor_kernels.model.loss import hybrid_loss
+from sparsedoctor_kernels.model.loss import balance_loss, hybrid_loss
+from sparsedoctor_kernels.model.siblings import find_sibling_groups
 
 
 @dataclass
@@ -55,6 +56,11 @@ class SparseDoctorModel(nn.Module):
             parent_name, _, child = name.rpartition(".")
             parent = base_model.get_submodule(parent_name) if parent_name else base_model
             setattr(parent, child, LoraMoELinear(module, config, self.context))
+        self.sibling_groups = find_sibling_groups(base_model, LoraMoELinear)
+        for group in self.sibling_groups:
+            for member in group.members:
+                member.siblings = group
+        self.context.sibling_groups = self.sibling_groups
 
     @property
     def config(self):
@@ -100,6 +106,16 @@ class SparseDoctorModel(nn.Module):
             model.requires_grad_(False)
             model.eval()
         return model
+
+    def group_siblings(self, enabled: bool = True) -> SparseDoctorModel:
+        """Compute the projections of a block that read one input (q/k/v, gate/up) as one group (the default):
+        one pass over the shared input for every member's experts. `False` computes each projection alone
+        (the same outputs and losses on the torch backend; use it when a member is sharded or hooked on its own,
+        e.g. FSDP wrapping single projections). Returns the model."""
+        for group in self.sibling_groups:
+            group.enabled = bool(enabled)
+            group.clear()
+        return self
 
     def adapted_modules(self) -> dict[str, LoraMoELinear]:
         return {name: m for name, m in self.base_model.named_modules() if isinstance(m, LoraMoELinear)}
@@ -162,7 +178,7 @@ class SparseDoctorModel(nn.Module):
         finally:
             balance_terms, contrastive_terms = self.context.stop()
         zero = out.logits.new_zeros((), dtype=torch.float32)
-        balance = torch.stack(balance_terms).mean() if balance_terms else zero
+        balance = balance_loss(balance_terms, self.sparsedoctor_config.top_k) if balance_terms else zero
         contrastive = torch.stack(contrastive_terms).mean() if contrastive_terms else zero
         lm = out.loss
         loss = None if lm is None else hybrid_loss(lm, balance, contrastive, self.sparsedoctor_config)

@@ -1,15 +1,18 @@
-"""The public ops (the four of the contract, `group_infonce`, and `routed_lora_moe` for inference). Each file
+"""The public ops (the four of the contract, `group_infonce`, `routed_lora_moe` for inference and
+`sibling_lora_moe` for projections that share an input). Each file
 holds argument checks, backend dispatch, the `torch.library` custom ops that the backends implement, and the
 autograd.Function tying forward and backward together (`routed_lora_moe` composes two of them)."""
 
 from sparsedoctor_kernels.ops import group_infonce as _group_infonce_module
 from sparsedoctor_kernels.ops import infonce, queue, routing
 from sparsedoctor_kernels.ops import lora_moe as _lora_moe_module
+from sparsedoctor_kernels.ops import sibling_lora_moe as _sibling_lora_moe_module
 
 # op name -> {backend: implementation}, in order of preference on the GPU.
 IMPLEMENTATIONS = {
     "route": routing.IMPLEMENTATIONS,
     "lora_moe": _lora_moe_module.IMPLEMENTATIONS,
+    "sibling_lora_moe": _sibling_lora_moe_module.IMPLEMENTATIONS,
     "ExpertQueue.enqueue": queue.IMPLEMENTATIONS,
     "infonce_queue_loss": infonce.IMPLEMENTATIONS,
     "group_infonce": _group_infonce_module.IMPLEMENTATIONS,
@@ -21,6 +24,7 @@ from sparsedoctor_kernels.ops.lora_moe import lora_moe  # noqa: E402
 from sparsedoctor_kernels.ops.queue import ExpertQueue  # noqa: E402
 from sparsedoctor_kernels.ops.routed_lora_moe import routed_lora_moe  # noqa: E402
 from sparsedoctor_kernels.ops.routing import Routing, load_balance_loss, route  # noqa: E402
+from sparsedoctor_kernels.ops.sibling_lora_moe import sibling_lora_moe  # noqa: E402
 
 __all__ = ["IMPLEMENTATIONS", "ExpertQueue", "Routing", "group_infonce", "infonce_queue_loss", "load_balance_loss",
-           "lora_moe", "route", "routed_lora_moe"]
+           "lora_moe", "route", "routed_lora_moe", "sibling_lora_moe"]

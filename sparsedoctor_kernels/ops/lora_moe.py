@@ -124,7 +124,9 @@ def _lora_moe_regate_forward(
 
 @_lora_moe_regate_forward.register_fake
 def _(x, lora_a, lora_b, weights, experts, scaling, out, accumulate, rows, rows_weights, rows_experts, backend):
-    h, _ = _fake_saved(x, lora_a, experts, backend, "dense")
+    num_experts, rank, _ = lora_a.shape
+    shape = DENSE[backend].regate_saved_shape(x.shape[0], experts.shape[1], num_experts, rank, rows.shape[0])
+    h = x.new_empty(shape, dtype=compute_dtype(x.dtype, lora_a.dtype))
     return x.new_empty((rows.shape[0], lora_b.shape[1])), h
 
 

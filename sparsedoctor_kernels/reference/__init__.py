@@ -3,6 +3,14 @@ path and the oracle every other backend is tested against. Forward and backward 
 autograd inside) so that the same autograd.Function serves every backend. No function here synchronises with the
 host."""
 
-from sparsedoctor_kernels.reference import group_infonce, infonce, lora_moe, lora_moe_dense, queue, routing
+from sparsedoctor_kernels.reference import (
+    group_infonce,
+    infonce,
+    lora_moe,
+    lora_moe_dense,
+    queue,
+    routing,
+    sibling_lora_moe,
+)
 
-__all__ = ["group_infonce", "infonce", "lora_moe", "lora_moe_dense", "queue", "routing"]
+__all__ = ["group_infonce", "infonce", "lora_moe", "lora_moe_dense", "queue", "routing", "sibling_lora_moe"]

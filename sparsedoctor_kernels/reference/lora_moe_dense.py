@@ -108,13 +108,17 @@ def regate_forward(x, lora_a, lora_b, weights, experts, scaling: float, out, acc
 
 
 def regate_backward(grad_y, grad_rows, x, lora_a, lora_b, weights, experts, h, rows, rows_weights, rows_experts,
-                    scaling: float):
+                    scaling: float, h_rows=None):
     """The call's gradients plus the regated rows': each regated row is the call's expand of its own gates on
-    h[rows[i]], so its gradient reaches x[rows[i]] and A through that row of h."""
+    h[rows[i]], so its gradient reaches x[rows[i]] and A through that row of h (`h_rows`: those rows, when the
+    caller kept them apart from h)."""
     grad_x, grad_a, grad_b, grad_weights = _grads(grad_y, x, lora_a, lora_b, weights, experts, h, scaling)
     dtype = h.dtype
     num_experts, rank, _ = lora_a.shape
+    kept_rows = h_rows
     h_rows, valid = _rows_of(h, rows)
+    if kept_rows is not None:
+        h_rows = kept_rows
     g2 = grad_rows.to(dtype)
     u2 = g2 @ _b_cat(lora_b, dtype).T
     gate, chosen = _gates(rows_weights, rows_experts, num_experts, rank, dtype)

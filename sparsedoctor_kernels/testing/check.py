@@ -67,6 +67,34 @@ def _lora_moe_inputs(gen):
     }
 
 
+def _run_sibling_lora_moe(inputs, backend, device, dtype):
+    siblings = range(len(inputs["lora_b"]))
+    x = _copy(inputs["x"], device, dtype, grad=True)
+    lora_a = [_copy(inputs["lora_a"][s], device, dtype, grad=True) for s in siblings]
+    lora_b = [_copy(inputs["lora_b"][s], device, dtype, grad=True) for s in siblings]
+    weights = [_copy(inputs["weights"][s], device, torch.float32 if dtype != torch.float64 else dtype, grad=True)
+               for s in siblings]
+    outs = [_copy(inputs["base"][s], device, dtype) for s in siblings]
+    ys = sdk.sibling_lora_moe(x, lora_a, lora_b, weights, [inputs["experts"][s].to(device) for s in siblings],
+                              scaling=1.5, outs=outs, backend=backend)
+    sum((y.float() * inputs["grad_y"][s].to(device)).sum() for s, y in zip(siblings, ys)).backward()
+    results = {"grad x": x.grad}
+    for s in siblings:
+        results.update({f"y[{s}]": ys[s], f"grad lora_a[{s}]": lora_a[s].grad, f"grad lora_b[{s}]": lora_b[s].grad,
+                        f"grad weights[{s}]": weights[s].grad})
+    return results
+
+
+def _sibling_lora_moe_inputs(gen):
+    """q/k/v-like: one wider sibling and two narrow ones, expert 4 of each never chosen."""
+    siblings = [_lora_moe_inputs(gen) for _ in range(3)]
+    for sibling, d_out in zip(siblings[1:], (7, 7)):
+        sibling["lora_b"] = sibling["lora_b"][:, :d_out]
+        sibling["base"], sibling["grad_y"] = sibling["base"][:, :d_out], sibling["grad_y"][:, :d_out]
+    stacked = {name: [sibling[name] for sibling in siblings] for name in siblings[0] if name != "x"}
+    return {"x": siblings[0]["x"], **stacked}
+
+
 def _run_queue(inputs, backend, device, dtype):
     expert_queue = sdk.ExpertQueue(4, 7, 5, dtype=dtype, device=device)
     expert_queue.keys.copy_(inputs["initial"])  # poison: untouched slots must keep these values
@@ -134,6 +162,7 @@ CASES = (
     # backend to the readable references and a brute-force loop.
     OpCase("lora_moe", _lora_moe_inputs, functools.partial(_run_lora_moe, strategy="grouped"), "lora_moe (grouped)"),
     OpCase("lora_moe", _lora_moe_inputs, functools.partial(_run_lora_moe, strategy="dense"), "lora_moe (dense)"),
+    OpCase("sibling_lora_moe", _sibling_lora_moe_inputs, _run_sibling_lora_moe),
     OpCase("ExpertQueue.enqueue", _queue_inputs, _run_queue),
     OpCase("infonce_queue_loss", _infonce_inputs, _run_infonce),
     OpCase("group_infonce", _group_infonce_inputs, _run_group_infonce),

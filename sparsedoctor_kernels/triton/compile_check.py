@@ -117,6 +117,22 @@ def _scenarios() -> tuple[dict[str, str], list[Scenario]]:
         # E*r = 512: the shrink holds 128 rank-space columns a program and loops over four blocks.
         scenarios.append(Scenario("lora_moe_dense", f"{name} E={WIDE_EXPERTS // 4} k=4 r=8",
                                   lambda d=dtype: experts_layer(lora_moe_dense, d, WIDE_EXPERTS // 4, 4, 8)))
+        # q/k/v as one sibling group (sibling_lora_moe launches the dense kernels): the stacked shrink reading
+        # each sibling's gates in place, the expands and backward shrinks on column blocks of one buffer.
+        scenarios.append(Scenario("lora_moe_dense", f"{name} siblings q/k/v",
+                                  lambda d=dtype: sibling_layer(d)))
+
+    def sibling_layer(dtype, widths=(D_OUT, D_OUT // 4, D_OUT // 4)):
+        from sparsedoctor_kernels.triton import sibling_lora_moe
+
+        x = torch.empty(TOKENS, D_IN, dtype=dtype)
+        lora_a = torch.empty(len(widths), EXPERTS, RANK, D_IN, dtype=dtype)
+        lora_b = [torch.empty(EXPERTS, width, RANK, dtype=dtype) for width in widths]
+        weights = torch.zeros(len(widths), TOKENS, TOP_K)
+        experts = torch.randint(0, EXPERTS, (len(widths), TOKENS, TOP_K), dtype=torch.int32)
+        outs = [torch.empty(TOKENS, width, dtype=dtype) for width in widths]
+        h = sibling_lora_moe.forward_into(x, lora_a, lora_b, weights, experts, SCALING, outs)
+        sibling_lora_moe.backward(outs, x, lora_a, lora_b, weights, experts, h, SCALING)
 
     def queue_state(num_experts, dtype):
         return (torch.empty(num_experts, CAPACITY, DIM, dtype=dtype), torch.zeros(num_experts, dtype=torch.int64),
@@ -161,7 +177,7 @@ def _scenarios() -> tuple[dict[str, str], list[Scenario]]:
         "routing": f"T={TOKENS}, E={EXPERTS} k={TOP_K} and E={WIDE_EXPERTS} k={WIDE_TOP_K}, forward and backward",
         "lora_moe": f"T={TOKENS}, d_in={D_IN} d_out={D_OUT} (Qwen3-4B q_proj), E={EXPERTS} k={TOP_K} r={RANK}, "
                     "forward, forward with out=, backward",
-        "lora_moe_dense": f"as lora_moe, and E={WIDE_EXPERTS // 4} k=4 r=8",
+        "lora_moe_dense": f"as lora_moe, and E={WIDE_EXPERTS // 4} k=4 r=8, and q/k/v as one sibling_lora_moe group",
         "queue": f"N={QUEUE_ROWS} rows into E x Q={CAPACITY} x p={DIM}",
         "infonce": f"N={QUEUE_ROWS} queries, E={EXPERTS} x Q={CAPACITY} x p={DIM} queue, fp32 queries",
         "group_infonce": "the router term, one program (fp32 routing probabilities)",

@@ -51,6 +51,28 @@ def _gates(weights_ptr, experts_ptr, rows, row_ok, cols, rank, scaling, TOP_K: t
 
 
 @triton.jit
+def _sibling_gates(weights_ptr, experts_ptr, rows, row_ok, cols, col_ok, rank, experts_per_sibling, num_tokens,
+                   scaling, TOP_K: tl.constexpr, ACC: tl.constexpr):
+    """`_gates` for siblings stacked in the columns (sibling s owns columns [s*E*R, (s+1)*E*R)) with their own
+    gates and ids [S, T, k]: each column reads its sibling's. An id outside [0, E) matches no column, so it
+    never selects another sibling's expert."""
+    width = experts_per_sibling * rank
+    sibling = (cols // width).to(tl.int64)
+    column_expert = (cols % width) // rank
+    slots = (sibling[None, :] * num_tokens + rows.to(tl.int64)[:, None]) * TOP_K
+    mask = row_ok[:, None] & col_ok[None, :]
+    gate = tl.zeros([rows.shape[0], cols.shape[0]], dtype=ACC)
+    chosen = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.int1)
+    for slot in tl.static_range(TOP_K):
+        expert = tl.load(experts_ptr + slots + slot, mask=mask, other=-1).to(tl.int64)
+        weight = tl.load(weights_ptr + slots + slot, mask=mask, other=0.0).to(ACC)
+        hit = expert == column_expert[None, :]
+        gate += tl.where(hit, weight, 0.0)
+        chosen = chosen | hit
+    return gate * scaling, chosen
+
+
+@triton.jit
 def _source_rows(index_ptr, rows, row_ok, num_sources, GATHER: tl.constexpr):
     """(row of the [num_sources, E*R] source each output row reads, whether it reads one): the row itself, or,
     when GATHER, index[row]; an index outside [0, num_sources) reads nothing (zeros)."""
@@ -71,8 +93,9 @@ def _dense_shrink_kernel(
     proj_ptr, gated_ptr,  # out [T, E*R]: h (forward only) and the selected s * g ⊙ (h or u)
     h_ptr, grad_gate_ptr,  # backward: h [T, E*R], and out [column blocks, T, k] partial s <u, h>
     index_ptr, safe_index_ptr, num_sources,  # GATHER: h row of each src row, out: that row or 0 where invalid
-    num_tokens, rank, depth, num_columns, scaling,
-    BACKWARD: tl.constexpr, GATHER: tl.constexpr, TOP_K: tl.constexpr,
+    num_tokens, rank, depth, num_columns, stride_rows, scaling,  # stride_rows: of proj, gated and h
+    experts_per_sibling,  # SIBLINGS > 1 (forward only): E of each sibling, gates and ids [S, T, k]
+    BACKWARD: tl.constexpr, GATHER: tl.constexpr, TOP_K: tl.constexpr, SIBLINGS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -93,8 +116,12 @@ def _dense_shrink_kernel(
         weight = tl.load(weight_cols[None, :] + depths[:, None] * stride_wd, mask=depth_ok[:, None] & col_ok[None, :],
                          other=0.0)
         acc = tl.dot(src.to(DOT), weight.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
-    gate, chosen = _gates(weights_ptr, experts_ptr, rows, row_ok, cols, rank, scaling, TOP_K, ACC)
-    offsets = rows.to(tl.int64)[:, None] * num_columns + cols[None, :]
+    if SIBLINGS == 1:
+        gate, chosen = _gates(weights_ptr, experts_ptr, rows, row_ok, cols, rank, scaling, TOP_K, ACC)
+    else:
+        gate, chosen = _sibling_gates(weights_ptr, experts_ptr, rows, row_ok, cols, col_ok, rank,
+                                      experts_per_sibling, num_tokens, scaling, TOP_K, ACC)
+    offsets = rows.to(tl.int64)[:, None] * stride_rows + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     source, source_ok = _source_rows(index_ptr, rows, row_ok, num_sources, GATHER)
     # GATHER: a row that reads no h gets no gradient, and a safe index (0) for the scatter-add of its zeros.
@@ -103,7 +130,7 @@ def _dense_shrink_kernel(
         tl.store(safe_index_ptr + rows, tl.where(source_ok, source, 0), mask=row_ok)
     tl.store(gated_ptr + offsets, tl.where(keep, gate * acc, 0.0), mask=mask)
     if BACKWARD:
-        h = tl.load(h_ptr + source[:, None] * num_columns + cols[None, :], mask=source_ok[:, None] & col_ok[None, :],
+        h = tl.load(h_ptr + source[:, None] * stride_rows + cols[None, :], mask=source_ok[:, None] & col_ok[None, :],
                     other=0.0)
         u_h = tl.where(chosen, acc * h, 0.0)
         column_expert = (cols // rank).to(tl.int64)
@@ -121,7 +148,7 @@ def _dense_expand_kernel(
     weight_ptr, stride_we, stride_wn, stride_wr,  # [E, N, R] view: B, or A^T for dx
     out_ptr, stride_out_t, stride_out_n,  # [T, N], any strides
     index_ptr, weights_ptr, experts_ptr,  # GATHER: the h row of each output row, and its gates [T, k]
-    num_tokens, rank, width, num_columns, num_sources, scaling,
+    num_tokens, rank, width, num_columns, stride_rows, num_sources, scaling,
     ACCUMULATE: tl.constexpr, GATHER: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
@@ -135,7 +162,7 @@ def _dense_expand_kernel(
     for c0 in range(0, num_columns, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
         col_ok = cols < num_columns
-        projected = tl.load(rows_ptr + source[:, None] * num_columns + cols[None, :],
+        projected = tl.load(rows_ptr + source[:, None] * stride_rows + cols[None, :],
                             mask=source_ok[:, None] & col_ok[None, :], other=0.0)
         if GATHER:  # the gathered rows' own gates, selected in as the shrink's epilogue does
             gate, chosen = _gates(weights_ptr, experts_ptr, rows, row_ok, cols, rank, scaling, TOP_K, ACC)
@@ -158,7 +185,7 @@ def _dense_weight_grad_kernel(
     src_ptr, stride_src,  # [T, N]: x for dA, grad_y for dB
     partial_ptr,  # out [splits, E*R, N]
     index_ptr,  # GATHER: the row of rows_ptr ([num_sources, E*R]) each src row pairs with
-    num_tokens, rank, width, num_columns, tokens_per_split, num_sources, scaling,
+    num_tokens, rank, width, num_columns, stride_rows, tokens_per_split, num_sources, scaling,
     GATE: tl.constexpr, GATHER: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
@@ -176,7 +203,7 @@ def _dense_weight_grad_kernel(
         rows = t0 + tl.arange(0, BLOCK_T)
         row_ok = rows < last
         source, source_ok = _source_rows(index_ptr, rows, row_ok, num_sources, GATHER)
-        projected = tl.load(rows_ptr + source[:, None] * num_columns + cols[None, :],
+        projected = tl.load(rows_ptr + source[:, None] * stride_rows + cols[None, :],
                             mask=source_ok[:, None] & col_ok[None, :], other=0.0)
         if GATE:
             gate, chosen = _gates(weights_ptr, experts_ptr, rows, row_ok, cols, rank, scaling, TOP_K, ACC)
@@ -213,16 +240,28 @@ def saved_shape(num_tokens: int, top_k: int, num_experts: int, rank: int) -> tup
     return (num_tokens, num_experts * rank)
 
 
-def _shrink(src, weight_view, weights, experts, scaling, rank, *, acc_dtype, dot, h=None, h_index=None):
+def regate_saved_shape(num_tokens: int, top_k: int, num_experts: int, rank: int, num_rows: int) -> tuple[int, ...]:
+    """The regated call keeps h whole: the rows read it in place."""
+    return (num_tokens, num_experts * rank)
+
+
+def _shrink(src, weight_view, weights, experts, scaling, rank, *, acc_dtype, dot, h=None, h_index=None, gated=None,
+            siblings=1):
     """(h or None, gated rows, per-slot gate gradient or None, safe h_index or None): forward when `h` is None,
-    backward otherwise; with `h_index` (backward only) src row i pairs with h row h_index[i]."""
+    backward otherwise; with `h_index` (backward only) src row i pairs with h row h_index[i]. `gated` (backward
+    only): where to write the gated rows, a column block of a wider buffer with h's row stride. `siblings` > 1
+    (forward only): weight_view stacks S siblings' experts and weights / experts are [S, T, k]."""
     num_tokens, depth = src.shape
-    num_experts, top_k = weight_view.shape[0], experts.shape[1]
+    num_experts, top_k = weight_view.shape[0], experts.shape[-1]
     num_columns = num_experts * rank
     block_c = shrink_columns_block(num_columns)
     column_blocks = triton.cdiv(num_columns, block_c)
     backward = h is not None
-    gated = empty((num_tokens, num_columns), acc_dtype, src.device)
+    if gated is None:
+        gated = empty((num_tokens, num_columns), acc_dtype, src.device)
+    stride_rows = gated.stride(0)
+    if backward and h.stride(0) != stride_rows:
+        raise ValueError(f"h's row stride {h.stride(0)} differs from the gated rows' {stride_rows}")
     proj = gated if backward else empty((num_tokens, num_columns), acc_dtype, src.device)
     grad_gate = empty((column_blocks, num_tokens, top_k), acc_dtype, src.device) if backward else gated
     gather = h_index is not None
@@ -230,8 +269,9 @@ def _shrink(src, weight_view, weights, experts, scaling, rank, *, acc_dtype, dot
     _dense_shrink_kernel[(column_blocks, triton.cdiv(num_tokens, BLOCK_T))](
         src, src.stride(0), weight_view, *weight_view.stride(), weights, experts, proj, gated,
         h if backward else gated, grad_gate, h_index if gather else experts, safe_index if gather else experts,
-        h.shape[0] if backward else num_tokens, num_tokens, rank, depth, num_columns, scaling,
-        BACKWARD=backward, GATHER=gather, TOP_K=top_k, BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_D=BLOCK_D, **dot,
+        h.shape[0] if backward else num_tokens, num_tokens, rank, depth, num_columns, stride_rows, scaling,
+        num_experts // siblings, BACKWARD=backward, GATHER=gather, TOP_K=top_k, SIBLINGS=siblings,
+        BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_D=BLOCK_D, **dot,
         num_warps=8 if block_c >= 128 else 4,
     )
     if backward:  # one column block (E*r <= 128, the usual case): its partial is the gradient, no reduction
@@ -247,7 +287,7 @@ def _expand(rows, weight_view, out, rank, *, accumulate, dot, gather=None):
     index, weights, experts, scaling = gather if gather is not None else (rows, rows, rows, 1.0)
     _dense_expand_kernel[(triton.cdiv(num_tokens, BLOCK_T), triton.cdiv(width, BLOCK_N))](
         rows, weight_view, *weight_view.stride(), out, out.stride(0), out.stride(1), index, weights, experts,
-        num_tokens, rank, width, rows.shape[1], rows.shape[0], scaling,
+        num_tokens, rank, width, rows.shape[1], rows.stride(0), rows.shape[0], scaling,
         ACCUMULATE=accumulate, GATHER=gather is not None, TOP_K=experts.shape[1] if gather is not None else 1,
         # Gathered rows gate in the loop: half-width column steps and 8 warps keep the gate tiles beside the
         # accumulator in registers (no spills at k = 4); those rows are few (the picked tokens).
@@ -269,7 +309,7 @@ def _weight_grad(rows, src, weights, experts, scaling, rank, *, gate, acc_dtype,
     gather = rows_index is not None
     _dense_weight_grad_kernel[(grid_cols, grid_outs, splits)](
         rows, weights, experts, src, src.stride(0), partial, rows_index if gather else experts,
-        num_tokens, rank, width, num_columns, tokens_per_split, rows.shape[0], scaling,
+        num_tokens, rank, width, num_columns, rows.stride(0), tokens_per_split, rows.shape[0], scaling,
         GATE=gate, GATHER=gather, TOP_K=experts.shape[1], BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, **dot,
     )
     return partial[0] if splits == 1 else partial.sum(0)
