@@ -146,6 +146,8 @@ def session_stages(work: pathlib.Path) -> list[Stage]:
         Stage("bench_versus_lora", _bench("bench_versus_lora.py", "--reps", "5", "--figures", "step", "decode",
                                           "saved_bytes"), cap_s=120, min_s=40,
               purpose="issue 23's figures against PEFT LoRA r16 (needs peft on the machine)"),
+        Stage("bench_sibling_lora_moe", _bench("bench_sibling_lora_moe.py", "--tokens", "8192", "--rep-ms", "50"),
+              cap_s=90, min_s=30, purpose="q/k/v and gate/up from one pass against one lora_moe call each"),
         # torch.compile takes its own minutes to compile, so it has its own stage (triton again: one run's ratio).
         Stage("bench_lora_moe_compiled", _bench("bench_lora_moe.py", *headline, "--impls", "triton", "dense",
                                                 "compiled", "--routings", "uniform"), cap_s=150, min_s=60,

@@ -206,3 +206,16 @@ def test_a_benchmark_stopped_part_way_keeps_the_rows_it_measured(tmp_path, monke
     with pytest.raises(RuntimeError):
         _harness.run_script(args, fails, summarize=lambda rows, bandwidth: None)
     assert [row["impl"] for row in _rows(out)] == ["impl0", "impl1", "impl2", "before-the-error"]
+
+
+def test_sibling_benchmark_script_writes_rows(tmp_path):
+    from sparsedoctor_kernels.bench import sibling_lora_moe as bench_siblings
+
+    out = tmp_path / "cpu.csv"
+    assert bench_siblings.main(["--device", "cpu", "--tokens", "19", "--modes", "full", "--rep-ms", "1",
+                                "--out", str(out)]) == 0
+    rows = _rows(out)
+    assert {(r["impl"], r["shape"].split(":")[0]) for r in rows} == {
+        (impl, group) for impl in ("siblings", "separate") for group in bench_siblings.CPU_GROUPS}
+    for row in rows:
+        _assert_timings(row)

@@ -11,13 +11,14 @@ import torch
 
 from sparsedoctor_kernels.bench import harness
 
-OPS = ("route", "lora_moe", "queue", "infonce", "step", "versus_lora")
+OPS = ("route", "lora_moe", "sibling_lora_moe", "queue", "infonce", "step", "versus_lora")
 BASELINE = {"route": "naive", "lora_moe": "naive", "lora_moe_layer": "naive", "queue": "naive", "infonce": "naive",
-            "step": "naive"}
+            "step": "naive", "sibling_lora_moe": "separate"}
 # --quick on a GPU: one representative size per op (the CPU grids are already small).
 GPU_QUICK = {"route": ["--tokens", "16384"], "lora_moe": ["--shapes", "gate_proj", "--tokens", "8192", "--configs",
                                                           "8,2,16"],
-             "queue": ["--tokens", "16384"], "infonce": ["--tokens", "4096"], "step": [],
+             "sibling_lora_moe": ["--tokens", "8192"], "queue": ["--tokens", "16384"], "infonce": ["--tokens", "4096"],
+             "step": [],
              "versus_lora": ["--reps", "3"]}
 CPU_QUICK = {"lora_moe": ["--shapes", "gate_proj", "k_proj"], "step": ["--layers", "1"],
              "versus_lora": ["--layers", "1", "--reps", "2", "--figures", "step", "decode", "saved_bytes"]}

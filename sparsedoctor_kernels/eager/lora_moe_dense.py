@@ -18,8 +18,8 @@ from sparsedoctor_kernels._validation import compute_dtype
 from sparsedoctor_kernels.reference import lora_moe_dense as reference
 from sparsedoctor_kernels.reference.lora_moe_dense import _b_cat, _rows_of, plan_numel
 
-__all__ = ["backward", "expand_backward", "expand_into", "forward", "forward_into", "plan_numel", "regate_backward",
-           "regate_forward", "regate_saved_shape", "saved_shape", "select_blocks", "unselect_blocks"]
+__all__ = ["backward", "expand_backward", "expand_into", "forward", "forward_into", "infer", "plan_numel",
+           "regate_backward", "regate_forward", "regate_saved_shape", "saved_shape", "select_blocks", "unselect_blocks"]
 
 
 def _gates(weights: torch.Tensor, experts: torch.Tensor, num_experts: int, scaling: float, dtype: torch.dtype):
@@ -68,6 +68,13 @@ def forward_into(x, lora_a, lora_b, weights, experts, scaling: float, out: torch
     h = x.to(dtype) @ lora_a.to(dtype).reshape(-1, d_in).T
     expand_into(h, lora_b, weights, experts, scaling, out)
     return select_blocks(h, experts, num_experts, rank), torch.empty(0, dtype=torch.int32, device=x.device)
+
+
+def infer(x, lora_a, lora_b, weights, experts, scaling: float, out: torch.Tensor) -> None:
+    """`forward_into` keeping nothing for a backward (grad mode off)."""
+    dtype = compute_dtype(x.dtype, lora_a.dtype)
+    h = x.to(dtype) @ lora_a.to(dtype).reshape(-1, lora_a.shape[-1]).T
+    expand_into(h, lora_b, weights, experts, scaling, out)
 
 
 def expand_into(h, lora_b, weights, experts, scaling: float, out: torch.Tensor) -> None:

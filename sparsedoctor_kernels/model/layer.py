@@ -144,6 +144,12 @@ class LoraMoELinear(nn.Module):
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
         num_tokens = flat.shape[0]
+        if self._output_only():
+            out = self.base(flat)
+            dtype = out.dtype  # under autocast the frozen layer decides the compute dtype
+            out = sdk.routed_lora_moe(flat.to(dtype), self.router.to(dtype), self.lora_a.to(dtype),
+                                      self.lora_b.to(dtype), self.config.top_k, scaling=self.config.scaling, out=out)
+            return out.reshape(*lead, out.shape[-1])
         mask = self._token_mask(num_tokens)
         views = None
         if self._in_group(num_tokens):
@@ -154,13 +160,8 @@ class LoraMoELinear(nn.Module):
             dtype = out.dtype
         else:
             out = self.base(flat)
-            dtype = out.dtype  # under autocast the frozen layer decides the compute dtype
+            dtype = out.dtype
             flat = flat.to(dtype)
-            if self._output_only():
-                out = sdk.routed_lora_moe(flat, self.router.to(dtype), self.lora_a.to(dtype),
-                                          self.lora_b.to(dtype), self.config.top_k, scaling=self.config.scaling,
-                                          out=out)
-                return out.reshape(*lead, out.shape[-1])
             router_logits = flat @ self.router.to(dtype).T
             routing = self._route(router_logits, mask)  # counts and probability means over real tokens only
             adapter_in = self.context.dropout(x, flat, self.dropout)
@@ -209,7 +210,7 @@ class LoraMoELinear(nn.Module):
         """Whether this call takes its output from its sibling group's shared pass: the views of the two-view
         term come out of a member's own call (regated rows), so that case computes alone."""
         return (self.siblings is not None and self.groups_siblings and self.siblings.applies()
-                and not self._views_from_the_call(num_tokens) and not self._output_only())
+                and not self._views_from_the_call(num_tokens))
 
     def _token_mask(self, num_tokens: int) -> torch.Tensor | None:
         mask = self.context.token_mask
