@@ -23,8 +23,10 @@ def balance_loss(statistics: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
     counts, probs_mean, tokens = zip(*statistics)
     probs_mean = torch.stack(probs_mean)  # [modules, E]
     per_module = (torch.stack(counts).to(probs_mean.dtype) * probs_mean).sum(-1)
-    if all(t is tokens[0] for t in tokens):  # one count for all: the usual case (every module sees the batch)
-        per_token = per_module.mean() / _at_least_one(tokens[0])
+    first = tokens[0]
+    # One count for all, the usual case (every module sees the batch): the context's tensor, or the same int.
+    if all(t is first or (isinstance(t, int) and not isinstance(first, torch.Tensor) and t == first) for t in tokens):
+        per_token = per_module.mean() / _at_least_one(first)
     else:
         per_token = (per_module / torch.stack([torch.as_tensor(_at_least_one(t), dtype=per_module.dtype,
                                                                device=per_module.device) for t in tokens])).mean()
