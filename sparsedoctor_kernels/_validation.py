@@ -56,34 +56,42 @@ def require_same_device(**tensors: torch.Tensor) -> torch.device:
 def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
     """[first, last) byte addresses the tensor's elements can touch (torch strides are never negative)."""
     start = tensor.data_ptr()
+    if tensor.is_contiguous():
+        return start, start + tensor.numel() * tensor.element_size()
     extent = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
     return start, start + (extent + 1) * tensor.element_size()
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 def _inspectable(tensor: torch.Tensor) -> bool:
-    """Real memory to compare: not while torch.compile traces, not fake or meta tensors, not empty."""
-    if tensor.numel() == 0 or tensor.device.type == "meta" or torch.compiler.is_compiling():
-        return False
-    return type(tensor) in (torch.Tensor, torch.nn.Parameter) or not is_fake(tensor)  # is_fake is slow
+    """Real memory to compare (the caller has checked that torch.compile is not tracing): not fake or meta
+    tensors, not empty. Plain tensors answer first: a decoding step checks a few per projection."""
+    if type(tensor) in _PLAIN_TENSORS:
+        return not tensor.is_meta and tensor.numel() != 0
+    return tensor.numel() != 0 and not tensor.is_meta and not is_fake(tensor)  # is_fake is slow
 
 
 def require_writable_output(name: str, out: torch.Tensor, **inputs: torch.Tensor) -> None:
     """An in-place output must not write one memory location twice (an expanded view) and must not share
     memory with any input: the op reads its inputs (and saves them for the backward) while it writes `out`."""
-    if not _inspectable(out):
+    if torch.compiler.is_compiling() or not _inspectable(out):
         return
-    spans = sorted((stride, size) for size, stride in zip(out.shape, out.stride()) if size > 1)
-    reach = 1
-    for stride, size in spans:
-        if stride < reach:
-            raise ValueError(f"{name} has overlapping elements (shape {list(out.shape)}, strides {list(out.stride())},"
-                             f" e.g. an expanded view): an in-place result needs one memory location per element; "
-                             f"pass a tensor of its own (for example {name}.contiguous())")
-        reach = stride * size
+    if not out.is_contiguous():  # a contiguous tensor has one location per element
+        spans = sorted((stride, size) for size, stride in zip(out.shape, out.stride()) if size > 1)
+        reach = 1
+        for stride, size in spans:
+            if stride < reach:
+                raise ValueError(f"{name} has overlapping elements (shape {list(out.shape)}, strides "
+                                 f"{list(out.stride())}, e.g. an expanded view): an in-place result needs one memory "
+                                 f"location per element; pass a tensor of its own (for example {name}.contiguous())")
+            reach = stride * size
     out_low, out_high = _byte_span(out)
+    device = out.device
     for input_name, tensor in inputs.items():
         # Byte spans, whichever storage object holds them: two storages can alias one buffer (from_numpy, dlpack).
-        if not _inspectable(tensor) or tensor.device != out.device:
+        if not _inspectable(tensor) or tensor.device != device:
             continue
         low, high = _byte_span(tensor)
         if low < out_high and out_low < high:

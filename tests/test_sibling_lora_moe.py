@@ -168,6 +168,10 @@ def test_bad_arguments_are_named(gen):
         sdk.sibling_lora_moe(x, a, [b[0], b[1][:, :, :1]], w, e)
     with pytest.raises(ValueError, match="out"):
         sdk.sibling_lora_moe(x, a, b, w, e, outs=[torch.zeros(4, 5), torch.zeros(4, 4)])
+    with pytest.raises(ValueError, match=r"outs\[0\] shares memory with x"):
+        sdk.sibling_lora_moe(x, a, b, w, e, outs=[x[:, :5], torch.zeros(4, 3)])
+    with pytest.raises(ValueError, match=r"outs\[1\] has overlapping elements"):
+        sdk.sibling_lora_moe(x, a, b, w, e, outs=[torch.zeros(4, 5), torch.zeros(1, 3).expand(4, 3)])
 
 
 @pytest.mark.slow
