@@ -152,6 +152,23 @@ def test_expert_ids_out_of_range(gen, backend):
         assert_close(got, brute.lora_moe(x, s["lora_a"], s["lora_b"], s["weights"], s["experts"]), torch.float32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_non_finite_token_stays_in_its_own_rows(gen, backend):
+    """A NaN or inf in one token's input reaches that token's outputs (of every sibling) and no other row: the
+    shared shrink mixes siblings, never tokens. Every other row matches brute force."""
+    x, siblings = make_siblings(gen, 9, 10, (6, 4), 4, 2, 2)
+    x[3, 2], x[6, 0] = float("nan"), float("inf")
+    results = sdk.sibling_lora_moe(x, [s["lora_a"] for s in siblings], [s["lora_b"] for s in siblings],
+                                   [s["weights"] for s in siblings], [s["experts"] for s in siblings],
+                                   backend=backend, strategy="dense")
+    finite_rows = [t for t in range(9) if t not in (3, 6)]
+    for got, s in zip(results, siblings):
+        assert not torch.isfinite(got[3]).any() and not torch.isfinite(got[6]).any()
+        want = brute.lora_moe(x[finite_rows], s["lora_a"], s["lora_b"], s["weights"][finite_rows],
+                              s["experts"][finite_rows])
+        assert_close(got[finite_rows], want, torch.float32)
+
+
 def test_bad_arguments_are_named(gen):
     x, siblings = make_siblings(gen, 4, 6, (5, 3), 3, 2, 2)
     a, b = [s["lora_a"] for s in siblings], [s["lora_b"] for s in siblings]

@@ -19,7 +19,8 @@ from sparsedoctor_kernels.reference import lora_moe_dense as reference
 from sparsedoctor_kernels.reference.lora_moe_dense import _b_cat, _rows_of, plan_numel
 
 __all__ = ["backward", "expand_backward", "expand_into", "forward", "forward_into", "infer", "plan_numel",
-           "regate_backward", "regate_forward", "regate_saved_shape", "saved_shape", "select_blocks", "unselect_blocks"]
+           "regate_backward", "regate_forward", "regate_saved_shape", "saved_shape", "select_blocks", "shrink",
+           "shrink_backward", "unselect_blocks"]
 
 
 def _gates(weights: torch.Tensor, experts: torch.Tensor, num_experts: int, scaling: float, dtype: torch.dtype):
@@ -62,19 +63,30 @@ def forward(x, lora_a, lora_b, weights, experts, scaling: float):
     return out, h, plan
 
 
-def forward_into(x, lora_a, lora_b, weights, experts, scaling: float, out: torch.Tensor):
-    num_experts, rank, d_in = lora_a.shape
+def shrink(x, lora_a) -> torch.Tensor:
+    """h = x @ A_cat^T [T, E*r] in the compute dtype: every expert's rank-space rows from one read of x (lora_a
+    [..., r, d_in]: one projection's experts, or several siblings' stacked)."""
     dtype = compute_dtype(x.dtype, lora_a.dtype)
-    h = x.to(dtype) @ lora_a.to(dtype).reshape(-1, d_in).T
+    return x.to(dtype) @ lora_a.to(dtype).reshape(-1, lora_a.shape[-1]).T
+
+
+def shrink_backward(grad_h, x, lora_a) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad x, grad lora_a) of `shrink` given the gradient reaching h, each in its input's dtype."""
+    grad_x = grad_h @ lora_a.to(grad_h.dtype).reshape(-1, lora_a.shape[-1])
+    grad_a = (grad_h.T @ x.to(grad_h.dtype)).view(lora_a.shape)
+    return grad_x.to(x.dtype), grad_a.to(lora_a.dtype)
+
+
+def forward_into(x, lora_a, lora_b, weights, experts, scaling: float, out: torch.Tensor):
+    num_experts, rank, _ = lora_a.shape
+    h = shrink(x, lora_a)
     expand_into(h, lora_b, weights, experts, scaling, out)
     return select_blocks(h, experts, num_experts, rank), torch.empty(0, dtype=torch.int32, device=x.device)
 
 
 def infer(x, lora_a, lora_b, weights, experts, scaling: float, out: torch.Tensor) -> None:
     """`forward_into` keeping nothing for a backward (grad mode off)."""
-    dtype = compute_dtype(x.dtype, lora_a.dtype)
-    h = x.to(dtype) @ lora_a.to(dtype).reshape(-1, lora_a.shape[-1]).T
-    expand_into(h, lora_b, weights, experts, scaling, out)
+    expand_into(shrink(x, lora_a), lora_b, weights, experts, scaling, out)
 
 
 def expand_into(h, lora_b, weights, experts, scaling: float, out: torch.Tensor) -> None:
@@ -97,12 +109,10 @@ def expand_into(h, lora_b, weights, experts, scaling: float, out: torch.Tensor) 
 
 
 def backward(grad_y, x, lora_a, lora_b, weights, experts, h, plan, scaling: float):
-    num_experts, rank, d_in = lora_a.shape
+    num_experts, rank, _ = lora_a.shape
     h = unselect_blocks(h, experts, num_experts, rank)
     grad_h, grad_b, grad_weights = expand_backward(grad_y, h, lora_b, weights, experts, scaling)
-    grad_x = grad_h @ lora_a.to(h.dtype).reshape(-1, d_in)
-    grad_a = (grad_h.T @ x.to(h.dtype)).view(lora_a.shape)
-    return grad_x.to(x.dtype), grad_a.to(lora_a.dtype), grad_b, grad_weights
+    return (*shrink_backward(grad_h, x, lora_a), grad_b, grad_weights)
 
 
 def expand_backward(grad_y, h, lora_b, weights, experts, scaling: float, grad_h: torch.Tensor | None = None):

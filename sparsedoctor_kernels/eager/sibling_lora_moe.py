@@ -14,8 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from sparsedoctor_kernels._validation import compute_dtype
-from sparsedoctor_kernels.eager.lora_moe_dense import expand_backward, expand_into, select_blocks, unselect_blocks
+from sparsedoctor_kernels.eager.lora_moe_dense import (
+    expand_backward,
+    expand_into,
+    select_blocks,
+    shrink,
+    shrink_backward,
+    unselect_blocks,
+)
 
 
 def saved_shape(num_tokens: int, siblings: int, top_k: int, num_experts: int, rank: int) -> tuple[int, ...]:
@@ -27,9 +33,8 @@ def forward_into(x, lora_a, lora_b: list[torch.Tensor], weights, experts, scalin
                  outs: list[torch.Tensor]) -> torch.Tensor:
     """lora_a [S, E, r, d_in], lora_b S x [E, d_out_s, r], weights / experts [S, T, k]; adds into outs; returns
     the chosen blocks of h for the backward."""
-    siblings, num_experts, rank, d_in = lora_a.shape
-    dtype = compute_dtype(x.dtype, lora_a.dtype)
-    h = x.to(dtype) @ lora_a.to(dtype).reshape(-1, d_in).T
+    siblings, num_experts, rank, _ = lora_a.shape
+    h = shrink(x, lora_a)  # every sibling's experts from one read of x
     width = num_experts * rank
     kept = []
     for sibling, (b, out) in enumerate(zip(lora_b, outs)):
@@ -42,7 +47,7 @@ def forward_into(x, lora_a, lora_b: list[torch.Tensor], weights, experts, scalin
 def backward(grad_ys: list[torch.Tensor], x, lora_a, lora_b: list[torch.Tensor], weights, experts, h,
              scaling: float) -> list[torch.Tensor]:
     """[grad_x, grad_a [S, E, r, d_in], grad_weights [S, T, k], grad_b_1, ..., grad_b_S]."""
-    siblings, num_experts, rank, d_in = lora_a.shape
+    siblings, num_experts, rank, _ = lora_a.shape
     top_k = experts.shape[-1]
     width, kept = num_experts * rank, top_k * rank
     grad_h = h.new_empty(x.shape[0], siblings * width)
@@ -54,6 +59,5 @@ def backward(grad_ys: list[torch.Tensor], x, lora_a, lora_b: list[torch.Tensor],
         _, grad_b_sibling, grad_weights[sibling] = expand_backward(
             grad_y, h_sibling, b, weights[sibling], experts[sibling], scaling, grad_h=grad_h[:, columns])
         grad_b.append(grad_b_sibling)
-    grad_x = grad_h @ lora_a.to(h.dtype).reshape(-1, d_in)  # every sibling's dx in one matmul
-    grad_a = (grad_h.T @ x.to(h.dtype)).view(lora_a.shape)
-    return [grad_x.to(x.dtype), grad_a.to(lora_a.dtype), grad_weights, *grad_b]
+    grad_x, grad_a = shrink_backward(grad_h, x, lora_a)  # every sibling's dx and dA in one matmul each
+    return [grad_x, grad_a, grad_weights, *grad_b]
