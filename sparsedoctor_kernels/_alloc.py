@@ -17,3 +17,11 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if poison_outputs:
         tensor.fill_(float("nan") if dtype.is_floating_point else INT_POISON)
     return tensor
+
+
+def empty_like(tensor: torch.Tensor) -> torch.Tensor:
+    """`torch.empty_like` (the tensor's strides when it is dense, else contiguous), poisoned like `empty`."""
+    out = torch.empty_like(tensor)
+    if poison_outputs:
+        out.fill_(float("nan") if out.dtype.is_floating_point else INT_POISON)
+    return out

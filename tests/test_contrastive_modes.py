@@ -5,7 +5,7 @@ import torch
 
 import sparsedoctor_kernels as sdk
 from sparsedoctor_kernels.model import SparseDoctorConfig
-from sparsedoctor_kernels.model.layer import LoraMoELinear
+from sparsedoctor_kernels.model.layer import ForwardContext, LoraMoELinear
 
 from conftest import cpu_backends
 
@@ -63,6 +63,44 @@ def test_the_router_term_against_a_brute_force(sequence_length, num_tokens, back
         rows.append(torch.logsumexp(torch.tensor([own, *others], dtype=torch.float64), 0) - own)
     want = torch.stack(rows).mean() if rows else torch.zeros((), dtype=torch.float64)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("group_infonce"))
+@pytest.mark.parametrize("masked", [False, True])
+def test_every_modules_router_term_at_once_is_each_modules_own(masked, backend, monkeypatch):
+    """The context computes the router terms of all recorded modules in one batched call: module m's term is
+    group_infonce over its own random subset (row m of one draw, real tokens first), its logits' softmax and
+    the sequences as groups; the subsets differ between modules; a group's batched logits recorded whole give
+    the same terms as its rows recorded one by one."""
+    from sparsedoctor_kernels.model.loss import Row
+
+    monkeypatch.setenv("SPARSEDOCTOR_BACKEND", backend)
+    gen = torch.Generator().manual_seed(4)
+    num_tokens, sequence_length, experts, count, temperature = 21, 7, 5, 9, 0.3
+    logits = [torch.randn(num_tokens, experts, generator=gen, dtype=torch.float64) for _ in range(4)]
+    batch = torch.stack(logits[1:])  # a sibling group's [S, T, E]
+    mask = torch.rand(num_tokens, generator=gen) < 0.6 if masked else None
+    context = ForwardContext()
+    context.start(mask)
+    records = [(Row(logits[0]), sequence_length, count, temperature),
+               *[(Row(batch, s), sequence_length, count, temperature) for s in range(3)]]
+    torch.manual_seed(9)
+    (got,) = context.router_terms(records)
+    torch.manual_seed(9)
+    picked = (torch.rand(4, num_tokens) + (mask if masked else 0)).topk(count, sorted=True).indices
+    real = int(mask.sum()) if masked else num_tokens
+    padding = torch.arange(count) >= real
+    assert not all(torch.equal(picked[0], row) for row in picked[1:])  # independent subsets
+    for m in range(4):
+        if masked:  # real tokens first
+            assert mask[picked[m][~padding]].all()
+        groups = torch.div(picked[m], sequence_length, rounding_mode="floor").masked_fill(padding, -1)
+        want = sdk.group_infonce(torch.softmax(logits[m][picked[m]], -1), groups, 3, temperature=temperature,
+                                 backend=backend)
+        torch.testing.assert_close(got[m], want)
+    torch.manual_seed(9)
+    (one_by_one,) = context.router_terms([(Row(t), sequence_length, count, temperature) for t in logits])
+    assert torch.equal(one_by_one, got)
 
 
 def test_a_sequence_with_one_picked_token_has_no_positive():
@@ -168,8 +206,8 @@ def test_a_zero_weight_computes_no_contrastive_term(mode, monkeypatch):
     off = _tiny_model(contrastive_mode=mode, contrastive_coef=0.0)
     assert not off.sparsedoctor_config.computes_contrastive
     sampled = []
-    real_pick = LoraMoELinear._pick
-    monkeypatch.setattr(LoraMoELinear, "_pick", lambda self, *a: sampled.append(1) or real_pick(self, *a))
+    real_pick = ForwardContext.pick
+    monkeypatch.setattr(ForwardContext, "pick", lambda self, *a, **k: sampled.append(1) or real_pick(self, *a, **k))
     ids = torch.randint(0, 64, (2, 9))
     off.train()
     for _ in range(2):

@@ -93,6 +93,32 @@ def test_route_token_mask_on_gpu(backend):
     assert_close_scaled(leaf.grad, oracle.grad, torch.float32, "grad logits")
 
 
+@pytest.mark.parametrize("backend", gpu_backends("route"))
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_a_batch_of_routings_on_gpu(dtype, backend):
+    """[S, T, E] as the sibling groups give it (a transposed view of one [T, S * E] GEMM output), masked: each
+    routing as the float64 reference routes it alone, and the gradient back in the GEMM output's layout."""
+    problems, num_tokens, num_experts, top_k = 3, 3001, 60, 4
+    logits, _, _ = _route_case(num_tokens, problems * num_experts, top_k, dtype, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    grad_w = torch.randn(problems, num_tokens, top_k, generator=gen, dtype=torch.float64)
+    grad_p = torch.randn(problems, num_experts, generator=gen, dtype=torch.float64)
+    mask = torch.rand(num_tokens, generator=gen) < 0.7
+    leaf = logits.cuda().requires_grad_()
+    got = sdk.route(leaf.view(num_tokens, problems, num_experts).transpose(0, 1), top_k, backend=backend,
+                    token_mask=mask.cuda())
+    ((got.weights.double() * grad_w.cuda()).sum() + (got.probs_mean.double() * grad_p.cuda()).sum()).backward()
+    oracle = logits.double().requires_grad_()
+    for s in range(problems):
+        want = sdk.route(oracle.view(num_tokens, problems, num_experts)[:, s], top_k, backend="torch", token_mask=mask)
+        ((want.weights * grad_w[s]).sum() + (want.probs_mean * grad_p[s]).sum()).backward()
+        torch.testing.assert_close(got.experts[s].cpu(), want.experts, rtol=0, atol=0)
+        torch.testing.assert_close(got.counts[s].cpu(), want.counts, rtol=0, atol=0)
+        assert_close_scaled(got.weights[s], want.weights, torch.float32, f"weights {s}")
+        assert_close_scaled(got.probs_mean[s], want.probs_mean, torch.float32, f"probs_mean {s}")
+    assert_close_scaled(leaf.grad, oracle.grad, dtype if dtype != torch.float32 else torch.float32, "grad logits")
+
+
 def _lora_case(num_tokens, d_in, d_out, num_experts, rank, top_k, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     f64 = dict(generator=gen, dtype=torch.float64)
@@ -394,6 +420,23 @@ def test_group_infonce_on_gpu(shape):
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert_close_scaled(runs[0][0], want, torch.float32, "loss")
     assert_close_scaled(runs[0][1], leaf.grad, torch.float32, "grad x")
+
+
+def test_a_batch_of_group_infonce_problems_on_gpu():
+    """The model's router term of every module in one launch: each problem's loss and gradient as alone."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.softmax(torch.randn(28, 256, 8, generator=gen, dtype=torch.float64) * 2, -1)
+    groups = torch.randint(-1, 8, (28, 256), generator=gen)
+    weights = torch.rand(28, generator=gen, dtype=torch.float64)
+    got_leaf = x.float().cuda().requires_grad_()
+    got = sdk.group_infonce(got_leaf, groups.cuda(), 8, backend="triton")
+    (got.double() * weights.cuda()).sum().backward()
+    for problem in range(28):
+        leaf = x[problem].clone().requires_grad_()
+        want = brute.group_infonce(leaf, groups[problem], 8, 0.07)
+        (want * weights[problem]).backward()
+        assert_close_scaled(got[problem], want, torch.float32, f"loss {problem}")
+        assert_close_scaled(got_leaf.grad[problem], leaf.grad, torch.float32, f"grad x {problem}")
 
 
 @pytest.mark.parametrize("num_tokens", [1, 4])

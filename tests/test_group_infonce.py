@@ -52,6 +52,30 @@ def test_group_infonce_matches_autograd_of_the_formula(shape, dtype, backend, ge
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("problems, num_rows, dim, num_groups", [(3, 13, 5, 4), (7, 256, 8, 8), (1, 9, 3, 2),
+                                                                  (0, 5, 4, 2), (2, 0, 4, 3)])
+def test_a_batch_of_problems_gives_each_problem_its_own_loss(problems, num_rows, dim, num_groups, dtype, backend,
+                                                             gen):
+    """x [B, n, d] with groups [B, n]: loss [B], each problem's the formula's on its own rows (a weighted sum of
+    the losses gives each problem's gradient its own weight); a problem of padding alone gives 0."""
+    x = torch.stack([probabilities(gen, num_rows, dim, dtype) for _ in range(problems)]) if problems else (
+        torch.empty(0, num_rows, dim, dtype=dtype))
+    groups = torch.randint(-1, num_groups, (problems, num_rows), generator=gen)
+    if problems > 1:
+        groups[1] = -1  # a problem without a member
+    leaf = x.clone().requires_grad_()
+    got = sdk.group_infonce(leaf, groups, num_groups, temperature=0.3, backend=backend)
+    assert got.shape == (problems,)
+    weights = torch.arange(1, problems + 1, dtype=got.dtype)
+    (got * weights).sum().backward()
+    for problem in range(problems):
+        want, want_grad = oracle(x[problem], groups[problem], num_groups, 0.3)
+        assert_close(got[problem], want, dtype, name=f"loss {problem}")
+        assert_close(leaf.grad[problem], want_grad * (problem + 1), dtype, name=f"grad x {problem}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_outside_every_group_change_nothing_and_get_no_gradient(backend, gen):
     x = probabilities(gen, 12, 4)
     groups = torch.randint(0, 3, (12,), generator=gen)
@@ -102,6 +126,8 @@ def test_group_infonce_is_bitwise_deterministic(backend, gen):
     [
         (dict(x=torch.zeros(4, 3, dtype=torch.int64)), TypeError, "x must"),
         (dict(x=torch.zeros(4)), ValueError, r"x must have shape \[n, d\]"),
+        (dict(x=torch.zeros(2, 4, 3, 1)), ValueError, r"x must have shape \[n, d\]"),
+        (dict(x=torch.rand(2, 4, 3)), ValueError, r"groups must have shape \[B=2, n=4\]"),
         (dict(groups=torch.zeros(4)), TypeError, "groups must"),
         (dict(groups=torch.zeros(5, dtype=torch.long)), ValueError, r"groups must have shape \[n=4\]"),
         (dict(num_groups=0), ValueError, "num_groups must be an int >= 1"),
@@ -135,9 +161,11 @@ def test_group_infonce_custom_op_passes_opcheck(gen):
     module = importlib.import_module("sparsedoctor_kernels.ops.group_infonce")
     x = probabilities(gen, 7, 3, torch.float32)
     groups = torch.tensor([0, 0, 1, 1, 2, -1, 2])
+    batch, batch_groups = torch.stack([x, x.flip(0)]), torch.stack([groups, groups.flip(0)])
     for backend in BACKENDS:
-        torch.library.opcheck(module._group_infonce_forward, (x, groups, 3, 0.2, backend),
-                              test_utils=("test_schema", "test_faketensor"))
+        for arguments in ((x, groups), (batch, batch_groups)):
+            torch.library.opcheck(module._group_infonce_forward, (*arguments, 3, 0.2, backend),
+                                  test_utils=("test_schema", "test_faketensor"))
 
 
 def test_group_infonce_compiles_without_graph_breaks(gen):

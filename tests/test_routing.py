@@ -52,6 +52,41 @@ def test_route_matches_brute_force(shape, renormalize, dtype, backend, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("problems, num_tokens, num_experts, top_k", [(3, 37, 11, 3), (2, 150, 8, 2), (1, 5, 4, 4),
+                                                                      (3, 0, 6, 2), (0, 7, 5, 2)])
+def test_a_batch_of_routings_routes_each_as_alone(problems, num_tokens, num_experts, top_k, masked, backend, gen):
+    """logits [S, T, E], here a transposed view of one [T, S * E] GEMM output (read in place): each routing s is
+    route(logits[s]) with the shared token mask, and the gradient reaches the [T, S * E] leaf."""
+    columns = torch.randn(num_tokens, problems * num_experts, generator=gen, dtype=torch.float64) * 2
+    leaf = columns.float().requires_grad_()
+    mask = torch.rand(num_tokens, generator=gen) < 0.7 if masked else None
+    routing = sdk.route(leaf.view(num_tokens, problems, num_experts).transpose(0, 1), top_k, backend=backend,
+                        token_mask=mask)
+    assert routing.weights.shape == routing.experts.shape == (problems, num_tokens, top_k)
+    assert routing.counts.shape == routing.probs_mean.shape == (problems, num_experts)
+    grad_w = torch.randn(routing.weights.shape, generator=gen, dtype=torch.float64)
+    grad_p = torch.randn(routing.probs_mean.shape, generator=gen, dtype=torch.float64)
+    ((routing.weights.double() * grad_w).sum() + (routing.probs_mean.double() * grad_p).sum()).backward()
+    oracle_leaf = columns.float().double().requires_grad_()
+    oracle = oracle_leaf.view(num_tokens, problems, num_experts)
+    balance = sdk.load_balance_loss(routing)
+    assert balance.shape == (problems,)
+    for s in range(problems):
+        weights, experts, _, _ = brute.route(oracle[:, s], top_k)
+        counted = oracle[:, s] if mask is None else oracle[mask, s]
+        _, _, counts, probs_mean = brute.route(counted, top_k)
+        torch.testing.assert_close(routing.experts[s], experts, rtol=0, atol=0)
+        torch.testing.assert_close(routing.counts[s], counts, rtol=0, atol=0)
+        assert_close(routing.weights[s], weights, torch.float32, name=f"weights {s}")
+        assert_close(routing.probs_mean[s], probs_mean, torch.float32, name=f"probs_mean {s}")
+        assert_close(balance[s], sdk.load_balance_loss(routing.select(s)), torch.float32, name=f"balance {s}")
+        ((weights * grad_w[s]).sum() + (probs_mean * grad_p[s]).sum()).backward()
+    if problems and num_tokens:
+        assert_close(leaf.grad, oracle_leaf.grad, torch.float32, name="grad logits")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_route_empty_input(backend):
     logits = torch.zeros(0, 6, requires_grad=True)
     routing = sdk.route(logits, 2, backend=backend)
@@ -249,7 +284,7 @@ def test_load_balance_loss_is_one_for_perfect_balance():
     [
         (torch.zeros(4, 3, dtype=torch.int64), 1, TypeError, "logits must have dtype"),
         (torch.zeros(4), 1, ValueError, r"logits must have shape \[T, E\]"),
-        (torch.zeros(4, 3, 2), 1, ValueError, r"logits must have shape \[T, E\]"),
+        (torch.zeros(4, 3, 2, 2), 1, ValueError, r"logits must have shape \[T, E\] or \[S, T, E\]"),
         (torch.zeros(4, 0), 1, ValueError, "E >= 1"),
         (torch.zeros(4, 3), 0, ValueError, "top_k must be >= 1"),
         (torch.zeros(4, 3), 4, ValueError, r"top_k must be in \[1, E\] = \[1, 3\]"),
@@ -284,3 +319,22 @@ def test_route_without_autograd_matches_brute_force(masked, backend, gen):
     weights, experts, _, _ = brute.route(logits.double(), 3, True)
     torch.testing.assert_close(routing.experts, experts, rtol=0, atol=0)
     assert_close(routing.weights, weights, torch.float32, name="weights")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_route_custom_ops_pass_opcheck(backend, masked, gen):
+    """The forward and backward custom ops' fake implementations agree with the real ones (shapes, dtypes,
+    strides), for one routing and for a batch given as a transposed view of one GEMM output."""
+    import importlib
+
+    module = importlib.import_module("sparsedoctor_kernels.ops.routing")
+    mask = torch.rand(9, generator=gen) < 0.6 if masked else None
+    batch = torch.randn(9, 3 * 5, generator=gen).view(9, 3, 5).transpose(0, 1)
+    for logits in (torch.randn(9, 5, generator=gen), batch):
+        torch.library.opcheck(module._route_forward, (logits, 2, True, backend, mask),
+                              test_utils=("test_schema", "test_faketensor"))
+        weights, experts, counts, probs_mean = module._route_forward(logits, 2, True, backend, mask)
+        torch.library.opcheck(module._route_backward, (torch.randn_like(weights), torch.randn_like(probs_mean), logits,
+                                                       experts, True, backend, mask),
+                              test_utils=("test_schema", "test_faketensor"))

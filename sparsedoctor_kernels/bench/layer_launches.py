@@ -61,7 +61,7 @@ def layer_step(num_experts: int = 8, top_k: int = 2, rank: int = 4, tokens: int 
             context.start(real_tokens)
             out = layer(x)
             _, contrastive = context.stop()
-            (out.square().mean() + sum(contrastive)).backward()
+            (out.square().mean() + sum(term.sum() for term in contrastive)).backward()
 
     step()  # warm: the queue holds views, lazy imports are done
     return step

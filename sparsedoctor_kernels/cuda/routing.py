@@ -15,6 +15,14 @@ from sparsedoctor_kernels.reference.routing import (
 
 
 def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: torch.Tensor | None = None):
+    if logits.dim() == 3:  # a batch of routings: the kernel routes one [T, E] at a time
+        num_problems, num_tokens, num_experts = logits.shape
+        if num_problems == 0:
+            return tuple(empty(shape, dtype, logits.device) for shape, dtype in (
+                ((0, num_tokens, top_k), torch.float32), ((0, num_tokens, top_k), torch.int32),
+                ((0, num_experts), torch.int32), ((0, num_experts), torch.float32)))
+        results = [forward(problem, top_k, renormalize, token_mask) for problem in logits.unbind(0)]
+        return tuple(torch.stack(parts) for parts in zip(*results))
     num_tokens, num_experts = logits.shape
     if num_experts > MAX_EXPERTS:
         raise ValueError(f"backend='cuda' routes at most {MAX_EXPERTS} experts, got E={num_experts}; "

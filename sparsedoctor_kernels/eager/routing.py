@@ -13,15 +13,16 @@ __all__ = ["backward", "forward", "masked_statistics"]
 
 
 def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: torch.Tensor | None = None):
-    """Returns (weights [T,k], experts [T,k] int32, counts [E] int32, probs_mean [E]) as the reference does."""
-    num_tokens, num_experts = logits.shape
+    """Returns (weights [T,k], experts [T,k] int32, counts [E] int32, probs_mean [E]) as the reference does
+    (with the logits' leading batch dim, if any)."""
+    num_tokens, num_experts = logits.shape[-2:]
     probs = torch.softmax(logits.to(compute_dtype(logits.dtype)), dim=-1)
     # A stable descending sort keeps equal probabilities in expert-id order: ties go to the lower id.
     top, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    top = top[:, :top_k]
+    top = top[..., :top_k]
     weights = top / top.sum(-1, keepdim=True) if renormalize else top.contiguous()
-    experts = order[:, :top_k].to(torch.int32)
-    if token_mask is not None or probs.device.type != "cpu":
+    experts = order[..., :top_k].to(torch.int32)
+    if token_mask is not None or probs.device.type != "cpu" or logits.dim() != 2:
         return (weights, experts, *_statistics(probs, experts, token_mask))
     counts = torch.bincount(order[:, :top_k].reshape(-1), minlength=num_experts).to(torch.int32)
     return weights, experts, counts, probs.sum(0) / max(num_tokens, 1)

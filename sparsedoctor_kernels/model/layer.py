@@ -19,6 +19,7 @@ from torch import nn
 
 import sparsedoctor_kernels as sdk
 from sparsedoctor_kernels.model.config import SparseDoctorConfig
+from sparsedoctor_kernels.model.loss import Row, stack_rows
 
 ROUTER_INIT_STD = 0.02
 
@@ -40,7 +41,10 @@ class ForwardContext:
         # Each recording module's routing statistics (counts, probs_mean, real tokens): the balance term of all
         # of them is one expression in the wrapper (model.loss.balance_loss).
         self.balance_terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]] = []
-        self.contrastive_terms: list[torch.Tensor] = []
+        self.contrastive_terms: list[torch.Tensor] = []  # 0-d per module, or [modules] for a batch of them
+        # The router mode's inputs, (router logits [T, E], sequence length, picked tokens, temperature) per module:
+        # `stop` computes every module's term from them at once (`router_terms`).
+        self.router_logits: list[tuple[Row, int, int, float]] = []
         self._real_tokens: torch.Tensor | None = None
         self._picked_weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._dropped: tuple[torch.Tensor, tuple, torch.Tensor] | None = None  # (input, key, dropout of it)
@@ -48,7 +52,7 @@ class ForwardContext:
 
     def start(self, token_mask: torch.Tensor | None, wants_losses: bool = True) -> None:
         self.token_mask, self.recording, self.wants_losses = token_mask, True, wants_losses
-        self.balance_terms, self.contrastive_terms = [], []
+        self.balance_terms, self.contrastive_terms, self.router_logits = [], [], []
         # Per-forward constants every layer shares: computed once here (or on first use), not once per module.
         self._real_tokens = None if token_mask is None else token_mask.sum()
         self._picked_weights = {}
@@ -71,7 +75,9 @@ class ForwardContext:
         key = (x._version, tuple(flat.shape), flat.dtype, dropout.p)
         if self._dropped is not None and self._dropped[0] is x and self._dropped[1] == key:
             return self._dropped[2]
-        dropped = dropout(flat)
+        # The fused op (one kernel, a 1-byte mask kept for its backward) that F.dropout takes only on GPUs: on
+        # CPU F.dropout draws a float mask and multiplies (three launches, a 4-byte mask kept).
+        dropped = torch.native_dropout(flat, dropout.p, True)[0]
         self._dropped = (x, key, dropped)
         return dropped
 
@@ -79,6 +85,18 @@ class ForwardContext:
         """How many of a layer's `num_tokens` tokens are real: all of them unless the mask covers them."""
         mask = self.token_mask
         return self._real_tokens if mask is not None and mask.numel() == num_tokens else num_tokens
+
+    def pick(self, num_tokens: int, count: int, device, problems: int | None = None):
+        """(picked [count] token indices, padding [count], weights [count]): a uniform random subset of the real
+        tokens, without a host sync: real tokens score in [1, 2) and padding in [0, 1), so the top scores are
+        the real tokens first, in random order (`picked_weights`' padding rows and weights rely on that order).
+        With `problems`, that many independent subsets at once: picked [problems, count]."""
+        scores = torch.rand(num_tokens if problems is None else (problems, num_tokens), device=device)
+        mask = self.token_mask
+        if mask is not None and mask.numel() == num_tokens:
+            scores = scores + mask
+        picked = scores.topk(count, sorted=True).indices
+        return (picked, *self.picked_weights(num_tokens, count, device))
 
     def picked_weights(self, num_tokens: int, picked: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(padding [picked] bool, weights [picked] float32) of `picked` of `num_tokens` tokens drawn real tokens
@@ -94,11 +112,40 @@ class ForwardContext:
         return self._picked_weights[key]
 
     def stop(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(balance statistics, contrastive terms) of the forward; the router mode's terms are computed here."""
+        if self.router_logits:
+            self.contrastive_terms.extend(self.router_terms(self.router_logits))
         self.recording, self.wants_losses = False, True
         self._dropped = None
         self._clear_groups()
         terms = self.balance_terms, self.contrastive_terms
-        self.balance_terms, self.contrastive_terms = [], []
+        self.balance_terms, self.contrastive_terms, self.router_logits = [], [], []
+        return terms
+
+    def router_terms(self, records: list[tuple[Row, int, int, float]]) -> list[torch.Tensor]:
+        """`contrastive_mode="router"`: InfoNCE at the router's distribution, for every recording module at once.
+        A picked token's routing probabilities are the query, the mean routing of the other picked tokens of
+        its sequence the positive, the mean routing of the batch's other sequences the negatives (in-batch; no
+        queue, no heads). Each module draws its own random subset of the real tokens, as it would alone; the
+        modules' logits are stacked, so the draw, the gather of the picked rows, the softmax and `group_infonce`
+        (the sequences as groups, the padding rows in none) are one launch each for all of them, not per module.
+        Returns one [modules] tensor per kind of record (one kind in a model: same tokens, experts, settings)."""
+        kinds: dict[tuple, list[Row]] = {}
+        for logits, sequence_length, count, temperature in records:
+            source = logits.source
+            key = (tuple(source.shape[-2:]), source.dtype, source.device, sequence_length, count, temperature)
+            kinds.setdefault(key, []).append(logits)
+        terms = []
+        for (shape, _, device, sequence_length, count, temperature), logits in kinds.items():
+            num_tokens, num_experts = shape
+            logits = stack_rows(logits)  # [modules, T, E]
+            picked, padding, _ = self.pick(num_tokens, count, device, problems=logits.shape[0])
+            rows = logits.gather(1, picked[..., None].expand(-1, -1, num_experts))  # [modules, n, E]
+            # float32 at least (float64 stays): chosen in Python, not by torch.promote_types, which dispatches.
+            dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+            sequence = torch.div(picked, sequence_length, rounding_mode="floor").masked_fill(padding, -1)
+            terms.append(sdk.group_infonce(torch.softmax(rows.to(dtype), dim=-1), sequence,
+                                           -(-num_tokens // sequence_length), temperature=temperature))
         return terms
 
 
@@ -157,6 +204,8 @@ class LoraMoELinear(nn.Module):
             grouped = self.siblings.result(self, x, flat)
             out, router_logits, routing, adapter_in = (grouped.out, grouped.router_logits, grouped.routing,
                                                        grouped.adapter_in)
+            # Loss terms record the member's row of the group's batched tensors (one gradient path for all).
+            recorded_logits, recorded = Row(grouped.batch_logits, grouped.row), grouped.batch_routing
             dtype = out.dtype
         else:
             out = self.base(flat)
@@ -166,11 +215,13 @@ class LoraMoELinear(nn.Module):
             routing = self._route(router_logits, mask)  # counts and probability means over real tokens only
             adapter_in = self.context.dropout(x, flat, self.dropout)
             out, views = self._apply_experts(adapter_in, routing, mask, out)
+            recorded_logits, recorded = Row(router_logits), routing
+        row = recorded_logits.row
         contrastive = None
         if self.training and self.config.computes_contrastive:
             sequence_length = lead[-1] if len(lead) >= 2 else num_tokens  # [batch, seq, d]: one sequence a row
             if self.config.contrastive_mode == "router":
-                contrastive = self._router_contrastive(router_logits, mask, sequence_length)
+                self._record_router_logits(recorded_logits, sequence_length)
             else:
                 contrastive = self._contrastive(adapter_in, self.lora_a.to(dtype), self.lora_b.to(dtype), routing, mask,
                                                 sequence_length, views)
@@ -179,7 +230,7 @@ class LoraMoELinear(nn.Module):
                                            routing.experts[:, 0].detach()))
         if self.context.recording:
             self.last_load = routing.counts.detach()
-            self.context.balance_terms.append((routing.counts, routing.probs_mean,
+            self.context.balance_terms.append((Row(recorded.counts, row), Row(recorded.probs_mean, row),
                                                self.context.real_tokens(num_tokens)))
             if contrastive is not None:
                 self.context.contrastive_terms.append(contrastive)
@@ -192,7 +243,7 @@ class LoraMoELinear(nn.Module):
             return self._experts(adapter_in, lora_a, lora_b, routing.weights, routing.experts, out=out), None
         # The contrastive views come out of the layer's own call: its rank-space rows regated (the picked tokens'
         # routed and fused gates), so the views cost one more expand, not a second read of x.
-        picked = self._pick(adapter_in.shape[0], mask, adapter_in.device)
+        picked = self._pick(adapter_in.shape[0], adapter_in.device)
         gates = self._view_gates(routing, picked[0])
         out, view_rows = self._experts_and_views(adapter_in, lora_a, lora_b, routing.weights, routing.experts, out,
                                                  gates)
@@ -229,7 +280,7 @@ class LoraMoELinear(nn.Module):
         if min(self.config.contrastive_tokens, num_tokens) == 0:
             return adapter_in.new_zeros((), dtype=torch.float32)
         if views is None:
-            picked, padding, real_weights = self._pick(num_tokens, mask, adapter_in.device)
+            picked, padding, real_weights = self._pick(num_tokens, adapter_in.device)
             view_rows, view_experts = self._separate_views(adapter_in, lora_a, lora_b, routing, picked)
         else:
             (picked, padding, real_weights), view_rows, view_experts = views
@@ -246,32 +297,16 @@ class LoraMoELinear(nn.Module):
             self._staged.append((query.detach().to(self.queue.keys.dtype), query_experts))
         return torch.dot(rows, real_weights.to(rows.dtype))
 
-    def _pick(self, num_tokens: int, mask, device):
-        """(picked [n], padding [n], weights [n]): a uniform random subset of the real tokens, without a host sync:
-        real tokens score in [1, 2) and padding in [0, 1), so the top scores are the real tokens first, in random
-        order (the context's padding rows and weights rely on that order)."""
-        picked_count = min(self.config.contrastive_tokens, num_tokens)
-        scores = torch.rand(num_tokens, device=device)
-        if mask is not None:
-            scores = scores + mask
-        picked = scores.topk(picked_count, sorted=True).indices
-        return (picked, *self.context.picked_weights(num_tokens, picked_count, device))
+    def _pick(self, num_tokens: int, device):
+        """(picked [n], padding [n], weights [n]): the context's random subset of the real tokens."""
+        return self.context.pick(num_tokens, min(self.config.contrastive_tokens, num_tokens), device)
 
-    def _router_contrastive(self, router_logits, mask, sequence_length: int) -> torch.Tensor:
-        """`contrastive_mode="router"`: InfoNCE at the router's distribution. A picked token's routing
-        probabilities are the query, the mean routing of the other picked tokens of its sequence the positive,
-        the mean routing of the batch's other sequences the negatives (in-batch; no queue, no heads): one
-        `group_infonce` with the sequences as groups and the padding rows in none."""
-        num_tokens = router_logits.shape[0]
-        if min(self.config.contrastive_tokens, num_tokens) == 0:
-            return router_logits.new_zeros((), dtype=torch.float32)
-        picked, padding, _ = self._pick(num_tokens, mask, router_logits.device)
-        # float32 at least (float64 stays): chosen in Python, not by torch.promote_types, which dispatches.
-        dtype = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
-        probs = torch.softmax(router_logits[picked].to(dtype), dim=-1)
-        sequence = torch.div(picked, sequence_length, rounding_mode="floor").masked_fill(padding, -1)
-        return sdk.group_infonce(probs, sequence, -(-num_tokens // sequence_length),
-                                 temperature=self.config.temperature)
+    def _record_router_logits(self, router_logits: Row, sequence_length: int) -> None:
+        """The router mode's term is the context's, for every module at once (`ForwardContext.router_terms`):
+        a module records its logits, only in the wrapper's own forward (not in a checkpoint's recomputation)."""
+        if self.context.recording:
+            count = min(self.config.contrastive_tokens, router_logits.source.shape[-2])
+            self.context.router_logits.append((router_logits, sequence_length, count, self.config.temperature))
 
     @staticmethod
     def _sequence_sums(values, picked, padding, sequence_length: int, num_tokens: int):

@@ -2,11 +2,13 @@
 the normed hidden state, gate/up of an MLP on the post-attention one) computed together.
 
 The block calls its projections one after another on the same input. The first call computes every member:
-each frozen layer's output, each router's logits and routing, one dropout of the input, and every member's
-experts from one pass over it (`sdk.sibling_lora_moe`); the other members' calls on that same tensor then take
-their results. Each member keeps its own router, experts and losses (the method is per linear), and its own
-loss terms are still computed by its own call, in call order, so the random draws and the recorded terms are
-those of ungrouped calls. A member called on any other tensor computes the group afresh.
+each frozen layer's output, every router's logits from one batched GEMM and their routings from one `route`
+call, one dropout of the input, and every member's experts from one pass over it (`sdk.sibling_lora_moe`); the
+other members' calls on that same tensor then take their results. Each member keeps its own router, experts
+and losses (the method is per linear): its call records its row of the group's batched logits and routing
+statistics, in call order, so the loss terms (computed for all modules at once by the wrapper) and the random
+draws are those of ungrouped calls, bit for bit on the torch backend. A member called on any other tensor
+computes the group afresh.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ class MemberResult:
     """What a member's own call needs from the group's computation of it."""
 
     out: torch.Tensor  # [tokens, d_out]: frozen output plus the experts
-    router_logits: torch.Tensor
-    routing: sdk.Routing
+    router_logits: torch.Tensor  # [tokens, E]: row `row` of batch_logits
+    routing: sdk.Routing  # routing `row` of batch_routing
     adapter_in: torch.Tensor  # the (dropped-out) input the experts read
+    batch_logits: torch.Tensor  # [S, tokens, E]: every member's, from one GEMM
+    batch_routing: sdk.Routing  # every member's, from one `route` call
+    row: int  # the member's place in the group
 
 
 class SiblingGroup:
@@ -67,15 +72,41 @@ class SiblingGroup:
         dtype = outs[0].dtype  # under autocast the frozen layers decide the compute dtype
         flat = flat.to(dtype)
         mask = first._token_mask(flat.shape[0])
-        logits = [flat @ member.router.to(dtype).T for member in self.members]
-        routings = [member._route(member_logits, mask) for member, member_logits in zip(self.members, logits)]
+        # Every member's router logits from one batched GEMM ([S, T, E]), routed in one call as S routings: each
+        # member's logits and routing are views of those.
+        logits = _RouterLogits.apply(flat, torch.stack([member.router.to(dtype) for member in self.members]))
+        routing = first._route(logits, mask)
         adapter_in = first.context.dropout(x, flat, first.dropout)
         outs = sdk.sibling_lora_moe(
             adapter_in, [m.lora_a.to(dtype) for m in self.members], [m.lora_b.to(dtype) for m in self.members],
-            [r.weights for r in routings], [r.experts for r in routings], scaling=first.config.scaling, outs=outs,
-            validate=False)
-        return {id(member): MemberResult(out, member_logits, routing, adapter_in)
-                for member, out, member_logits, routing in zip(self.members, outs, logits, routings)}
+            routing.weights, routing.experts, scaling=first.config.scaling, outs=outs, validate=False)
+        return {id(member): MemberResult(out, logits[s], routing.select(s), adapter_in, logits, routing, s)
+                for s, (member, out) in enumerate(zip(self.members, outs))}
+
+
+class _RouterLogits(torch.autograd.Function):
+    """[S, T, E] logits of S routers [S, E, d_in] on one input x [T, d_in]: one batched GEMM whose every problem
+    is the member's own `x @ router.T` (bit for bit: a single GEMM over the stacked routers, [T, S * E], would
+    reduce in another order on some BLAS). The backward is one GEMM for x over the stacked routers (a batched
+    one's x gradient would be S copies of x summed) and one batched GEMM for the routers."""
+
+    @staticmethod
+    def forward(ctx, x, routers):
+        ctx.save_for_backward(x, routers)
+        return torch.bmm(x.expand(routers.shape[0], -1, -1), routers.transpose(1, 2))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logits):
+        x, routers = ctx.saved_tensors
+        siblings, num_experts, d_in = routers.shape
+        grad_x = grad_routers = None
+        if ctx.needs_input_grad[0]:  # [T, S * E] @ [S * E, d_in]: the members' contributions summed in the GEMM
+            by_token = grad_logits.transpose(0, 1).reshape(x.shape[0], siblings * num_experts)
+            grad_x = by_token @ routers.reshape(siblings * num_experts, d_in)
+        if ctx.needs_input_grad[1]:
+            grad_routers = torch.bmm(grad_logits.transpose(1, 2), x.expand(siblings, -1, -1))
+        return grad_x, grad_routers
 
 
 def find_sibling_groups(model: torch.nn.Module, adapted_type: type) -> list[SiblingGroup]:

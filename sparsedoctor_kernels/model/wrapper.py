@@ -179,7 +179,7 @@ class SparseDoctorModel(nn.Module):
             balance_terms, contrastive_terms = self.context.stop()
         zero = out.logits.new_zeros((), dtype=torch.float32)
         balance = balance_loss(balance_terms, self.sparsedoctor_config.top_k) if balance_terms else zero
-        contrastive = torch.stack(contrastive_terms).mean() if contrastive_terms else zero
+        contrastive = _mean_over_modules(contrastive_terms) if contrastive_terms else zero
         lm = out.loss
         loss = None if lm is None else hybrid_loss(lm, balance, contrastive, self.sparsedoctor_config)
         passed_on = {name: getattr(out, name, None) for name in (*_cache_names, "hidden_states", "attentions")}
@@ -189,6 +189,13 @@ class SparseDoctorModel(nn.Module):
     def expert_load(self) -> dict[str, torch.Tensor]:
         """Per module, the fraction of routed pairs each expert got in the last forward (for plots)."""
         return {name: m.last_load for name, m in self.adapted_modules().items() if m.last_load is not None}
+
+
+def _mean_over_modules(terms: list[torch.Tensor]) -> torch.Tensor:
+    """The mean of the modules' contrastive terms: 0-d each, or [modules] computed for several at once."""
+    if len(terms) == 1:
+        return terms[0].mean()
+    return torch.cat([term.reshape(-1) for term in terms]).mean()
 
 
 def _unadapt(base_model: nn.Module, requires_grad: dict[str, bool]) -> None:

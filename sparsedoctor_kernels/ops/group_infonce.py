@@ -29,7 +29,7 @@ def _group_infonce_forward(x: torch.Tensor, groups: torch.Tensor, num_groups: in
 @_group_infonce_forward.register_fake
 def _(x, groups, num_groups, temperature, backend):
     dtype = compute_dtype(x.dtype)
-    return x.new_empty((), dtype=dtype), x.new_empty(x.shape, dtype=dtype)
+    return x.new_empty(x.shape[:-2], dtype=dtype), x.new_empty(x.shape, dtype=dtype)
 
 
 class _GroupInfoNCEFunction(torch.autograd.Function):
@@ -44,7 +44,8 @@ class _GroupInfoNCEFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         (grad_x,) = ctx.saved_tensors
-        return (grad_loss * grad_x).to(ctx.x_dtype), None, None, None, None
+        # One loss per problem of a batch: each scales its own rows' gradient.
+        return (grad_loss[..., None, None] * grad_x).to(ctx.x_dtype), None, None, None, None
 
 
 def _backend(requested: str | None, device: torch.device, shape: tuple[int, int, int]) -> str:
@@ -69,17 +70,22 @@ def group_infonce(x: torch.Tensor, groups: torch.Tensor, num_groups: int, *, tem
     padding) takes no part. Scores are cosines over `temperature`. Differentiable w.r.t. `x`: through each
     row's query and positive and through every group's mean (the negatives are not constants). Returns a
     float32 scalar (float64 for float64 x). No host synchronisation; full formula in reference/group_infonce.py.
+
+    A batch of B independent problems, `x` [B, n, d] with `groups` [B, n], returns their B losses [B] from one
+    call (one launch): the model's router term of every adapted module at once.
     """
     require_float("x", x)
-    require_shape("x", x, (None, None), "[n, d]")
+    batched = x.dim() == 3
+    require_shape("x", x, (None,) * (3 if batched else 2), "[B, n, d]" if batched else "[n, d]")
     require_int("groups", groups)
-    require_shape("groups", groups, (x.shape[0],), f"[n={x.shape[0]}]")
+    require_shape("groups", groups, tuple(x.shape[:-1]),
+                  f"[B={x.shape[0]}, n={x.shape[1]}]" if batched else f"[n={x.shape[0]}]")
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"num_groups must be an int >= 1, got {num_groups!r}")
     temperature = require_real("temperature", temperature)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     device = require_same_device(x=x, groups=groups)
-    backend = _backend(backend, device, (x.shape[0], x.shape[1], num_groups))
+    backend = _backend(backend, device, (x.shape[-2], x.shape[-1], num_groups))
     return _GroupInfoNCEFunction.apply(x.contiguous(), groups.contiguous(), num_groups, float(temperature),
                                        backend)

@@ -88,8 +88,19 @@ def _as_list(name: str, values, siblings: int | None) -> list[torch.Tensor]:
     return values
 
 
+def _per_sibling(name: str, values, siblings: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(one tensor per sibling, the [S, T, k] tensor they are rows of when given as one, else None)."""
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 3 or values.shape[0] != siblings:
+            raise ValueError(f"{name} given as one tensor must have shape [S={siblings}, T, k], got "
+                             f"{list(values.shape)}")
+        return list(values.unbind(0)), values
+    return _as_list(name, values, siblings), None
+
+
 def sibling_lora_moe(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
-                     weights: Sequence[torch.Tensor], experts: Sequence[torch.Tensor], *, scaling: float = 1.0,
+                     weights: Sequence[torch.Tensor] | torch.Tensor, experts: Sequence[torch.Tensor] | torch.Tensor,
+                     *, scaling: float = 1.0,
                      outs: Sequence[torch.Tensor] | None = None, backend: str | None = None,
                      validate: bool | None = None, strategy: str | None = None) -> list[torch.Tensor]:
     """`lora_moe` for S sibling projections of one input, x read once for all of them.
@@ -97,7 +108,8 @@ def sibling_lora_moe(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Se
     `x` [T, d_in]; per sibling s (lists of S >= 1): `lora_a[s]` [E, r, d_in], `lora_b[s]` [E, d_out_s, r],
     `weights[s]` [T, k], `experts[s]` [T, k], with E, r and k the same for every sibling (the adapted linears
     of one model share a config), and optionally `outs[s]` [T, d_out_s], added into in place as `lora_moe`'s
-    `out`. Returns the S results, `[lora_moe(x, lora_a[s], lora_b[s], weights[s], experts[s], scaling=scaling,
+    `out`. `weights` and `experts` may also be one [S, T, k] tensor each (a batched `route`'s, used in place).
+    Returns the S results, `[lora_moe(x, lora_a[s], lora_b[s], weights[s], experts[s], scaling=scaling,
     out=outs[s]) for s]`; differentiable in the same arguments. It computes every expert of every sibling from
     one read of x (the dense strategy): on the torch backend each result is bit for bit `lora_moe`'s with
     `strategy="dense"`, and x's gradient sums the siblings' inside one matmul (equal up to rounding).
@@ -108,8 +120,8 @@ def sibling_lora_moe(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Se
     if siblings == 0:
         raise ValueError("sibling_lora_moe needs at least one sibling (lora_a is empty)")
     lora_b = _as_list("lora_b", lora_b, siblings)
-    weights = _as_list("weights", weights, siblings)
-    experts = _as_list("experts", experts, siblings)
+    weights, stacked_weights = _per_sibling("weights", weights, siblings)
+    experts, stacked_experts = _per_sibling("experts", experts, siblings)
     outs = [None] * siblings if outs is None else _as_list("outs", outs, siblings)
     for s in range(siblings):
         device = _check_arguments(x, lora_a[s], lora_b[s], weights[s], experts[s], scaling, outs[s])
@@ -129,9 +141,12 @@ def sibling_lora_moe(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Se
             check_ids_in_range(f"experts[{s}]", experts[s], num_experts)
     x = x.contiguous()
     stacked_a = torch.stack(lora_a)  # [S, E, r, d_in]; differentiable, so each sibling's A gets its gradient
-    # [S, T, k] each: one launch apiece (a cast only where the siblings' dtypes differ).
-    stacked_weights = torch.stack([w.to(weights[0].dtype) for w in weights])
-    stacked_experts = torch.stack([e.to(experts[0].dtype) for e in experts])
+    # [S, T, k] each: given so, or one launch apiece (a cast only where the siblings' dtypes differ).
+    if stacked_weights is None:
+        stacked_weights = torch.stack([w.to(weights[0].dtype) for w in weights])
+    if stacked_experts is None:
+        stacked_experts = torch.stack([e.to(experts[0].dtype) for e in experts])
+    stacked_weights, stacked_experts = stacked_weights.contiguous(), stacked_experts.contiguous()
     lora_b = [b.contiguous() for b in lora_b]
     for s, out in enumerate(outs):
         if out is not None:

@@ -1,4 +1,7 @@
-"""Routing: softmax over experts, top-k (ties to the lower expert id), optional renormalisation, statistics."""
+"""Routing: softmax over experts, top-k (ties to the lower expert id), optional renormalisation, statistics.
+
+Logits [T, E], or a batch [S, T, E] of S routings of the same T tokens (sibling projections' routers): every
+expression below reads the experts along the last dim and the tokens along the one before it."""
 
 from __future__ import annotations
 
@@ -20,13 +23,12 @@ def real_tokens(token_mask: torch.Tensor | None, num_tokens: int, dtype: torch.d
 
 
 def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: torch.Tensor | None = None):
-    """Returns (weights [T,k], experts [T,k] int32, counts [E] int32, probs_mean [E]); with `token_mask` the
-    counts and the mean cover only the tokens it marks."""
-    num_tokens, num_experts = logits.shape
+    """Returns (weights [T,k], experts [T,k] int32, counts [E] int32, probs_mean [E]), each with the logits'
+    leading batch dim if any; with `token_mask` the counts and the mean cover only the tokens it marks."""
     probs = _softmax(logits)
     # A stable descending sort keeps equal probabilities in expert-id order: ties go to the lower id.
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    top_probs, experts = sorted_probs[:, :top_k], order[:, :top_k]
+    top_probs, experts = sorted_probs[..., :top_k], order[..., :top_k]
     weights = top_probs / top_probs.sum(-1, keepdim=True) if renormalize else top_probs
     counts, probs_mean = _statistics(probs, experts, token_mask)
     return weights.contiguous(), experts.to(torch.int32).contiguous(), counts, probs_mean
@@ -34,13 +36,15 @@ def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: tor
 
 def _statistics(probs, experts, token_mask):
     """(counts [E] int32, probs_mean [E]) over the tokens `token_mask` marks (all without one)."""
-    num_tokens, num_experts = probs.shape
+    num_tokens, num_experts = probs.shape[-2:]
+    batch = probs.shape[:-2]
     real, num_real = real_tokens(token_mask, num_tokens, probs.dtype, probs.device)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=probs.device)
-    pairs = real.to(torch.int32)[:, None].expand(-1, experts.shape[1])
-    counts.scatter_add_(0, experts.reshape(-1).long(), pairs.reshape(-1))
+    counts = torch.zeros(*batch, num_experts, dtype=torch.int32, device=probs.device)
+    pairs = real.to(torch.int32)[:, None].expand(experts.shape)
+    pairs_per_routing = experts.shape[-2] * experts.shape[-1]
+    counts.scatter_add_(-1, experts.reshape(*batch, pairs_per_routing).long(), pairs.reshape(*batch, pairs_per_routing))
     # Selected, not multiplied: a left-out token's NaN probabilities (padding) must not reach the mean.
-    probs_mean = (probs if token_mask is None else torch.where(token_mask[:, None], probs, 0.0)).sum(0) / num_real
+    probs_mean = (probs if token_mask is None else torch.where(token_mask[:, None], probs, 0.0)).sum(-2) / num_real
     return counts, probs_mean
 
 
@@ -51,20 +55,20 @@ def masked_statistics(logits, experts, token_mask):
 
 def backward(grad_weights, grad_probs_mean, logits, experts, renormalize: bool,
              token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """d loss / d logits given d loss / d weights [T,k] and d loss / d probs_mean [E]."""
-    num_tokens = logits.shape[0]
+    """d loss / d logits given d loss / d weights [T,k] and d loss / d probs_mean [E] (batched like the logits)."""
+    num_tokens = logits.shape[-2]
     probs = _softmax(logits)
     experts = experts.long()
     # d probs_mean / d probs[t, e] = 1 / (tokens counted) for every counted token, 0 for the others.
     real, num_real = real_tokens(token_mask, num_tokens, probs.dtype, logits.device)
-    grad_probs = grad_probs_mean.to(probs.dtype).expand_as(probs) * (real / num_real)[:, None]
+    grad_probs = grad_probs_mean.to(probs.dtype)[..., None, :] * (real / num_real)[:, None]
     grad_top = grad_weights.to(probs.dtype)
     if renormalize:
         # weights = top / sum(top): d/d top_j = (g_j - sum_i g_i w_i) / sum(top)
-        top = probs.gather(1, experts)
+        top = probs.gather(-1, experts)
         total = top.sum(-1, keepdim=True)
         grad_top = (grad_top - (grad_top * (top / total)).sum(-1, keepdim=True)) / total
-    grad_probs = grad_probs.scatter_add(1, experts, grad_top)
+    grad_probs = grad_probs.scatter_add(-1, experts, grad_top)
     # softmax backward: dz = p * (dp - <p, dp>)
     grad_logits = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
     return grad_logits.to(logits.dtype)

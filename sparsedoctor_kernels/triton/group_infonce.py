@@ -41,11 +41,17 @@ def _normalized_grad(grad, unit, norm, EPS: tl.constexpr):
 
 @triton.jit
 def _group_infonce_kernel(
-    x_ptr, stride_x, groups_ptr, loss_ptr, grad_ptr,
+    x_ptr, stride_batch, stride_x, groups_ptr, stride_groups, loss_ptr, grad_ptr,
     num_rows, dim, num_groups, inv_temperature,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, EPS: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    # One program per problem of a batch (one for a single [n, d] problem).
+    problem = tl.program_id(0).to(tl.int64)
+    x_ptr += problem * stride_batch
+    groups_ptr += problem * stride_groups
+    loss_ptr += problem
+    grad_ptr += problem * num_rows * dim
     rows = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     ids = tl.arange(0, BLOCK_S)
@@ -105,14 +111,19 @@ def fits(num_rows: int, dim: int, num_groups: int) -> bool:
 
 
 def forward(x: torch.Tensor, groups: torch.Tensor, num_groups: int, temperature: float):
-    """(loss [] and grad x [n, d], both in the compute dtype)."""
-    num_rows, dim = x.shape
+    """(loss [] and grad x [n, d], both in the compute dtype; [B] and [B, n, d] for a batch x [B, n, d])."""
+    num_rows, dim = x.shape[-2:]
+    problems = x.shape[0] if x.dim() == 3 else 1
     acc_dtype = compute_dtype(x.dtype)
-    loss = empty((), acc_dtype, x.device)
-    grad = empty((num_rows, dim), acc_dtype, x.device)
+    loss = empty(x.shape[:-2], acc_dtype, x.device)
+    grad = empty(x.shape, acc_dtype, x.device)
+    if problems == 0:
+        return loss, grad
     block_n, block_d, block_s = blocks(num_rows, dim, num_groups)
-    _group_infonce_kernel[(1,)](
-        x, x.stride(0), groups, loss, grad, num_rows, dim, num_groups, 1.0 / temperature,
+    batched = x.dim() == 3
+    _group_infonce_kernel[(problems,)](
+        x, x.stride(0) if batched else 0, x.stride(-2), groups, groups.stride(0) if batched else 0, loss, grad,
+        num_rows, dim, num_groups, 1.0 / temperature,
         BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=block_s, EPS=EPS, ACC=compute_type(x.dtype),
         PRECISION="ieee", num_warps=8,
     )

@@ -1,5 +1,9 @@
 """Fused routing: softmax (fp32) + top-k (ties to the lower id) + renormalisation + counts + probability sums
-in one pass over the logits; the backward recomputes the softmax from the logits instead of storing it."""
+in one pass over the logits; the backward recomputes the softmax from the logits instead of storing it.
+
+A batch of S routings of the same tokens ([S, T, E] logits, e.g. the columns of one GEMM over sibling
+projections' stacked routers, read in place through their strides) takes the same launches as one: the grid's
+second axis is the routing."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsedoctor_kernels._alloc import empty
+from sparsedoctor_kernels._alloc import empty, empty_like
 from sparsedoctor_kernels._validation import compute_dtype
 from sparsedoctor_kernels.triton._dtypes import compute_type
 
@@ -70,6 +74,11 @@ def _route_statistics_kernel(
 ):
     """probs_mean = (sum of the forward programs' column sums, in program order) / tokens counted, and counts =
     the sum of their per-program counts: no zero-filled counter and no atomics (one launch fewer)."""
+    problem = tl.program_id(1).to(tl.int64)  # the routing of a batch
+    partial_probs_ptr += problem * num_programs * num_experts
+    partial_counts_ptr += problem * num_programs * num_experts
+    probs_mean_ptr += problem * num_experts
+    counts_ptr += problem * num_experts
     cols = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     col_ok = cols < num_experts
     total = tl.zeros([BLOCK_E], dtype=COMPUTE)
@@ -87,13 +96,19 @@ def _route_statistics_kernel(
 
 @triton.jit
 def _route_forward_kernel(
-    logits_ptr, stride_t,
+    logits_ptr, stride_s, stride_t,
     weights_ptr, experts_ptr, partial_counts_ptr, partial_probs_ptr, token_mask_ptr,
     num_tokens, num_experts,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    problem = tl.program_id(1).to(tl.int64)  # the routing of a batch
+    logits_ptr += problem * stride_s
+    weights_ptr += problem * num_tokens * TOP_K
+    experts_ptr += problem * num_tokens * TOP_K
+    partial_counts_ptr += problem * tl.num_programs(0) * num_experts
+    partial_probs_ptr += problem * tl.num_programs(0) * num_experts
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     slots = tl.arange(0, K_PAD)
@@ -132,12 +147,18 @@ def _route_forward_kernel(
 
 @triton.jit
 def _route_backward_kernel(
-    grad_weights_ptr, grad_probs_mean_ptr, logits_ptr, stride_t, experts_ptr, grad_logits_ptr, stride_grad_t,
-    token_mask_ptr, num_counted_ptr, num_tokens, num_experts,
+    grad_weights_ptr, grad_probs_mean_ptr, logits_ptr, stride_s, stride_t, experts_ptr, grad_logits_ptr,
+    stride_grad_s, stride_grad_t, token_mask_ptr, num_counted_ptr, num_tokens, num_experts,
     TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    problem = tl.program_id(1).to(tl.int64)  # the routing of a batch
+    grad_weights_ptr += problem * num_tokens * TOP_K
+    grad_probs_mean_ptr += problem * num_experts
+    logits_ptr += problem * stride_s
+    experts_ptr += problem * num_tokens * TOP_K
+    grad_logits_ptr += problem * stride_grad_s
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     row_ok = rows < num_tokens
@@ -187,27 +208,37 @@ def num_warps(block_e: int) -> int:
     return 8 if block_e >= 128 else 4
 
 
+def _batch(logits: torch.Tensor) -> tuple[int, int]:
+    """(routings, stride between them): a single [T, E] routing is a batch of one."""
+    return (logits.shape[0], logits.stride(0)) if logits.dim() == 3 else (1, 0)
+
+
 def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: torch.Tensor | None = None):
-    num_tokens, num_experts = logits.shape
+    """Logits [T, E] or [S, T, E], read through their strides (experts contiguous); outputs batched alike."""
+    num_tokens, num_experts = logits.shape[-2:]
+    batch = tuple(logits.shape[:-2])
+    num_problems, stride_s = _batch(logits)
     dtype = compute_dtype(logits.dtype)
     block_t, block_e = _blocks(num_experts)
     num_programs = triton.cdiv(num_tokens, block_t)
-    weights = empty((num_tokens, top_k), dtype, logits.device)
-    experts = empty((num_tokens, top_k), torch.int32, logits.device)
-    counts = empty((num_experts,), torch.int32, logits.device)
-    partial_probs = empty((num_programs, num_experts), dtype, logits.device)
-    partial_counts = empty((num_programs, num_experts), torch.int32, logits.device)
+    weights = empty((*batch, num_tokens, top_k), dtype, logits.device)
+    experts = empty((*batch, num_tokens, top_k), torch.int32, logits.device)
+    counts = empty((*batch, num_experts), torch.int32, logits.device)
+    partial_probs = empty((num_problems, num_programs, num_experts), dtype, logits.device)
+    partial_counts = empty((num_problems, num_programs, num_experts), torch.int32, logits.device)
+    probs_mean = empty((*batch, num_experts), dtype, logits.device)
+    if num_problems == 0:
+        return weights, experts, counts, probs_mean
     if num_tokens > 0:
-        _route_forward_kernel[(num_programs,)](
-            logits, logits.stride(0), weights, experts, partial_counts, partial_probs,
+        _route_forward_kernel[(num_programs, num_problems)](
+            logits, stride_s, logits.stride(-2), weights, experts, partial_counts, partial_probs,
             token_mask if token_mask is not None else counts, num_tokens, num_experts,
             TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
             HAS_MASK=token_mask is not None,
             BLOCK_T=block_t, BLOCK_E=block_e, COMPUTE=compute_type(dtype), num_warps=num_warps(block_e),
         )
-    probs_mean = empty((num_experts,), dtype, logits.device)
     block_e = min(block_e, 256)
-    _route_statistics_kernel[(triton.cdiv(num_experts, block_e),)](
+    _route_statistics_kernel[(triton.cdiv(num_experts, block_e), num_problems)](
         partial_probs, partial_counts, num_programs, num_experts, token_mask if token_mask is not None else counts,
         num_tokens, probs_mean, counts, HAS_MASK=token_mask is not None, BLOCK_P=max(1, STATISTICS_ELEMENTS // block_e),
         BLOCK_E=block_e, COMPUTE=compute_type(dtype),
@@ -217,13 +248,16 @@ def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: tor
 
 def backward(grad_weights, grad_probs_mean, logits, experts, renormalize: bool,
              token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    num_tokens, num_experts = logits.shape
-    top_k = experts.shape[1]
+    """d loss / d logits, laid out as the logits are when they are dense (a transposed GEMM output stays so)."""
+    num_tokens, num_experts = logits.shape[-2:]
+    num_problems, stride_s = _batch(logits)
+    top_k = experts.shape[-1]
     block_t, block_e = _blocks(num_experts)
-    grad_logits = empty((num_tokens, num_experts), logits.dtype, logits.device)
-    if num_tokens > 0:
-        _route_backward_kernel[(triton.cdiv(num_tokens, block_t),)](
-            grad_weights, grad_probs_mean, logits, logits.stride(0), experts, grad_logits, grad_logits.stride(0),
+    grad_logits = empty_like(logits)  # the logits' strides when dense, else contiguous
+    if num_tokens > 0 and num_problems > 0:
+        _route_backward_kernel[(triton.cdiv(num_tokens, block_t), num_problems)](
+            grad_weights, grad_probs_mean, logits, stride_s, logits.stride(-2), experts, grad_logits,
+            _batch(grad_logits)[1], grad_logits.stride(-2),
             token_mask if token_mask is not None else experts,
             token_mask.sum(dtype=torch.int32) if token_mask is not None else experts, num_tokens, num_experts,
             TOP_K=top_k, RENORMALIZE=renormalize, HAS_MASK=token_mask is not None, BLOCK_T=block_t, BLOCK_E=block_e,
