@@ -38,13 +38,14 @@ class ForwardContext:
         # On while a caller measures specialisation: every layer keeps each forward's router probabilities and
         # top-1 experts (detached) in `collected_routing`, until the caller clears them.
         self.collect_routing = False
-        # Each recording module's routing statistics (counts, probs_mean, real tokens): the balance term of all
-        # of them is one expression in the wrapper (model.loss.balance_loss).
-        self.balance_terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]] = []
+        # Each recording module's routing statistics (counts, probs_mean, real tokens), the first two as its Row of
+        # the tensors it was routed in: the balance term of all of them is one expression in the wrapper
+        # (model.loss.balance_loss).
+        self.balance_terms: list[tuple[Row, Row, torch.Tensor | int]] = []
         self.contrastive_terms: list[torch.Tensor] = []  # 0-d per module, or [modules] for a batch of them
         # The router mode's inputs, (router logits [T, E], sequence length, picked tokens, temperature) per module:
         # `stop` computes every module's term from them at once (`router_terms`).
-        self.router_logits: list[tuple[Row, int, int, float]] = []
+        self.router_records: list[tuple[Row, int, int, float]] = []
         self._real_tokens: torch.Tensor | None = None
         self._picked_weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._dropped: tuple[torch.Tensor, tuple, torch.Tensor] | None = None  # (input, key, dropout of it)
@@ -52,7 +53,7 @@ class ForwardContext:
 
     def start(self, token_mask: torch.Tensor | None, wants_losses: bool = True) -> None:
         self.token_mask, self.recording, self.wants_losses = token_mask, True, wants_losses
-        self.balance_terms, self.contrastive_terms, self.router_logits = [], [], []
+        self.balance_terms, self.contrastive_terms, self.router_records = [], [], []
         # Per-forward constants every layer shares: computed once here (or on first use), not once per module.
         self._real_tokens = None if token_mask is None else token_mask.sum()
         self._picked_weights = {}
@@ -113,13 +114,13 @@ class ForwardContext:
 
     def stop(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(balance statistics, contrastive terms) of the forward; the router mode's terms are computed here."""
-        if self.router_logits:
-            self.contrastive_terms.extend(self.router_terms(self.router_logits))
+        if self.router_records:
+            self.contrastive_terms.extend(self.router_terms(self.router_records))
         self.recording, self.wants_losses = False, True
         self._dropped = None
         self._clear_groups()
         terms = self.balance_terms, self.contrastive_terms
-        self.balance_terms, self.contrastive_terms, self.router_logits = [], [], []
+        self.balance_terms, self.contrastive_terms, self.router_records = [], [], []
         return terms
 
     def router_terms(self, records: list[tuple[Row, int, int, float]]) -> list[torch.Tensor]:
@@ -306,7 +307,7 @@ class LoraMoELinear(nn.Module):
         a module records its logits, only in the wrapper's own forward (not in a checkpoint's recomputation)."""
         if self.context.recording:
             count = min(self.config.contrastive_tokens, router_logits.source.shape[-2])
-            self.context.router_logits.append((router_logits, sequence_length, count, self.config.temperature))
+            self.context.router_records.append((router_logits, sequence_length, count, self.config.temperature))
 
     @staticmethod
     def _sequence_sums(values, picked, padding, sequence_length: int, num_tokens: int):
