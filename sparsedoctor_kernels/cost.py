@@ -144,6 +144,20 @@ def eager_calls(strategy: str, num_tokens: int, num_experts: int, top_k: int) ->
     return 12 + 6 * min(num_experts, num_tokens * top_k)
 
 
+# Host time per kernel launch on a GPU (Triton's launcher and the driver), an order of magnitude: at a few
+# tokens (decoding) the launches are the cost, so the strategy that launches fewer wins there.
+KERNEL_LAUNCH_S = 5e-6
+
+
+def kernel_launches(strategy: str, top_k: int) -> int:
+    """Kernel launches of one Triton forward + backward (tests/test_launches.py pins them): dense a shrink and an
+    expand forward, four backward; grouped the plan (2), shrink, gate scaling and an expand per slot forward,
+    about twice that backward."""
+    if strategy == "dense":
+        return 6
+    return 12 + 3 * top_k
+
+
 # choose_strategy's answers: the ops ask on every call, and a decoding step's matmuls cost less than the model.
 _chosen: dict[tuple, str] = {}
 _CHOSEN_MAX = 4096
@@ -173,6 +187,8 @@ def _choose(num_tokens, d_in, d_out, num_experts, top_k, rank, dtype, device, ba
     if backend == "torch":
         call_s = EAGER_CALL_S.get(device.type, EAGER_CALL_S["cuda"])
         times = {s: t + call_s * eager_calls(s, num_tokens, num_experts, top_k) for s, t in times.items()}
+    else:
+        times = {s: t + KERNEL_LAUNCH_S * kernel_launches(s, top_k) for s, t in times.items()}
     return min(STRATEGIES, key=lambda s: (times[s], s != "dense"))
 
 

@@ -10,6 +10,7 @@ from sparsedoctor_kernels.cost import (
     choose_strategy,
     device_rates,
     eager_calls,
+    kernel_launches,
     lora_moe_cost,
     resolve_strategy,
 )
@@ -45,6 +46,17 @@ def test_the_choice_follows_bytes_while_flops_are_cheap_and_flops_when_they_are_
         cost = lora_moe_cost(strategy, **HEADLINE, element=2)
         assert cost.seconds(rates) == max(cost.bytes() / rates.bytes_per_s,
                                           (cost.flops_fwd + cost.flops_bwd) / rates.flops_per_s)
+
+
+def test_at_a_few_tokens_the_kernels_choose_by_launches():
+    """Decoding on a GPU: the bytes of one token are nothing next to a launch, so the strategy that launches
+    fewer kernels (dense: 2 forward against grouped's 6) is chosen even where it reads every expert's weights;
+    a training batch at the same shape chooses as before (the launches are a rounding error there)."""
+    cuda = torch.device("cuda")
+    assert kernel_launches("dense", 2) < kernel_launches("grouped", 2) < kernel_launches("grouped", 8)
+    for experts in (8, 64):
+        assert choose_strategy(1, 2560, 4096, experts, 2, 16, torch.bfloat16, cuda) == "dense"
+    assert choose_strategy(8192, 2560, 9728, 64, 1, 64, torch.bfloat16, cuda) == "grouped"
 
 
 def test_strategy_resolution_order(monkeypatch):

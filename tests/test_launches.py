@@ -108,3 +108,18 @@ def test_decoder_layer_launches_do_not_grow_with_experts(mode, strategy, monkeyp
     assert large[1] - small[1] == ((7 if mode == "router" else 14) if strategy == "dense" else 0)
     ceiling = DECODER_LAYER_CEILING[mode, strategy]
     assert small[0] <= ceiling[0] and small[1] <= ceiling[1], f"{small} launches; the ceiling is {ceiling}"
+
+
+@pytest.mark.skipif("triton" not in cpu_backends("lora_moe"), reason="needs Triton (the interpreter on CPU)")
+@pytest.mark.slow
+def test_a_decoding_step_costs_the_adapter_fewer_launches_than_the_frozen_layer(monkeypatch):
+    """Issue 23: at one token a step the adapter may not launch more than the decoder layer it adapts, at any E
+    (the kernels' path: one routing kernel without statistics, the dense strategy's two kernels)."""
+    from sparsedoctor_kernels.bench.layer_launches import decode_layer_launches
+
+    monkeypatch.setattr(sparsedoctor_kernels._alloc, "poison_outputs", False)
+    counts = [decode_layer_launches(experts) for experts in (4, 64)]
+    assert counts[0] == counts[1], counts
+    adapter, frozen_layer = counts[0]
+    assert 0 < adapter <= frozen_layer, counts
+    assert adapter <= 29, f"{adapter} launches; the ceiling is 29 (7 projections x 4, one per model forward)"

@@ -338,3 +338,21 @@ def test_route_custom_ops_pass_opcheck(backend, masked, gen):
         torch.library.opcheck(module._route_backward, (torch.randn_like(weights), torch.randn_like(probs_mean), logits,
                                                        experts, True, backend, mask),
                               test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batched", [False, True])
+def test_route_without_statistics_gives_routes_weights_and_experts(batched, backend, gen):
+    """The inference path's routing (no counts, no probability means; one kernel on Triton) is route's own."""
+    from sparsedoctor_kernels.ops.routing import route_without_statistics
+
+    shape = (3, 37, 11) if batched else (37, 11)
+    logits = torch.randn(*shape, generator=gen) * 2
+    logits[..., 5, :] = float("nan")  # a row without a finite softmax too
+    for renormalize in (True, False):
+        want = sdk.route(logits, 3, renormalize=renormalize, backend=backend)
+        weights, experts = route_without_statistics(logits, 3, renormalize=renormalize, backend=backend)
+        assert torch.equal(experts, want.experts)
+        torch.testing.assert_close(weights, want.weights, rtol=0, atol=0, equal_nan=True)
+    empty = route_without_statistics(torch.zeros(0, 4), 2, backend=backend)
+    assert empty[0].shape == empty[1].shape == (0, 2)

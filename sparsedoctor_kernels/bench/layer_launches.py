@@ -11,8 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from sparsedoctor_kernels.launches import LaunchCounts
 
 # The frozen layer's own GEMM (nn.Linear with a bias): one launch of every module forward that is not the adapter's.
 FROZEN_GEMM = "aten.addmm"
@@ -147,6 +151,39 @@ def decoder_layer_launches(num_experts: int = 4, top_k: int = 2, rank: int = 16,
     return tuple(adapted - base for adapted, base in zip(counts["adapted"], counts["base"]))
 
 
+def _decode_step_launches(model, prompt) -> LaunchCounts:
+    """Launches of one greedy decoding step (one new token, the prompt's KV cache), grad mode off."""
+    from sparsedoctor_kernels.launches import count_launches
+
+    with torch.no_grad():
+        cache = model(input_ids=prompt, use_cache=True).past_key_values
+        new_token = prompt[:, -1:]
+        return count_launches(lambda: model(input_ids=new_token, past_key_values=cache, use_cache=True))
+
+
+def decode_layer_launches(num_experts: int = 4, top_k: int = 2, rank: int = 16, backend: str = "triton",
+                          hidden_size: int = 64, prompt_tokens: int = 8) -> tuple[int, int]:
+    """(launches the adapter adds to one Qwen3 decoder layer at a decoding step of one token, launches of the
+    frozen decoder layer itself): one-layer tiny Qwen3s with and without the library's default adapter (but E,
+    k, r), and a zero-layer one for the base layer's own, eval mode, batch 1."""
+    from sparsedoctor_kernels.model import SparseDoctorConfig, apply_sparsedoctor
+    from sparsedoctor_kernels.model.tiny import tiny_qwen3
+
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 128, (1, prompt_tokens))
+    adapter = SparseDoctorConfig(num_experts=num_experts, top_k=top_k, r=rank)
+    models = {"empty": tiny_qwen3(128, hidden_size=hidden_size, num_layers=0),
+              "base": tiny_qwen3(128, hidden_size=hidden_size, num_layers=1),
+              "adapted": apply_sparsedoctor(tiny_qwen3(128, hidden_size=hidden_size, num_layers=1), adapter)}
+    counts = {}
+    with _backend(backend):
+        for name, model in models.items():
+            model.eval()
+            _decode_step_launches(model, prompt)  # warm: lazy imports, compiled kernels
+            counts[name] = _decode_step_launches(model, prompt).total
+    return counts["adapted"] - counts["base"], counts["base"] - counts["empty"]
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
     from sparsedoctor_kernels.launches import count_launches, report
@@ -168,6 +205,13 @@ def main(argv=None) -> int:
             for backend in ("triton", "torch"):
                 forward, backward = decoder_layer_launches(experts, contrastive_mode=mode, backend=backend)
                 print(f"| {experts} | {mode} | {backend} | {forward} | {backward} |")
+    print("\nat a decoding step (one token, batch 1, KV cache): the adapter's launches per decoder layer against "
+          "the frozen layer's own:")
+    print("| E | backend | adapter | frozen layer |\n| --- | --- | --- | --- |")
+    for experts in (4, 16, 64):
+        for backend in ("triton", "torch"):
+            adapter, layer = decode_layer_launches(experts, backend=backend)
+            print(f"| {experts} | {backend} | {adapter} | {layer} |")
     return 0
 
 

@@ -20,7 +20,9 @@ hits all alike), on one thread on CPU. Rows:
   9728, 32/8 heads of 128) under bfloat16 autocast;
 - op `launches`: kernel launches the adapter adds to one Qwen3 decoder layer in training (leaf aten ops and
   Triton kernels; the model minus the same model without adapters), modes `<contrastive mode>-fwd|bwd`, per
-  backend (Triton under its interpreter on CPU launches what it would on a GPU), E in {4, 16, 64}.
+  backend (Triton under its interpreter on CPU launches what it would on a GPU), E in {4, 16, 64}; and at a
+  decoding step (one token, batch 1, KV cache), mode `decode`, beside the frozen decoder layer's own launches
+  (`decode-frozen-layer`; issue 23: the adapter may not launch more).
 
 The summary gives each figure as a ratio to PEFT's, next to issue 23's goals."""
 
@@ -183,10 +185,9 @@ def _launch_rows(env) -> list[dict]:
     """Launches the adapter adds to one Qwen3 decoder layer in training, forward and backward, per backend
     (Triton under its interpreter on CPU: the same launches as on a GPU), contrastive mode and E."""
     from sparsedoctor_kernels._backend import why_backend_cannot_run
-    from sparsedoctor_kernels.bench.layer_launches import decoder_layer_launches
+    from sparsedoctor_kernels.bench.layer_launches import decode_layer_launches, decoder_layer_launches
 
     rows = []
-    nothing = harness.Timing(float("nan"), float("nan"), float("nan"), float("nan"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backends = [b for b in ("triton", "torch") if why_backend_cannot_run(b, device) is None]
     for backend in backends:
@@ -194,11 +195,20 @@ def _launch_rows(env) -> list[dict]:
             for experts in LAUNCH_EXPERTS:
                 counts = decoder_layer_launches(experts, contrastive_mode=mode, backend=backend)
                 for direction, count in zip(("fwd", "bwd"), counts):
-                    row = harness.row("launches", backend, "qwen3-decoder-layer", dict(E=experts, k=2, r=16),
-                                      torch.float32, f"{mode}-{direction}", nothing, 0, env)
-                    row["gbps"], row["value"], row["unit"] = "", count, "launches/layer"
-                    rows.append(_echo(row))
+                    rows.append(_launch_row(backend, experts, f"{mode}-{direction}", count, env))
+        for experts in LAUNCH_EXPERTS:  # a decoding step: the adapter's launches and the frozen layer's own
+            adapter, frozen_layer = decode_layer_launches(experts, backend=backend)
+            rows += [_launch_row(backend, experts, "decode", adapter, env),
+                     _launch_row(backend, experts, "decode-frozen-layer", frozen_layer, env)]
     return rows
+
+
+def _launch_row(backend: str, experts: int, mode: str, count: int, env) -> dict:
+    nothing = harness.Timing(float("nan"), float("nan"), float("nan"), float("nan"))
+    row = harness.row("launches", backend, "qwen3-decoder-layer", dict(E=experts, k=2, r=16), torch.float32, mode,
+                      nothing, 0, env)
+    row["gbps"], row["value"], row["unit"] = "", count, "launches/layer"
+    return _echo(row)
 
 
 def _echo(row: dict) -> dict:
@@ -245,7 +255,8 @@ def summarize(rows: list[dict], copy_gbps: float) -> None:
     harness.print_table(["figure", "shape", "mode", "x PEFT", "goal"], table)
     launches = [r for r in rows if r["op"] == "launches"]
     if launches:
-        print(f"\nadapter launches per Qwen3 decoder layer in training (goal: <= {GOALS['launches']}, flat in E)")
+        print(f"\nadapter launches per Qwen3 decoder layer (training goal: <= {GOALS['launches']}, flat in E; "
+              "decode: no more than the frozen layer's own)")
         modes = sorted({r["mode"] for r in launches})
         cells = {(r["impl"], r["mode"], r["E"]): r["value"] for r in launches}
         harness.print_table(["backend", "E"] + modes,

@@ -3,10 +3,11 @@
     routed_lora_moe(x, router, lora_a, lora_b, top_k)
         == lora_moe(x, lora_a, lora_b, *route(x @ router.T, top_k)[:2])
 
-Under autograd, `torch.compile` or on a GPU it is exactly that composition of the two ops (their custom ops
-and backward). With grad mode off on CPU tensors, at a handful of tokens (decoding), the torch backend fuses
-the two: no routing statistics, no sort into expert order, each chosen expert's weights read once
-(`sparsedoctor_kernels.eager.routed`), the same numbers.
+Under autograd or `torch.compile` it is exactly that composition of the two ops (their custom ops and
+backward). With grad mode off (generation, evaluation) nothing asks for the routing statistics, so the routing
+skips them (`route_without_statistics`: one kernel on Triton instead of two); on CPU tensors at a handful of
+tokens (decoding) the torch backend fuses the two: no sort into expert order, each chosen expert's weights
+read once (`sparsedoctor_kernels.eager.routed`), the same numbers.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from sparsedoctor_kernels._validation import (
 )
 from sparsedoctor_kernels.ops.lora_moe import IMPLEMENTATIONS as LORA_MOE_BACKENDS
 from sparsedoctor_kernels.ops.lora_moe import lora_moe
-from sparsedoctor_kernels.ops.routing import route
+from sparsedoctor_kernels.ops.routing import route, route_without_statistics
 
 
 def routed_lora_moe(x: torch.Tensor, router: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, top_k: int,
@@ -56,9 +57,12 @@ def routed_lora_moe(x: torch.Tensor, router: torch.Tensor, lora_a: torch.Tensor,
                 require_writable_output("out", out, x=x, router=router, lora_a=lora_a, lora_b=lora_b)
             eager.routed.infer(x, router, lora_a, lora_b, top_k, bool(renormalize), float(scaling), target)
             return target
-    routing = route(x @ router.T, top_k, renormalize=renormalize, backend=backend)
-    return lora_moe(x, lora_a, lora_b, routing.weights, routing.experts, scaling=scaling, out=out, backend=backend,
-                    validate=False)
+    logits = x @ router.T
+    if calls_directly(x, router, lora_a, lora_b, out):  # nothing recorded: no routing statistics either
+        weights, experts = route_without_statistics(logits, top_k, renormalize=renormalize, backend=backend)
+    else:
+        weights, experts, _, _ = route(logits, top_k, renormalize=renormalize, backend=backend)
+    return lora_moe(x, lora_a, lora_b, weights, experts, scaling=scaling, out=out, backend=backend, validate=False)
 
 
 def _expert_shapes_match(x, lora_a, lora_b, out) -> bool:

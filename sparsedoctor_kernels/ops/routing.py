@@ -139,6 +139,18 @@ def route(logits: torch.Tensor, top_k: int, *, renormalize: bool = True, backend
     return Routing(*_RouteFunction.apply(logits, top_k, bool(renormalize), backend, token_mask))
 
 
+def route_without_statistics(logits: torch.Tensor, top_k: int, *, renormalize: bool = True,
+                             backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route`'s (weights, experts) alone, for callers that want no balance term and no gradient (inference: the
+    ops' direct path, `calls_directly`): one kernel on Triton instead of two. The caller checks the arguments."""
+    backend = resolve_backend("route", backend, logits.device, tuple(IMPLEMENTATIONS))
+    implementation = IMPLEMENTATIONS[backend]
+    logits = logits if logits.stride(-1) == 1 or logits.shape[-1] == 1 else logits.contiguous()
+    if backend == "cuda":  # its kernel computes the counts anyway
+        return implementation.forward(logits, top_k, bool(renormalize))[:2]
+    return implementation.forward_without_statistics(logits, top_k, bool(renormalize))
+
+
 def load_balance_loss(routing: Routing, *, num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
     """Switch/Mixtral load-balancing loss `E * sum_e (counts[e] / (T * k)) * probs_mean[e]` (0 when T = 0),
     T the tokens `route` counted (all, or those of its `token_mask`): the pairs counted are `counts.sum()`.

@@ -100,7 +100,7 @@ def _route_forward_kernel(
     weights_ptr, experts_ptr, partial_counts_ptr, partial_probs_ptr, token_mask_ptr,
     num_tokens, num_experts,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, COMPUTE: tl.constexpr, STATISTICS: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     problem = tl.program_id(1).to(tl.int64)  # the routing of a batch
@@ -116,9 +116,10 @@ def _route_forward_kernel(
     col_ok = cols < num_experts
     probs, non_finite = _softmax_rows(logits_ptr, stride_t, rows, cols, row_ok, col_ok, COMPUTE)
     counted = _counted_rows(token_mask_ptr, rows, row_ok, HAS_MASK)
-    # Per-program column sums, reduced on the host side of the launch in a fixed order (deterministic).
-    tl.store(partial_probs_ptr + pid * num_experts + cols, tl.sum(tl.where(counted[:, None], probs, 0.0), axis=0),
-             mask=col_ok)
+    if STATISTICS:
+        # Per-program column sums, reduced by the statistics kernel in a fixed order (deterministic).
+        tl.store(partial_probs_ptr + pid * num_experts + cols,
+                 tl.sum(tl.where(counted[:, None], probs, 0.0), axis=0), mask=col_ok)
 
     # Top-k by k rounds of argmax; padding columns sit at -1, below any probability, chosen ones at -2.
     # Non-finite rows compete with equal scores, so they pick experts 0..k-1 as torch's stable sort of NaNs does.
@@ -142,7 +143,8 @@ def _route_forward_kernel(
     offsets = rows[:, None] * TOP_K + slots[None, :]
     tl.store(weights_ptr + offsets, top, mask=out_mask)
     tl.store(experts_ptr + offsets, chosen_ids, mask=out_mask)
-    tl.store(partial_counts_ptr + pid * num_experts + cols, pairs, mask=col_ok)
+    if STATISTICS:
+        tl.store(partial_counts_ptr + pid * num_experts + cols, pairs, mask=col_ok)
 
 
 @triton.jit
@@ -244,6 +246,26 @@ def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: tor
         BLOCK_E=block_e, COMPUTE=compute_type(dtype),
     )
     return weights, experts, counts, probs_mean
+
+
+def forward_without_statistics(logits: torch.Tensor, top_k: int, renormalize: bool):
+    """(weights, experts) of `forward` from its first kernel alone: no counts or probability means (inference,
+    where no balance term is wanted), one launch."""
+    num_tokens, num_experts = logits.shape[-2:]
+    batch = tuple(logits.shape[:-2])
+    num_problems, stride_s = _batch(logits)
+    dtype = compute_dtype(logits.dtype)
+    block_t, block_e = _blocks(num_experts)
+    weights = empty((*batch, num_tokens, top_k), dtype, logits.device)
+    experts = empty((*batch, num_tokens, top_k), torch.int32, logits.device)
+    if num_tokens > 0 and num_problems > 0:
+        _route_forward_kernel[(triton.cdiv(num_tokens, block_t), num_problems)](
+            logits, stride_s, logits.stride(-2), weights, experts, experts, weights, experts, num_tokens, num_experts,
+            TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize, HAS_MASK=False,
+            BLOCK_T=block_t, BLOCK_E=block_e, COMPUTE=compute_type(dtype), num_warps=num_warps(block_e),
+            STATISTICS=False,
+        )
+    return weights, experts
 
 
 def backward(grad_weights, grad_probs_mean, logits, experts, renormalize: bool,
