@@ -28,12 +28,18 @@ class MemberResult:
     """What a member's own call needs from the group's computation of it."""
 
     out: torch.Tensor  # [tokens, d_out]: frozen output plus the experts
-    router_logits: torch.Tensor  # [tokens, E]: row `row` of batch_logits
-    routing: sdk.Routing  # routing `row` of batch_routing
     adapter_in: torch.Tensor  # the (dropped-out) input the experts read
     batch_logits: torch.Tensor  # [S, tokens, E]: every member's, from one GEMM
     batch_routing: sdk.Routing  # every member's, from one `route` call
     row: int  # the member's place in the group
+
+    @property
+    def router_logits(self) -> torch.Tensor:
+        return self.batch_logits[self.row]
+
+    @property
+    def routing(self) -> sdk.Routing:
+        return self.batch_routing.select(self.row)
 
 
 class SiblingGroup:
@@ -80,7 +86,7 @@ class SiblingGroup:
         outs = sdk.sibling_lora_moe(
             adapter_in, [m.lora_a.to(dtype) for m in self.members], [m.lora_b.to(dtype) for m in self.members],
             routing.weights, routing.experts, scaling=first.config.scaling, outs=outs, validate=False)
-        return {id(member): MemberResult(out, logits[s], routing.select(s), adapter_in, logits, routing, s)
+        return {id(member): MemberResult(out, adapter_in, logits, routing, s)
                 for s, (member, out) in enumerate(zip(self.members, outs))}
 
 

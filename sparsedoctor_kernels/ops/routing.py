@@ -132,11 +132,15 @@ def route(logits: torch.Tensor, top_k: int, *, renormalize: bool = True, backend
         require_same_device(logits=logits, token_mask=token_mask)
         token_mask = token_mask.contiguous()
     backend = resolve_backend("route", backend, logits.device, tuple(IMPLEMENTATIONS))
-    # The kernels read rows through their strides: only the experts must be contiguous.
-    logits = logits if logits.stride(-1) == 1 or logits.shape[-1] == 1 else logits.contiguous()
+    logits = _experts_contiguous(logits)
     if calls_directly(logits, token_mask):
         return Routing(*IMPLEMENTATIONS[backend].forward(logits, top_k, bool(renormalize), token_mask))
     return Routing(*_RouteFunction.apply(logits, top_k, bool(renormalize), backend, token_mask))
+
+
+def _experts_contiguous(logits: torch.Tensor) -> torch.Tensor:
+    """The kernels read rows through their strides: only the experts must be contiguous."""
+    return logits if logits.stride(-1) == 1 or logits.shape[-1] == 1 else logits.contiguous()
 
 
 def route_without_statistics(logits: torch.Tensor, top_k: int, *, renormalize: bool = True,
@@ -145,7 +149,7 @@ def route_without_statistics(logits: torch.Tensor, top_k: int, *, renormalize: b
     ops' direct path, `calls_directly`): one kernel on Triton instead of two. The caller checks the arguments."""
     backend = resolve_backend("route", backend, logits.device, tuple(IMPLEMENTATIONS))
     implementation = IMPLEMENTATIONS[backend]
-    logits = logits if logits.stride(-1) == 1 or logits.shape[-1] == 1 else logits.contiguous()
+    logits = _experts_contiguous(logits)
     if backend == "cuda":  # its kernel computes the counts anyway
         return implementation.forward(logits, top_k, bool(renormalize))[:2]
     return implementation.forward_without_statistics(logits, top_k, bool(renormalize))

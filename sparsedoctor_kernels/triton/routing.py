@@ -215,33 +215,46 @@ def _batch(logits: torch.Tensor) -> tuple[int, int]:
     return (logits.shape[0], logits.stride(0)) if logits.dim() == 3 else (1, 0)
 
 
-def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: torch.Tensor | None = None):
-    """Logits [T, E] or [S, T, E], read through their strides (experts contiguous); outputs batched alike."""
+def _route_rows(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask, partial):
+    """(weights, experts) from the forward kernel; `partial` (counts, probs) [routings, programs, E] receives
+    its per-program statistics, or None to compile them out."""
     num_tokens, num_experts = logits.shape[-2:]
     batch = tuple(logits.shape[:-2])
     num_problems, stride_s = _batch(logits)
     dtype = compute_dtype(logits.dtype)
     block_t, block_e = _blocks(num_experts)
-    num_programs = triton.cdiv(num_tokens, block_t)
     weights = empty((*batch, num_tokens, top_k), dtype, logits.device)
     experts = empty((*batch, num_tokens, top_k), torch.int32, logits.device)
+    partial_counts, partial_probs = partial if partial is not None else (experts, weights)  # unused stand-ins
+    if num_tokens > 0 and num_problems > 0:
+        _route_forward_kernel[(triton.cdiv(num_tokens, block_t), num_problems)](
+            logits, stride_s, logits.stride(-2), weights, experts, partial_counts, partial_probs,
+            token_mask if token_mask is not None else experts, num_tokens, num_experts,
+            TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
+            HAS_MASK=token_mask is not None, BLOCK_T=block_t, BLOCK_E=block_e, COMPUTE=compute_type(dtype),
+            num_warps=num_warps(block_e), STATISTICS=partial is not None,
+        )
+    return weights, experts
+
+
+def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: torch.Tensor | None = None):
+    """Logits [T, E] or [S, T, E], read through their strides (experts contiguous); outputs batched alike."""
+    num_tokens, num_experts = logits.shape[-2:]
+    batch = tuple(logits.shape[:-2])
+    num_problems = _batch(logits)[0]
+    dtype = compute_dtype(logits.dtype)
+    block_t, block_e = _blocks(num_experts)
+    num_programs = triton.cdiv(num_tokens, block_t)
+    partial = (empty((num_problems, num_programs, num_experts), torch.int32, logits.device),
+               empty((num_problems, num_programs, num_experts), dtype, logits.device))
+    weights, experts = _route_rows(logits, top_k, renormalize, token_mask, partial)
     counts = empty((*batch, num_experts), torch.int32, logits.device)
-    partial_probs = empty((num_problems, num_programs, num_experts), dtype, logits.device)
-    partial_counts = empty((num_problems, num_programs, num_experts), torch.int32, logits.device)
     probs_mean = empty((*batch, num_experts), dtype, logits.device)
     if num_problems == 0:
         return weights, experts, counts, probs_mean
-    if num_tokens > 0:
-        _route_forward_kernel[(num_programs, num_problems)](
-            logits, stride_s, logits.stride(-2), weights, experts, partial_counts, partial_probs,
-            token_mask if token_mask is not None else counts, num_tokens, num_experts,
-            TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
-            HAS_MASK=token_mask is not None,
-            BLOCK_T=block_t, BLOCK_E=block_e, COMPUTE=compute_type(dtype), num_warps=num_warps(block_e),
-        )
     block_e = min(block_e, 256)
     _route_statistics_kernel[(triton.cdiv(num_experts, block_e), num_problems)](
-        partial_probs, partial_counts, num_programs, num_experts, token_mask if token_mask is not None else counts,
+        partial[1], partial[0], num_programs, num_experts, token_mask if token_mask is not None else counts,
         num_tokens, probs_mean, counts, HAS_MASK=token_mask is not None, BLOCK_P=max(1, STATISTICS_ELEMENTS // block_e),
         BLOCK_E=block_e, COMPUTE=compute_type(dtype),
     )
@@ -251,21 +264,7 @@ def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: tor
 def forward_without_statistics(logits: torch.Tensor, top_k: int, renormalize: bool):
     """(weights, experts) of `forward` from its first kernel alone: no counts or probability means (inference,
     where no balance term is wanted), one launch."""
-    num_tokens, num_experts = logits.shape[-2:]
-    batch = tuple(logits.shape[:-2])
-    num_problems, stride_s = _batch(logits)
-    dtype = compute_dtype(logits.dtype)
-    block_t, block_e = _blocks(num_experts)
-    weights = empty((*batch, num_tokens, top_k), dtype, logits.device)
-    experts = empty((*batch, num_tokens, top_k), torch.int32, logits.device)
-    if num_tokens > 0 and num_problems > 0:
-        _route_forward_kernel[(triton.cdiv(num_tokens, block_t), num_problems)](
-            logits, stride_s, logits.stride(-2), weights, experts, experts, weights, experts, num_tokens, num_experts,
-            TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize, HAS_MASK=False,
-            BLOCK_T=block_t, BLOCK_E=block_e, COMPUTE=compute_type(dtype), num_warps=num_warps(block_e),
-            STATISTICS=False,
-        )
-    return weights, experts
+    return _route_rows(logits, top_k, renormalize, None, None)
 
 
 def backward(grad_weights, grad_probs_mean, logits, experts, renormalize: bool,
