@@ -198,3 +198,18 @@ def test_zero_rows_take_the_norm_clamp_like_the_formula(backend, gen):
     x = probabilities(gen, 8, 3)
     x[2] = 0.0  # a member row of norm 0: F.normalize's clamp decides its query and its partner's positive
     check(x, torch.tensor([0, 0, 1, 1, 2, 2, 3, -1]), 4, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_does_not_lower_the_scores_precision(backend, gen):
+    """Under bfloat16 autocast the op still scores in float32, as outside it."""
+    x = probabilities(gen, 29, 7, torch.float32).requires_grad_()
+    groups = torch.randint(0, 4, (29,), generator=gen)
+    results = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            loss = sdk.group_infonce(x, groups, 4, temperature=0.3, backend=backend)
+        assert loss.dtype == torch.float32
+        results.append((loss, *torch.autograd.grad(loss, x)))
+    for plain, autocast in zip(*results):
+        torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-6)

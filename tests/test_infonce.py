@@ -390,3 +390,22 @@ def test_triton_infonce_step_launches(monkeypatch, gen):
                                                            validate=False).backward())
     assert counts.triton == 2, counts
     assert counts.total <= INFONCE_STEP_LAUNCHES, report(counts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_does_not_lower_the_scores_precision(backend, gen):
+    """Under bfloat16 autocast (a mixed-precision training step) the op still scores in float32: the loss
+    and gradients equal those computed outside autocast (the matmuls of the torch backend would otherwise run
+    in bfloat16)."""
+    queue = make_queue(gen, 3, 37, 16, sizes=[37, 20, 5])
+    query = torch.randn(23, 16, generator=gen, requires_grad=True)
+    positive = torch.randn(23, 16, generator=gen, requires_grad=True)
+    experts = torch.randint(0, 3, (23,), generator=gen)
+    results = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            loss = sdk.infonce_queue_loss(query, positive, queue, experts, reduction="none", backend=backend)
+        assert loss.dtype == torch.float32
+        results.append((loss, *torch.autograd.grad(loss.sum(), (query, positive))))
+    for plain, autocast in zip(*results):
+        torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-6)

@@ -103,5 +103,17 @@ def test_an_out_sharing_memory_with_an_input_is_refused_on_the_fused_path():
         sdk.routed_lora_moe(x, torch.randn(4, 6), torch.randn(4, 2, 6), torch.randn(4, 6, 2), 2, out=x)
 
 
+def test_validate_false_skips_the_memory_check_and_changes_no_number(gen):
+    inputs = make_inputs(gen, 1, 24, 19, 8, 3)
+    base = torch.randn(1, 19, generator=gen)
+    with torch.no_grad():
+        checked = sdk.routed_lora_moe(**inputs, top_k=2, out=base.clone())
+        unchecked = sdk.routed_lora_moe(**inputs, top_k=2, out=base.clone(), validate=False)
+        x = inputs["x"].clone()
+        sdk.routed_lora_moe(x, inputs["router"], torch.randn(8, 3, 24), torch.randn(8, 24, 3), 2, out=x,
+                            validate=False)  # not refused: the caller vouched for its out
+    assert torch.equal(checked, unchecked) and not torch.equal(checked, base)
+
+
 def test_tolerances_cover_the_dtypes_used_here():
     assert {torch.float32, torch.bfloat16, torch.float64} <= set(TOLERANCES)

@@ -42,7 +42,8 @@ def _check_against_brute(logits, top_k, renormalize, gen, backend="torch"):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("renormalize", [True, False])
-@pytest.mark.parametrize("shape", [(37, 11, 3), (1, 1, 1), (13, 7, 7), (64, 8, 2), (5, 256, 8), (150, 3, 2)])
+@pytest.mark.parametrize("shape", [(37, 11, 3), (1, 1, 1), (13, 7, 7), (64, 8, 2), (5, 256, 8), (150, 3, 2),
+                                   (700, 5, 2)])  # 700 x 5: more token tiles than one program walks
 def test_route_matches_brute_force(shape, renormalize, dtype, backend, gen):
     if not backend_supports(backend, dtype):
         pytest.skip(f"{backend} on CPU does not run {dtype}")
@@ -54,7 +55,7 @@ def test_route_matches_brute_force(shape, renormalize, dtype, backend, gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("problems, num_tokens, num_experts, top_k", [(3, 37, 11, 3), (2, 150, 8, 2), (1, 5, 4, 4),
-                                                                      (3, 0, 6, 2), (0, 7, 5, 2)])
+                                                                      (3, 0, 6, 2), (0, 7, 5, 2), (2, 700, 5, 2)])
 def test_a_batch_of_routings_routes_each_as_alone(problems, num_tokens, num_experts, top_k, masked, backend, gen):
     """logits [S, T, E], here a transposed view of one [T, S * E] GEMM output (read in place): each routing s is
     route(logits[s]) with the shared token mask, and the gradient reaches the [T, S * E] leaf."""

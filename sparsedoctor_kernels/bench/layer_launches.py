@@ -126,19 +126,23 @@ def _forward_and_backward_launches(model, ids, mask) -> tuple[int, int]:
 
 def decoder_layer_launches(num_experts: int = 4, top_k: int = 2, rank: int = 16, backend: str = "triton",
                            contrastive_mode: str = "router", batch: int = 2, sequence: int = 16,
-                           hidden_size: int = 64) -> tuple[int, int]:
-    """(forward, backward) launches the adapter adds to one Qwen3 decoder layer in training: a one-layer tiny
-    Qwen3 with all seven projections adapted (the library's default adapter but E, k, r) minus the same model
-    without adapters, both with the token embedding trainable so that the backward crosses the whole layer in
-    each. Everything the adapter costs counts, the model's per-forward constants (real-token mask) included."""
+                           hidden_size: int = 64, layers: int = 1, queue_size: int | None = None) -> tuple[int, int]:
+    """(forward, backward) launches the adapter adds to a `layers`-layer tiny Qwen3 in training: the model with
+    all seven projections of each layer adapted (the library's default adapter but E, k, r and, when given,
+    queue_size) minus the same model without adapters, both with the token embedding trainable so that the
+    backward crosses every layer. Everything the adapter costs counts, the model's per-forward constants
+    (real-token mask, the router term of all modules at once, the loss's sums) included: with one layer, what
+    issue 23 counts per decoder layer."""
     from sparsedoctor_kernels.model import SparseDoctorConfig, apply_sparsedoctor
     from sparsedoctor_kernels.model.tiny import tiny_qwen3
 
     torch.manual_seed(0)
     ids = torch.randint(0, 128, (batch, sequence))
     mask = torch.ones_like(ids)
-    adapter = SparseDoctorConfig(num_experts=num_experts, top_k=top_k, r=rank, contrastive_mode=contrastive_mode)
-    bases = [tiny_qwen3(128, hidden_size=hidden_size, num_layers=1) for _ in range(2)]
+    queue = {} if queue_size is None else {"queue_size": queue_size}
+    adapter = SparseDoctorConfig(num_experts=num_experts, top_k=top_k, r=rank, contrastive_mode=contrastive_mode,
+                                 **queue)
+    bases = [tiny_qwen3(128, hidden_size=hidden_size, num_layers=layers) for _ in range(2)]
     models = {"base": bases[0], "adapted": apply_sparsedoctor(bases[1], adapter)}  # wrapping freezes its base
     for base in bases:
         base.get_input_embeddings().weight.requires_grad_(True)
@@ -149,6 +153,14 @@ def decoder_layer_launches(num_experts: int = 4, top_k: int = 2, rank: int = 16,
             model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()  # warm: queues, lazy imports
             counts[name] = _forward_and_backward_launches(model, ids, mask)
     return tuple(adapted - base for adapted, base in zip(counts["adapted"], counts["base"]))
+
+
+def each_layer_and_per_forward_launches(num_experts: int = 4, **kwargs) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((forward, backward) launches the adapter adds with each further decoder layer, (forward, backward) it
+    adds once per model forward whatever the layers): the slope and intercept between one and two layers."""
+    one, two = (decoder_layer_launches(num_experts, layers=layers, **kwargs) for layers in (1, 2))
+    each = tuple(b - a for a, b in zip(one, two))
+    return each, tuple(a - e for a, e in zip(one, each))
 
 
 def _decode_step_launches(model, prompt) -> LaunchCounts:
@@ -199,12 +211,14 @@ def main(argv=None) -> int:
                   f"{report(count_launches(layer_step(num_experts=experts, top_k=2, contrastive_mode=mode)))}")
     print("\nadapter launches per Qwen3 decoder layer, training (all seven projections adapted, k=2, r=16, "
           "the model minus the same model without adapters):")
+    print("one-layer model: each decoder layer's own + the per-forward constants")
     print("| E | mode | backend | forward | backward |\n| --- | --- | --- | --- | --- |")
     for experts in (4, 16, 64):
         for mode in ("router", "paper"):
             for backend in ("triton", "torch"):
-                forward, backward = decoder_layer_launches(experts, contrastive_mode=mode, backend=backend)
-                print(f"| {experts} | {mode} | {backend} | {forward} | {backward} |")
+                each, once = each_layer_and_per_forward_launches(experts, contrastive_mode=mode, backend=backend)
+                print(f"| {experts} | {mode} | {backend} | {each[0] + once[0]} ({each[0]} + {once[0]}) | "
+                      f"{each[1] + once[1]} ({each[1]} + {once[1]}) |")
     print("\nat a decoding step (one token, batch 1, KV cache): the adapter's launches per decoder layer against "
           "the frozen layer's own:")
     print("| E | backend | adapter | frozen layer |\n| --- | --- | --- | --- |")

@@ -19,8 +19,11 @@ hits all alike), on one thread on CPU. Rows:
   Measured on the small model (float32) and on one Qwen3-4B-sized decoder layer (hidden 2560, intermediate
   9728, 32/8 heads of 128) under bfloat16 autocast;
 - op `launches`: kernel launches the adapter adds to one Qwen3 decoder layer in training (leaf aten ops and
-  Triton kernels; the model minus the same model without adapters), modes `<contrastive mode>-fwd|bwd`, per
-  backend (Triton under its interpreter on CPU launches what it would on a GPU), E in {4, 16, 64}; and at a
+  Triton kernels; the model minus the same model without adapters), modes `<contrastive mode>-fwd|bwd` (a
+  one-layer model: the layer's own and the model's once-per-forward constants, such as the router term of all
+  modules, as issue 23 counts) and `<contrastive mode>-fwd|bwd-each-layer` (what each further layer adds: the
+  slope between one and two layers), per backend (Triton under its interpreter on CPU launches what it would
+  on a GPU), E in {4, 16, 64}; and at a
   decoding step (one token, batch 1, KV cache), mode `decode`, beside the frozen decoder layer's own launches
   (`decode-frozen-layer`; issue 23: the adapter may not launch more).
 
@@ -185,7 +188,7 @@ def _launch_rows(env) -> list[dict]:
     """Launches the adapter adds to one Qwen3 decoder layer in training, forward and backward, per backend
     (Triton under its interpreter on CPU: the same launches as on a GPU), contrastive mode and E."""
     from sparsedoctor_kernels._backend import why_backend_cannot_run
-    from sparsedoctor_kernels.bench.layer_launches import decode_layer_launches, decoder_layer_launches
+    from sparsedoctor_kernels.bench.layer_launches import decode_layer_launches, each_layer_and_per_forward_launches
 
     rows = []
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -193,9 +196,10 @@ def _launch_rows(env) -> list[dict]:
     for backend in backends:
         for mode in ("router", "paper"):
             for experts in LAUNCH_EXPERTS:
-                counts = decoder_layer_launches(experts, contrastive_mode=mode, backend=backend)
-                for direction, count in zip(("fwd", "bwd"), counts):
-                    rows.append(_launch_row(backend, experts, f"{mode}-{direction}", count, env))
+                each, once = each_layer_and_per_forward_launches(experts, contrastive_mode=mode, backend=backend)
+                for direction, each_layer, per_forward in zip(("fwd", "bwd"), each, once):
+                    rows += [_launch_row(backend, experts, f"{mode}-{direction}", each_layer + per_forward, env),
+                             _launch_row(backend, experts, f"{mode}-{direction}-each-layer", each_layer, env)]
         for experts in LAUNCH_EXPERTS:  # a decoding step: the adapter's launches and the frozen layer's own
             adapter, frozen_layer = decode_layer_launches(experts, backend=backend)
             rows += [_launch_row(backend, experts, "decode", adapter, env),

@@ -196,7 +196,8 @@ class LoraMoELinear(nn.Module):
             out = self.base(flat)
             dtype = out.dtype  # under autocast the frozen layer decides the compute dtype
             out = sdk.routed_lora_moe(flat.to(dtype), self.router.to(dtype), self.lora_a.to(dtype),
-                                      self.lora_b.to(dtype), self.config.top_k, scaling=self.config.scaling, out=out)
+                                      self.lora_b.to(dtype), self.config.top_k, scaling=self.config.scaling, out=out,
+                                      validate=False)  # out is the frozen layer's fresh output
             return out.reshape(*lead, out.shape[-1])
         mask = self._token_mask(num_tokens)
         views = None

@@ -23,7 +23,8 @@ IMPLEMENTATIONS = {"triton": LazyImplementation("sparsedoctor_kernels.triton.gro
 @torch.library.custom_op("sparsedoctor::group_infonce_forward", mutates_args=())
 def _group_infonce_forward(x: torch.Tensor, groups: torch.Tensor, num_groups: int, temperature: float,
                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return IMPLEMENTATIONS[backend].forward(x, groups, num_groups, temperature)
+    with torch.autocast(x.device.type, enabled=False):  # the scores in the compute dtype, as promised
+        return IMPLEMENTATIONS[backend].forward(x, groups, num_groups, temperature)
 
 
 @_group_infonce_forward.register_fake

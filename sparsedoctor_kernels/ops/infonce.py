@@ -28,9 +28,10 @@ def _infonce_forward(
     query: torch.Tensor, positive: torch.Tensor, queue_keys: torch.Tensor, queue_size: torch.Tensor,
     query_experts: torch.Tensor, temperature: float, normalize: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return IMPLEMENTATIONS[backend].forward(
-        query, positive, queue_keys, queue_size, query_experts, temperature, normalize
-    )
+    with torch.autocast(query.device.type, enabled=False):  # the scores in the compute dtype, as promised
+        return IMPLEMENTATIONS[backend].forward(
+            query, positive, queue_keys, queue_size, query_experts, temperature, normalize
+        )
 
 
 @_infonce_forward.register_fake

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from sparsedoctor_kernels import eager
-from sparsedoctor_kernels._backend import calls_directly, resolve_backend
+from sparsedoctor_kernels._backend import calls_directly, default_validate, resolve_backend
 from sparsedoctor_kernels._validation import (
     require_dtype,
     require_float,
@@ -31,12 +31,14 @@ from sparsedoctor_kernels.ops.routing import route, route_without_statistics
 
 def routed_lora_moe(x: torch.Tensor, router: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, top_k: int,
                     *, scaling: float = 1.0, out: torch.Tensor | None = None, renormalize: bool = True,
-                    backend: str | None = None) -> torch.Tensor:
+                    backend: str | None = None, validate: bool | None = None) -> torch.Tensor:
     """`x` [T, d_in], `router` [E, d_in], `lora_a` [E, r, d_in], `lora_b` [E, d_out, r] (one float dtype),
     `top_k` in [1, E]: each token's `route(x @ router.T, top_k, renormalize=renormalize)` experts applied as
     `lora_moe` applies them, returned fresh or added into `out` ([T, d_out]) in place. Differentiable like
     the two ops (w.r.t. x, router, lora_a, lora_b and what produced `out`); the routing statistics are not
-    returned (call `route` for the balance loss)."""
+    returned (call `route` for the balance loss). `validate=False` skips, on the fused decoding path, the
+    check that `out` shares no memory with an input: for a caller whose `out` is fresh, such as a decoding
+    layer's (default: on off the GPU, as the other ops' checks)."""
     require_float("x", x)
     require_shape("x", x, (None, None), "[T, d_in]")
     require_dtype("router", router, (x.dtype,))
@@ -53,7 +55,7 @@ def routed_lora_moe(x: torch.Tensor, router: torch.Tensor, lora_a: torch.Tensor,
     if fused:
         target = out if out is not None else x.new_zeros((x.shape[0], lora_b.shape[1]))
         if eager.routed.applies(x, lora_a, top_k, target) and _expert_shapes_match(x, lora_a, lora_b, target):
-            if out is not None:  # raises as lora_moe would for an out that shares memory with an input
+            if out is not None and default_validate(validate, x.device):  # raises as lora_moe would
                 require_writable_output("out", out, x=x, router=router, lora_a=lora_a, lora_b=lora_b)
             eager.routed.infer(x, router, lora_a, lora_b, top_k, bool(renormalize), float(scaling), target)
             return target
@@ -62,6 +64,7 @@ def routed_lora_moe(x: torch.Tensor, router: torch.Tensor, lora_a: torch.Tensor,
         weights, experts = route_without_statistics(logits, top_k, renormalize=renormalize, backend=backend)
     else:
         weights, experts, _, _ = route(logits, top_k, renormalize=renormalize, backend=backend)
+    # Ids from `route` are in range: nothing data-dependent to check.
     return lora_moe(x, lora_a, lora_b, weights, experts, scaling=scaling, out=out, backend=backend, validate=False)
 
 

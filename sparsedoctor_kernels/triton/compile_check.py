@@ -36,6 +36,7 @@ from unittest import mock
 # defaults (E=8 experts, top-2, rank 16, scaling 32 / 16), the widest routing the CUDA backend takes, the
 # default contrastive subset and queue size, and projection dim 128 (the InfoNCE tiles were sized for it).
 TOKENS = 4096
+SMALL_BATCH_TOKENS = 512  # issue 23's small-model batch, 4 x 128
 D_IN, D_OUT = 2560, 4096
 EXPERTS, TOP_K, RANK, SCALING = 8, 2, 16, 2.0
 WIDE_EXPERTS, WIDE_TOP_K = 256, 8
@@ -79,11 +80,13 @@ def _scenarios() -> tuple[dict[str, str], list[Scenario]]:
     scenarios = []
 
     def route(dtype, num_experts, top_k):
-        logits = torch.empty(TOKENS, num_experts, dtype=dtype)
-        for token_mask in (None, torch.ones(TOKENS, dtype=torch.bool)):  # the model passes its padding mask
-            weights, experts, _, probs_mean = routing.forward(logits, top_k, True, token_mask)
-            routing.backward(torch.empty_like(weights), torch.empty_like(probs_mean), logits, experts, True,
-                             token_mask)
+        # TOKENS take a program per tile and the statistics kernel; SMALL_BATCH_TOKENS one program per routing.
+        for tokens in (TOKENS, SMALL_BATCH_TOKENS):
+            logits = torch.empty(tokens, num_experts, dtype=dtype)
+            for token_mask in (None, torch.ones(tokens, dtype=torch.bool)):  # the model passes its padding mask
+                weights, experts, _, probs_mean = routing.forward(logits, top_k, True, token_mask)
+                routing.backward(torch.empty_like(weights), torch.empty_like(probs_mean), logits, experts, True,
+                                 token_mask)
 
     for name, dtype in dtypes.items():
         for num_experts, top_k in ((EXPERTS, TOP_K), (WIDE_EXPERTS, WIDE_TOP_K)):
