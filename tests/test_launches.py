@@ -24,7 +24,7 @@ CONTRASTIVE_TERM_CEILING = {("router", "dense"): 8, ("router", "grouped"): 8,
                             ("paper", "dense"): 13, ("paper", "grouped"): 22}
 # (forward, backward) launches the adapter adds to one Qwen3 decoder layer at E = 4 (the model's per-forward
 # constants included: a one-layer model), as issue 23's benchmark counts them.
-DECODER_LAYER_CEILING = {("router", "dense"): (60, 57), ("router", "grouped"): (89, 94),
+DECODER_LAYER_CEILING = {("router", "dense"): (57, 57), ("router", "grouped"): (89, 94),
                          ("paper", "dense"): (190, 178), ("paper", "grouped"): (281, 269)}
 
 
@@ -93,15 +93,18 @@ def test_module_forward_launches_stay_under_the_ceiling_and_do_not_grow_with_exp
 @pytest.mark.parametrize("mode", ["router", "paper"])
 def test_decoder_layer_launches_do_not_grow_with_experts(mode, strategy, monkeypatch):
     """What the adapter adds to a whole Qwen3 decoder layer (seven projections, the model's per-forward
-    constants) on the kernels' path: the same at E = 4 and E = 16, forward and backward, for each strategy
+    constants) on the kernels' path: the same at E = 4 and a larger E, forward and backward, for each strategy
     (the cost model may pick another strategy at another E)."""
     from sparsedoctor_kernels.bench.layer_launches import decoder_layer_launches
 
     monkeypatch.setenv(ENV_STRATEGY, strategy)
     monkeypatch.setattr(sparsedoctor_kernels._alloc, "poison_outputs", False)
     # A queue of 64 slots launches as the default 1024 does, in a third of the interpreter's time.
+    # Dense at E = 16 crosses its one-block bound (E*r = 256 > 128 rank columns); grouped launches per call,
+    # not per expert, at E = 8 as at 16 (E = 8: half the interpreter's time of its per-expert grid).
+    many = 16 if strategy == "dense" else 8
     small = decoder_layer_launches(4, contrastive_mode=mode, queue_size=64)
-    large = decoder_layer_launches(16, contrastive_mode=mode, queue_size=64)
+    large = decoder_layer_launches(many, contrastive_mode=mode, queue_size=64)
     assert min(small) > 0 and small[0] == large[0]
     # Dense's backward sums its gate-gradient partials once per shrink (twice per module with the paper mode's
     # regated views) when E*r = 256 spans two column blocks (at most 128 columns each): a fixed reduction, not

@@ -78,6 +78,8 @@ def run_and_compare(x, siblings, gen, backend, dtype, with_outs=True, scaling=1.
     (23, 19, (17, 7, 7), 5, 3, 2),
     (9, 33, (29, 29), 4, 2, 3),
     (5, 8, (3,), 3, 1, 1),
+    (21, 9, (70, 130, 3), 3, 2, 2),  # outputs of several column blocks (64 each on Triton) in one expand
+    (11, 10, (6, 5, 4, 3), 3, 2, 2),  # more siblings than one expand launch takes
 ])
 def test_matches_brute_force_per_sibling(gen, backend, dtype, shape):
     if not backend_supports(backend, dtype):

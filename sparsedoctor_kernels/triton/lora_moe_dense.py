@@ -143,21 +143,12 @@ def _dense_shrink_kernel(
 
 
 @triton.jit
-def _dense_expand_kernel(
-    rows_ptr,  # [T, E*R] rank-space rows, already gated; GATHER: ungated h [num_sources, E*R]
-    weight_ptr, stride_we, stride_wn, stride_wr,  # [E, N, R] view: B, or A^T for dx
-    out_ptr, stride_out_t, stride_out_n,  # [T, N], any strides
-    index_ptr, weights_ptr, experts_ptr,  # GATHER: the h row of each output row, and its gates [T, k]
-    num_tokens, rank, width, num_columns, stride_rows, num_sources, scaling,
-    ACCUMULATE: tl.constexpr, GATHER: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < num_tokens
-    source, source_ok = _source_rows(index_ptr, rows, row_ok, num_sources, GATHER)
-    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    out_ok = outs < width
+def _expand_tile(rows_ptr, stride_rows, source, source_ok, weight_ptr, stride_we, stride_wn, stride_wr,
+                 out_ptr, stride_out_t, stride_out_n, rows, row_ok, outs, out_ok, weights_ptr, experts_ptr,
+                 rank, num_columns, scaling, ACCUMULATE: tl.constexpr, GATHER: tl.constexpr, TOP_K: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+                 PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """out[rows, outs] (+)= rows' rank-space columns @ W (viewed [E, N, R]) for one [BLOCK_T, BLOCK_N] tile."""
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=ACC)
     for c0 in range(0, num_columns, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
@@ -176,6 +167,59 @@ def _dense_expand_kernel(
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=mask, other=0.0).to(ACC)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dense_expand_kernel(
+    rows_ptr,  # [T, E*R] rank-space rows, already gated; GATHER: ungated h [num_sources, E*R]
+    weight_ptr, stride_we, stride_wn, stride_wr,  # [E, N, R] view: B, or A^T for dx
+    out_ptr, stride_out_t, stride_out_n,  # [T, N], any strides
+    index_ptr, weights_ptr, experts_ptr,  # GATHER: the h row of each output row, and its gates [T, k]
+    num_tokens, rank, width, num_columns, stride_rows, num_sources, scaling,
+    ACCUMULATE: tl.constexpr, GATHER: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < num_tokens
+    source, source_ok = _source_rows(index_ptr, rows, row_ok, num_sources, GATHER)
+    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    _expand_tile(rows_ptr, stride_rows, source, source_ok, weight_ptr, stride_we, stride_wn, stride_wr, out_ptr,
+                 stride_out_t, stride_out_n, rows, row_ok, outs, outs < width, weights_ptr, experts_ptr, rank,
+                 num_columns, scaling, ACCUMULATE, GATHER, TOP_K, BLOCK_T, BLOCK_N, BLOCK_K, DOT, PRECISION, ACC)
+
+
+@triton.jit
+def _dense_sibling_expand_kernel(
+    rows_ptr, stride_rows, num_tokens, rank, num_columns,  # gated [T, S*E*R]: sibling s owns E*R columns
+    weight0_ptr, stride0_we, stride0_wn, out0_ptr, stride0_t, width0,  # B_0 [E, N_0, R] and out_0 [T, N_0]
+    weight1_ptr, stride1_we, stride1_wn, out1_ptr, stride1_t, width1,
+    weight2_ptr, stride2_we, stride2_wn, out2_ptr, stride2_t, width2,  # a copy of sibling 1's for S = 2
+    stride_wr, stride_out_n,  # the siblings' common strides (1 for contiguous tensors: kept as constants)
+    blocks0, blocks01,  # output column blocks of sibling 0, and of siblings 0 and 1 (all of them for S = 2)
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """Every sibling's out_s += gated_s @ B_s in one launch: the grid's column blocks run through sibling 0's
+    output, then 1's, then 2's. Each program selects its sibling's addresses and sizes, then runs the one tile
+    code (one copy of it, so the shared memory of one expand tile)."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < num_tokens
+    block = tl.program_id(1)
+    second, third = block >= blocks0, block >= blocks01
+    weight_ptr = tl.where(third, weight2_ptr, tl.where(second, weight1_ptr, weight0_ptr))
+    stride_we = tl.where(third, stride2_we, tl.where(second, stride1_we, stride0_we))
+    stride_wn = tl.where(third, stride2_wn, tl.where(second, stride1_wn, stride0_wn))
+    out_ptr = tl.where(third, out2_ptr, tl.where(second, out1_ptr, out0_ptr))
+    stride_out_t = tl.where(third, stride2_t, tl.where(second, stride1_t, stride0_t))
+    width = tl.where(third, width2, tl.where(second, width1, width0))
+    first_block = tl.where(third, blocks01, tl.where(second, blocks0, 0))
+    sibling = tl.where(third, 2, tl.where(second, 1, 0))
+    outs = (block - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
+    _expand_tile(rows_ptr + sibling * num_columns, stride_rows, rows.to(tl.int64), row_ok, weight_ptr, stride_we,
+                 stride_wn, stride_wr, out_ptr, stride_out_t, stride_out_n, rows, row_ok, outs, outs < width,
+                 rows_ptr, rows_ptr, rank, num_columns, 1.0, True, False, 1, BLOCK_T, BLOCK_N, BLOCK_K, DOT,
+                 PRECISION, ACC)
 
 
 @triton.jit
@@ -293,6 +337,30 @@ def _expand(rows, weight_view, out, rank, *, accumulate, dot, gather=None):
         # accumulator in registers (no spills at k = 4); those rows are few (the picked tokens).
         BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K // 2 if gather is not None else BLOCK_K, **dot,
         num_warps=8 if gather is not None else 4,
+    )
+
+
+MAX_SIBLINGS_PER_EXPAND = 3  # q/k/v: the sibling expand kernel takes up to three (weight, output) sets
+
+
+def _sibling_expand(gated, lora_b: list, outs: list, rank: int, *, dot) -> None:
+    """outs[s] += gated[:, s*E*R:(s+1)*E*R] @ B_s for every sibling: one launch for 2 or 3 siblings whose
+    outputs share a column stride and whose B share a rank stride (the model's: contiguous), else one each."""
+    siblings = len(lora_b)
+    num_tokens = gated.shape[0]
+    width = gated.shape[1] // siblings
+    if not (2 <= siblings <= MAX_SIBLINGS_PER_EXPAND and len({b.stride(2) for b in lora_b}) == 1
+            and len({out.stride(1) for out in outs}) == 1):
+        for sibling, (b, out) in enumerate(zip(lora_b, outs)):
+            _expand(gated[:, sibling * width:(sibling + 1) * width], b, out, rank, accumulate=True, dot=dot)
+        return
+    blocks = [triton.cdiv(out.shape[1], BLOCK_N) for out in outs]
+    sets = []
+    for b, out in zip([*lora_b, lora_b[-1]][:3], [*outs, outs[-1]][:3]):  # sibling 1 again stands in at S = 2
+        sets += [b, b.stride(0), b.stride(1), out, out.stride(0), out.shape[1]]
+    _dense_sibling_expand_kernel[(triton.cdiv(num_tokens, BLOCK_T), sum(blocks))](
+        gated, gated.stride(0), num_tokens, rank, width, *sets, lora_b[0].stride(2), outs[0].stride(1),
+        blocks[0], sum(blocks[:2]), BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **dot, num_warps=4,
     )
 
 

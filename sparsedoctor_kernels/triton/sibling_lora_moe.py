@@ -1,8 +1,9 @@
 """`sibling_lora_moe` on the Triton dense kernels: S sibling projections of one x, x read once.
 
 Launches per call (S siblings), against S separate dense `lora_moe` calls (2 forward, 4 backward each):
-- forward, 1 + S: one shrink over x with every sibling's A stacked ([S*E, r, d_in], the siblings' gates
-  selected in per column block), then each sibling's expand of its own column block into its own output;
+- forward, 2: one shrink over x with every sibling's A stacked ([S*E, r, d_in], the siblings' gates selected
+  in per column block), then one expand of every sibling's column block into its own output (up to 3
+  siblings a launch: q/k/v; 1 + S launches beyond);
 - backward, 2S + 2: per sibling the shrink over its grad_y with B^T (its gated rank-space gradient written into
   its column block of one [T, S*E*r] buffer, and its gate gradients) and its dB; then one dx and one dA for
   every sibling at once, so grad_y is read twice per sibling and x once.
@@ -17,7 +18,7 @@ import torch
 from sparsedoctor_kernels._alloc import empty
 from sparsedoctor_kernels._validation import compute_dtype
 from sparsedoctor_kernels.triton._dtypes import dot_config
-from sparsedoctor_kernels.triton.lora_moe_dense import _expand, _shrink, _weight_grad
+from sparsedoctor_kernels.triton.lora_moe_dense import _expand, _shrink, _sibling_expand, _weight_grad
 
 
 def saved_shape(num_tokens: int, siblings: int, top_k: int, num_experts: int, rank: int) -> tuple[int, ...]:
@@ -36,8 +37,7 @@ def forward_into(x, lora_a, lora_b: list[torch.Tensor], weights, experts, scalin
     dot = dot_config(x.dtype, acc_dtype)
     h, gated, _, _ = _shrink(x, lora_a.view(siblings * num_experts, rank, d_in), weights, experts, scaling, rank,
                              acc_dtype=acc_dtype, dot=dot, siblings=siblings)
-    for sibling, (b, out) in enumerate(zip(lora_b, outs)):
-        _expand(gated[:, sibling * width:(sibling + 1) * width], b, out, rank, accumulate=True, dot=dot)
+    _sibling_expand(gated, lora_b, outs, rank, dot=dot)
     return h
 
 
