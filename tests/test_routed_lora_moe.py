@@ -103,6 +103,22 @@ def test_an_out_sharing_memory_with_an_input_is_refused_on_the_fused_path():
         sdk.routed_lora_moe(x, torch.randn(4, 6), torch.randn(4, 2, 6), torch.randn(4, 6, 2), 2, out=x)
 
 
+@pytest.mark.parametrize("top_k", [2, 5])  # the host's top-k (k <= 4) and torch's sort beyond
+def test_the_fused_decoding_path_gives_a_nan_token_what_the_two_ops_give(top_k, gen):
+    """A token whose logits hold a NaN (here through x) is routed to experts 0..k-1 with NaN gates by `route`;
+    the fused path does the same, so the token's output row is NaN there too and the other rows are equal."""
+    inputs = make_inputs(gen, 1, 12, 9, 7, 3)
+    inputs["x"][0, 3] = float("nan")
+    base = torch.randn(1, 9, generator=gen)
+    with torch.no_grad():
+        fused = sdk.routed_lora_moe(**inputs, top_k=top_k, out=base.clone())
+        routing = sdk.route(inputs["x"] @ inputs["router"].T, top_k)
+        two_ops = sdk.lora_moe(inputs["x"], inputs["lora_a"], inputs["lora_b"], routing.weights, routing.experts,
+                               out=base.clone(), strategy="grouped")
+    assert routing.experts.tolist() == [list(range(top_k))]
+    torch.testing.assert_close(fused, two_ops, rtol=0, atol=0, equal_nan=True)
+
+
 def test_validate_false_skips_the_memory_check_and_changes_no_number(gen):
     inputs = make_inputs(gen, 1, 24, 19, 8, 3)
     base = torch.randn(1, 19, generator=gen)

@@ -55,7 +55,8 @@ def test_route_matches_brute_force(shape, renormalize, dtype, backend, gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("problems, num_tokens, num_experts, top_k", [(3, 37, 11, 3), (2, 150, 8, 2), (1, 5, 4, 4),
-                                                                      (3, 0, 6, 2), (0, 7, 5, 2), (2, 700, 5, 2)])
+                                                                      (3, 0, 6, 2), (0, 7, 5, 2), (2, 700, 5, 2),
+                                                                      (0, 700, 5, 2)])
 def test_a_batch_of_routings_routes_each_as_alone(problems, num_tokens, num_experts, top_k, masked, backend, gen):
     """logits [S, T, E], here a transposed view of one [T, S * E] GEMM output (read in place): each routing s is
     route(logits[s]) with the shared token mask, and the gradient reaches the [T, S * E] leaf."""

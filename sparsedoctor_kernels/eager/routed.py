@@ -20,6 +20,11 @@ def applies(x: torch.Tensor, lora_a: torch.Tensor, top_k: int, out: torch.Tensor
             and x.dtype == lora_a.dtype == out.dtype == dtype)
 
 
+# Up to this k, the host's float32 arithmetic below rounds as torch's does on CPU (a sum of k float32 values
+# left to right; torch's vectorised sum reorders longer rows), so the gates are route's bit for bit.
+HOST_TOP_K = 4
+
+
 def infer(x, router, lora_a, lora_b, top_k: int, renormalize: bool, scaling: float, out: torch.Tensor) -> None:
     """out += routed_lora_moe(x, ...) for the inputs `applies` accepts."""
     probs = torch.softmax(x @ router.T, dim=-1)
@@ -32,11 +37,6 @@ def infer(x, router, lora_a, lora_b, top_k: int, renormalize: bool, scaling: flo
         weights = top / top.sum(-1, keepdim=True) if renormalize else top
         experts, gates = order[:, :top_k].tolist(), (weights * scaling).tolist()
     add_pair_by_pair(x, lora_a, lora_b, experts, gates, out)
-
-
-# Up to this k, the host's float32 arithmetic below rounds as torch's does on CPU (a sum of k float32 values
-# left to right; torch's vectorised sum reorders longer rows), so the gates are route's bit for bit.
-HOST_TOP_K = 4
 
 
 def _host_top(probs: list[float], top_k: int, renormalize: bool, scaling: float) -> tuple[list[int], list[float]]:

@@ -301,7 +301,7 @@ def forward(logits: torch.Tensor, top_k: int, renormalize: bool, token_mask: tor
     num_tokens, num_experts = logits.shape[-2:]
     num_problems = _batch(logits)[0]
     weights, experts, counts, probs_mean, partial = _route_rows(logits, top_k, renormalize, token_mask, True)
-    if partial is None:
+    if partial is None or num_problems == 0:  # finished by the one program per routing, or nothing to route
         return weights, experts, counts, probs_mean
     block_e = min(_blocks(num_experts)[1], 256)
     _route_statistics_kernel[(triton.cdiv(num_experts, block_e), num_problems)](
