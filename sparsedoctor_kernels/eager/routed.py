@@ -11,6 +11,7 @@ import torch
 
 from sparsedoctor_kernels._validation import compute_dtype
 from sparsedoctor_kernels.eager.lora_moe import add_pair_by_pair
+from sparsedoctor_kernels.eager.routing import forward_without_statistics
 
 
 def applies(x: torch.Tensor, lora_a: torch.Tensor, top_k: int, out: torch.Tensor) -> bool:
@@ -27,15 +28,13 @@ HOST_TOP_K = 4
 
 def infer(x, router, lora_a, lora_b, top_k: int, renormalize: bool, scaling: float, out: torch.Tensor) -> None:
     """out += routed_lora_moe(x, ...) for the inputs `applies` accepts."""
-    probs = torch.softmax(x @ router.T, dim=-1)
-    if top_k <= HOST_TOP_K and probs.dtype == torch.float32:
-        picked = [_host_top(row, top_k, renormalize, scaling) for row in probs.tolist()]
+    logits = x @ router.T
+    if top_k <= HOST_TOP_K and logits.dtype == torch.float32:
+        picked = [_host_top(row, top_k, renormalize, scaling) for row in torch.softmax(logits, dim=-1).tolist()]
         experts, gates = [ids for ids, _ in picked], [row_gates for _, row_gates in picked]
-    else:
-        top, order = torch.sort(probs, dim=-1, descending=True, stable=True)  # ties to the lower id, as `route`
-        top = top[:, :top_k]
-        weights = top / top.sum(-1, keepdim=True) if renormalize else top
-        experts, gates = order[:, :top_k].tolist(), (weights * scaling).tolist()
+    else:  # `route`'s own eager top-k
+        weights, chosen = forward_without_statistics(logits, top_k, renormalize)
+        experts, gates = chosen.tolist(), (weights * scaling).tolist()
     add_pair_by_pair(x, lora_a, lora_b, experts, gates, out)
 
 
