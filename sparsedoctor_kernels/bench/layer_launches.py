@@ -118,6 +118,9 @@ def module_forward_launches(**kwargs):
 def _forward_and_backward_launches(model, ids, mask) -> tuple[int, int]:
     from sparsedoctor_kernels.launches import count_launches
 
+    # A training step starts from no gradients (optimizers' zero_grad sets them to None): the backward assigns
+    # each parameter's gradient rather than adding into the last step's (one launch a parameter).
+    model.zero_grad(set_to_none=True)
     losses = []
     forward = count_launches(lambda: losses.append(model(input_ids=ids, attention_mask=mask, labels=ids).loss))
     backward = count_launches(lambda: losses[0].backward())
@@ -129,8 +132,10 @@ def decoder_layer_launches(num_experts: int = 4, top_k: int = 2, rank: int = 16,
                            hidden_size: int = 64, layers: int = 1, queue_size: int | None = None) -> tuple[int, int]:
     """(forward, backward) launches the adapter adds to a `layers`-layer tiny Qwen3 in training: the model with
     all seven projections of each layer adapted (the library's default adapter but E, k, r and, when given,
-    queue_size) minus the same model without adapters, both with the token embedding trainable so that the
-    backward crosses every layer. Everything the adapter costs counts, the model's per-forward constants
+    queue_size) minus the same frozen model without adapters, both with the token embedding trainable so that
+    the backward crosses every layer, from no gradients as a training step starts (before 2026-12-07 the model
+    without adapters was left trainable and gradients were added into the last step's, which put the backward
+    figures a few launches a layer off). Everything the adapter costs counts, the model's per-forward constants
     (real-token mask, the router term of all modules at once, the loss's sums) included: with one layer, what
     issue 23 counts per decoder layer."""
     from sparsedoctor_kernels.model import SparseDoctorConfig, apply_sparsedoctor
@@ -144,7 +149,8 @@ def decoder_layer_launches(num_experts: int = 4, top_k: int = 2, rank: int = 16,
                                  **queue)
     bases = [tiny_qwen3(128, hidden_size=hidden_size, num_layers=layers) for _ in range(2)]
     models = {"base": bases[0], "adapted": apply_sparsedoctor(bases[1], adapter)}  # wrapping freezes its base
-    for base in bases:
+    bases[0].requires_grad_(False)  # frozen as the wrapper froze the other's (its adapters stay trainable)
+    for base in bases:  # the embedding trainable in both, so that the backward crosses every layer
         base.get_input_embeddings().weight.requires_grad_(True)
     counts = {}
     with _backend(backend):

@@ -265,6 +265,12 @@ class LoraMoELinear(nn.Module):
         return (self.siblings is not None and self.groups_siblings and self.siblings.applies()
                 and not self._views_from_the_call(num_tokens))
 
+    def wants_adapter_input(self) -> bool:
+        """Whether a training call needs the experts' dropped-out input itself (the two-view modes' views, when
+        computed as a call of their own); otherwise the dropout may happen inside the fused op."""
+        c = self.config
+        return self.training and c.computes_contrastive and c.contrastive_mode != "router"
+
     def _token_mask(self, num_tokens: int) -> torch.Tensor | None:
         mask = self.context.token_mask
         return mask if mask is not None and mask.numel() == num_tokens else None

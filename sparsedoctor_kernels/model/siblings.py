@@ -2,9 +2,10 @@
 the normed hidden state, gate/up of an MLP on the post-attention one) computed together.
 
 The block calls its projections one after another on the same input. The first call computes every member:
-each frozen layer's output, every router's logits from one batched GEMM and their routings from one `route`
-call, one dropout of the input, and every member's experts from one pass over it (`sdk.sibling_lora_moe`); the
-other members' calls on that same tensor then take their results. Each member keeps its own router, experts
+each frozen layer's output, then every router's logits, their routings and every member's experts from one
+`sdk.routed_sibling_lora_moe` call over the input (one dropout mask for all); the other members' calls on that
+same tensor then take their results. A projection with no sibling (o_proj, down_proj) is a group of one, so it
+takes the same call. Each member keeps its own router, experts
 and losses (the method is per linear): its call records its row of the group's batched logits and routing
 statistics, in call order, so the loss terms (computed for all modules at once by the wrapper) and the random
 draws are those of ungrouped calls, bit for bit on the torch backend. A member called on any other tensor
@@ -28,7 +29,7 @@ class MemberResult:
     """What a member's own call needs from the group's computation of it."""
 
     out: torch.Tensor  # [tokens, d_out]: frozen output plus the experts
-    adapter_in: torch.Tensor  # the (dropped-out) input the experts read
+    adapter_in: torch.Tensor | None  # the (dropped-out) input the experts read, when a member asked for it
     batch_logits: torch.Tensor  # [S, tokens, E]: every member's, from one GEMM
     batch_routing: sdk.Routing  # every member's, from one `route` call
     row: int  # the member's place in the group
@@ -77,42 +78,19 @@ class SiblingGroup:
         outs = [member.base(flat) for member in self.members]
         dtype = outs[0].dtype  # under autocast the frozen layers decide the compute dtype
         flat = flat.to(dtype)
-        mask = first._token_mask(flat.shape[0])
-        # Every member's router logits from one batched GEMM ([S, T, E]), routed in one call as S routings: each
-        # member's logits and routing are views of those.
-        logits = _RouterLogits.apply(flat, torch.stack([member.router.to(dtype) for member in self.members]))
-        routing = first._route(logits, mask)
-        adapter_in = first.context.dropout(x, flat, first.dropout)
-        outs = sdk.sibling_lora_moe(
-            adapter_in, [m.lora_a.to(dtype) for m in self.members], [m.lora_b.to(dtype) for m in self.members],
-            routing.weights, routing.experts, scaling=first.config.scaling, outs=outs, validate=False)
+        if first.wants_adapter_input():  # the dropped-out input itself is wanted: dropout outside the op
+            adapter_in, dropout = first.context.dropout(x, flat, first.dropout), 0.0
+        else:  # dropout inside the op (in the kernels where they take the call): one mask, no copy kept
+            adapter_in, dropout = None, (first.dropout.p if first.dropout.training else 0.0)
+        # Every member's router logits, routing and experts from one call over the shared input: each member's
+        # logits and routing are views of the group's [S, T, E] tensors.
+        outs, logits, routing = sdk.routed_sibling_lora_moe(
+            flat, [member.router.to(dtype) for member in self.members],
+            [member.lora_a.to(dtype) for member in self.members], [member.lora_b.to(dtype) for member in self.members],
+            first.config.top_k, scaling=first.config.scaling, dropout=dropout, outs=outs,
+            token_mask=first._token_mask(flat.shape[0]), expert_input=adapter_in, validate=False)
         return {id(member): MemberResult(out, adapter_in, logits, routing, s)
                 for s, (member, out) in enumerate(zip(self.members, outs))}
-
-
-class _RouterLogits(torch.autograd.Function):
-    """[S, T, E] logits of S routers [S, E, d_in] on one input x [T, d_in]: one batched GEMM whose every problem
-    is the member's own `x @ router.T` (bit for bit: a single GEMM over the stacked routers, [T, S * E], would
-    reduce in another order on some BLAS). The backward is one GEMM for x over the stacked routers (a batched
-    one's x gradient would be S copies of x summed) and one batched GEMM for the routers."""
-
-    @staticmethod
-    def forward(ctx, x, routers):
-        ctx.save_for_backward(x, routers)
-        return torch.bmm(x.expand(routers.shape[0], -1, -1), routers.transpose(1, 2))
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logits):
-        x, routers = ctx.saved_tensors
-        siblings, num_experts, d_in = routers.shape
-        grad_x = grad_routers = None
-        if ctx.needs_input_grad[0]:  # [T, S * E] @ [S * E, d_in]: the members' contributions summed in the GEMM
-            by_token = grad_logits.transpose(0, 1).reshape(x.shape[0], siblings * num_experts)
-            grad_x = by_token @ routers.reshape(siblings * num_experts, d_in)
-        if ctx.needs_input_grad[1]:
-            grad_routers = torch.bmm(grad_logits.transpose(1, 2), x.expand(siblings, -1, -1))
-        return grad_x, grad_routers
 
 
 def find_sibling_groups(model: torch.nn.Module, adapted_type: type) -> list[SiblingGroup]:

@@ -17,7 +17,7 @@ from sparsedoctor_kernels.model.adapter import load_adapter, read_adapter_config
 from sparsedoctor_kernels.model.config import SparseDoctorConfig
 from sparsedoctor_kernels.model.layer import ForwardContext, LoraMoELinear
 from sparsedoctor_kernels.model.loss import balance_loss, hybrid_loss
-from sparsedoctor_kernels.model.siblings import find_sibling_groups
+from sparsedoctor_kernels.model.siblings import SiblingGroup, find_sibling_groups
 
 
 @dataclass
@@ -56,11 +56,15 @@ class SparseDoctorModel(nn.Module):
             parent_name, _, child = name.rpartition(".")
             parent = base_model.get_submodule(parent_name) if parent_name else base_model
             setattr(parent, child, LoraMoELinear(module, config, self.context))
+        # Projections that read one input (q/k/v, gate/up) in groups; every other one a group of one, so that each
+        # adapted projection takes the fused call (routers, routing and experts in one `routed_sibling_lora_moe`).
         self.sibling_groups = find_sibling_groups(base_model, LoraMoELinear)
-        for group in self.sibling_groups:
+        grouped = {id(member) for group in self.sibling_groups for member in group.members}
+        singles = [SiblingGroup([m]) for m in self.adapted_modules().values() if id(m) not in grouped]
+        for group in (*self.sibling_groups, *singles):
             for member in group.members:
                 member.siblings = group
-        self.context.sibling_groups = self.sibling_groups
+        self.context.sibling_groups = [*self.sibling_groups, *singles]
 
     @property
     def config(self):
@@ -112,7 +116,7 @@ class SparseDoctorModel(nn.Module):
         one pass over the shared input for every member's experts. `False` computes each projection alone
         (the same outputs and losses on the torch backend; use it when a member is sharded or hooked on its own,
         e.g. FSDP wrapping single projections). Returns the model."""
-        for group in self.sibling_groups:
+        for group in self.context.sibling_groups:
             group.enabled = bool(enabled)
             group.clear()
         return self

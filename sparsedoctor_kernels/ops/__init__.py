@@ -1,5 +1,5 @@
-"""The public ops (the four of the contract, `group_infonce`, `routed_lora_moe` for inference and
-`sibling_lora_moe` for projections that share an input). Each file
+"""The public ops (the four of the contract, `group_infonce`, `routed_lora_moe` for inference,
+`sibling_lora_moe` for projections that share an input and `routed_sibling_lora_moe`, their routers too). Each file
 holds argument checks, backend dispatch, the `torch.library` custom ops that the backends implement, and the
 autograd.Function tying forward and backward together (`routed_lora_moe` composes two of them)."""
 
@@ -23,8 +23,9 @@ from sparsedoctor_kernels.ops.infonce import infonce_queue_loss  # noqa: E402
 from sparsedoctor_kernels.ops.lora_moe import lora_moe  # noqa: E402
 from sparsedoctor_kernels.ops.queue import ExpertQueue  # noqa: E402
 from sparsedoctor_kernels.ops.routed_lora_moe import routed_lora_moe  # noqa: E402
+from sparsedoctor_kernels.ops.routed_sibling_lora_moe import RoutedSiblings, routed_sibling_lora_moe  # noqa: E402
 from sparsedoctor_kernels.ops.routing import Routing, load_balance_loss, route  # noqa: E402
 from sparsedoctor_kernels.ops.sibling_lora_moe import sibling_lora_moe  # noqa: E402
 
-__all__ = ["IMPLEMENTATIONS", "ExpertQueue", "Routing", "group_infonce", "infonce_queue_loss", "load_balance_loss",
-           "lora_moe", "route", "routed_lora_moe", "sibling_lora_moe"]
+__all__ = ["IMPLEMENTATIONS", "ExpertQueue", "RoutedSiblings", "Routing", "group_infonce", "infonce_queue_loss",
+           "load_balance_loss", "lora_moe", "route", "routed_lora_moe", "routed_sibling_lora_moe", "sibling_lora_moe"]

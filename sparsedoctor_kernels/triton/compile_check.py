@@ -56,6 +56,7 @@ class Scenario:
     module: str  # sparsedoctor_kernels.triton.<module>
     label: str  # printed before the kernel's own flags
     run: Callable[[], object]  # calls the module's launchers on CPU tensors
+    uses: tuple[str, ...] = ()  # other modules whose kernels those launchers launch
 
 
 @dataclass
@@ -137,6 +138,29 @@ def _scenarios() -> tuple[dict[str, str], list[Scenario]]:
         h = sibling_lora_moe.forward_into(x, lora_a, lora_b, weights, experts, SCALING, outs)
         sibling_lora_moe.backward(outs, x, lora_a, lora_b, weights, experts, h, SCALING)
 
+    def routed_siblings(dtype, widths, tokens, p):
+        from sparsedoctor_kernels.triton import routed_sibling_lora_moe
+
+        x = torch.empty(tokens, D_IN, dtype=dtype)
+        routers = [torch.empty(EXPERTS, D_IN, dtype=dtype) for _ in widths]
+        lora_a = [torch.empty(EXPERTS, RANK, D_IN, dtype=dtype) for _ in widths]
+        lora_b = [torch.empty(EXPERTS, width, RANK, dtype=dtype) for width in widths]
+        outs = [torch.empty(tokens, width, dtype=dtype) for width in widths]
+        seed, mask = torch.zeros(1, dtype=torch.int64), torch.ones(tokens, dtype=torch.bool)
+        logits, weights, experts, _, probs_mean, h = routed_sibling_lora_moe.forward_into(
+            x, routers, lora_a, lora_b, TOP_K, SCALING, p, seed, True, mask, outs)
+        routed_sibling_lora_moe.backward(outs, logits, None, probs_mean, x, routers, lora_a, lora_b, logits, weights,
+                                         experts, h, seed, p, SCALING, True, mask)
+
+    # A training layer's adapter pass (routers, routing, experts): q/k/v and o_proj alone, with the default
+    # dropout at the small-model batch and without at TOKENS (the routing's multi-program grid).
+    for name, dtype in dtypes.items():
+        for label, widths in (("q/k/v", (D_OUT, D_OUT // 4, D_OUT // 4)), ("one", (D_IN,))):
+            for tokens, p in ((SMALL_BATCH_TOKENS, 0.05), (TOKENS, 0.0)):
+                scenarios.append(Scenario("routed_sibling_lora_moe", f"{name} {label} T={tokens} p={p}",
+                                          lambda d=dtype, w=widths, t=tokens, q=p: routed_siblings(d, w, t, q),
+                                          uses=("lora_moe_dense", "routing")))
+
     def queue_state(num_experts, dtype):
         return (torch.empty(num_experts, CAPACITY, DIM, dtype=dtype), torch.zeros(num_experts, dtype=torch.int64),
                 torch.zeros(num_experts, dtype=torch.int64))
@@ -181,6 +205,8 @@ def _scenarios() -> tuple[dict[str, str], list[Scenario]]:
         "lora_moe": f"T={TOKENS}, d_in={D_IN} d_out={D_OUT} (Qwen3-4B q_proj), E={EXPERTS} k={TOP_K} r={RANK}, "
                     "forward, forward with out=, backward",
         "lora_moe_dense": f"as lora_moe, and E={WIDE_EXPERTS // 4} k=4 r=8, and q/k/v as one sibling_lora_moe group",
+        "routed_sibling_lora_moe": f"q/k/v and one projection, E={EXPERTS} k={TOP_K} r={RANK}, T={SMALL_BATCH_TOKENS} "
+                                   f"with dropout and T={TOKENS} without, forward and backward",
         "queue": f"N={QUEUE_ROWS} rows into E x Q={CAPACITY} x p={DIM}",
         "infonce": f"N={QUEUE_ROWS} queries, E={EXPERTS} x Q={CAPACITY} x p={DIM} queue, fp32 queries",
         "group_infonce": "the router term, one program (fp32 routing probabilities)",
@@ -188,13 +214,13 @@ def _scenarios() -> tuple[dict[str, str], list[Scenario]]:
     return described, scenarios
 
 
-def _capture(module, run: Callable[[], object]) -> list[tuple]:
-    """(kernel, args, kwargs) of every kernel launch `run` makes through `module`'s kernels, none executed."""
+def _capture(modules: list, run: Callable[[], object]) -> list[tuple]:
+    """(kernel, args, kwargs) of every kernel launch `run` makes through the modules' kernels, none executed."""
     from triton.runtime.jit import JITFunction
 
     launches = []
     patched = []
-    for fn in vars(module).values():
+    for fn in {id(f): f for module in modules for f in vars(module).values()}.values():
         if isinstance(fn, JITFunction) and "run" not in vars(fn):
             def record(*args, grid, warmup, _fn=fn, **kwargs):
                 launches.append((_fn, args, dict(kwargs)))
@@ -288,9 +314,10 @@ def _launches(target) -> tuple[list[tuple[str, str]], list[Launch | tuple[str, s
     captured = []
     results: list = []
     for scenario in scenarios:
-        module = importlib.import_module(f"sparsedoctor_kernels.triton.{scenario.module}")
+        modules = [importlib.import_module(f"sparsedoctor_kernels.triton.{name}")
+                   for name in (scenario.module, *scenario.uses)]
         try:
-            launches = _capture(module, scenario.run)
+            launches = _capture(modules, scenario.run)
         except Exception as error:  # noqa: BLE001 - report the launcher's failure, then go on
             results.append((f"{scenario.module} launchers", scenario.label, _first_line(error)))
             continue

@@ -145,17 +145,18 @@ def _dense_shrink_kernel(
 @triton.jit
 def _expand_tile(rows_ptr, stride_rows, source, source_ok, weight_ptr, stride_we, stride_wn, stride_wr,
                  out_ptr, stride_out_t, stride_out_n, rows, row_ok, outs, out_ok, weights_ptr, experts_ptr,
-                 rank, num_columns, scaling, ACCUMULATE: tl.constexpr, GATHER: tl.constexpr, TOP_K: tl.constexpr,
+                 rank, num_columns, scaling, ACCUMULATE: tl.constexpr, GATE: tl.constexpr, TOP_K: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
                  PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """out[rows, outs] (+)= rows' rank-space columns @ W (viewed [E, N, R]) for one [BLOCK_T, BLOCK_N] tile."""
+    """out[rows, outs] (+)= rows' rank-space columns @ W (viewed [E, N, R]) for one [BLOCK_T, BLOCK_N] tile;
+    GATE: the rows are ungated h, each selected by its token's own gates (weights / experts [T, k]) in the loop."""
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=ACC)
     for c0 in range(0, num_columns, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
         col_ok = cols < num_columns
         projected = tl.load(rows_ptr + source[:, None] * stride_rows + cols[None, :],
                             mask=source_ok[:, None] & col_ok[None, :], other=0.0)
-        if GATHER:  # the gathered rows' own gates, selected in as the shrink's epilogue does
+        if GATE:  # the rows' own gates, selected in as the shrink's epilogue does
             gate, chosen = _gates(weights_ptr, experts_ptr, rows, row_ok, cols, rank, scaling, TOP_K, ACC)
             projected = tl.where(chosen, gate * projected, 0.0)
         weight_rows = weight_ptr + (cols // rank).to(tl.int64) * stride_we + (cols % rank) * stride_wr
@@ -196,13 +197,15 @@ def _dense_sibling_expand_kernel(
     weight1_ptr, stride1_we, stride1_wn, out1_ptr, stride1_t, width1,
     weight2_ptr, stride2_we, stride2_wn, out2_ptr, stride2_t, width2,  # a copy of sibling 1's for S = 2
     stride_wr, stride_out_n,  # the siblings' common strides (1 for contiguous tensors: kept as constants)
-    blocks0, blocks01,  # output column blocks of sibling 0, and of siblings 0 and 1 (all of them for S = 2)
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    blocks0, blocks01,  # output column blocks of sibling 0, and of siblings 0 and 1 (all of them for S = 1, 2)
+    weights_ptr, experts_ptr, scaling,  # GATE: every sibling's gates and ids [S, T, k]
+    GATE: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """Every sibling's out_s += gated_s @ B_s in one launch: the grid's column blocks run through sibling 0's
     output, then 1's, then 2's. Each program selects its sibling's addresses and sizes, then runs the one tile
-    code (one copy of it, so the shared memory of one expand tile)."""
+    code (one copy of it, so the shared memory of one expand tile). GATE: the rows are ungated h, gated here by
+    the sibling's own routing (the routing is computed after the shrink, from logits of the same pass)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < num_tokens
     block = tl.program_id(1)
@@ -216,10 +219,11 @@ def _dense_sibling_expand_kernel(
     first_block = tl.where(third, blocks01, tl.where(second, blocks0, 0))
     sibling = tl.where(third, 2, tl.where(second, 1, 0))
     outs = (block - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slots = sibling * num_tokens * TOP_K
     _expand_tile(rows_ptr + sibling * num_columns, stride_rows, rows.to(tl.int64), row_ok, weight_ptr, stride_we,
                  stride_wn, stride_wr, out_ptr, stride_out_t, stride_out_n, rows, row_ok, outs, outs < width,
-                 rows_ptr, rows_ptr, rank, num_columns, 1.0, True, False, 1, BLOCK_T, BLOCK_N, BLOCK_K, DOT,
-                 PRECISION, ACC)
+                 weights_ptr + slots, experts_ptr + slots, rank, num_columns, scaling, True, GATE, TOP_K, BLOCK_T,
+                 BLOCK_N, BLOCK_K, DOT, PRECISION, ACC)
 
 
 @triton.jit
@@ -343,24 +347,38 @@ def _expand(rows, weight_view, out, rank, *, accumulate, dot, gather=None):
 MAX_SIBLINGS_PER_EXPAND = 3  # q/k/v: the sibling expand kernel takes up to three (weight, output) sets
 
 
-def _sibling_expand(gated, lora_b: list, outs: list, rank: int, *, dot) -> None:
-    """outs[s] += gated[:, s*E*R:(s+1)*E*R] @ B_s for every sibling: one launch for 2 or 3 siblings whose
-    outputs share a column stride and whose B share a rank stride (the model's: contiguous), else one each."""
+def sibling_expand_applies(lora_b: list, outs: list) -> bool:
+    """Whether one `_dense_sibling_expand_kernel` launch serves these siblings: up to three, whose outputs share
+    a column stride and whose B share a rank stride (the model's: contiguous)."""
+    return (1 <= len(lora_b) <= MAX_SIBLINGS_PER_EXPAND and len({b.stride(2) for b in lora_b}) == 1
+            and len({out.stride(1) for out in outs}) == 1)
+
+
+def _sibling_expand(gated, lora_b: list, outs: list, rank: int, *, dot, gates=None) -> None:
+    """outs[s] += gated[:, s*E*R:(s+1)*E*R] @ B_s for every sibling: one launch where
+    `sibling_expand_applies`, else one each. `gates` = (weights [S, T, k], experts [S, T, k], scaling): the rows
+    are ungated h, gated in the kernel (only where `sibling_expand_applies`)."""
     siblings = len(lora_b)
     num_tokens = gated.shape[0]
     width = gated.shape[1] // siblings
-    if not (2 <= siblings <= MAX_SIBLINGS_PER_EXPAND and len({b.stride(2) for b in lora_b}) == 1
-            and len({out.stride(1) for out in outs}) == 1):
+    if not sibling_expand_applies(lora_b, outs):
+        if gates is not None:
+            raise ValueError("gated sibling expand needs up to 3 siblings with common B and output strides")
         for sibling, (b, out) in enumerate(zip(lora_b, outs)):
             _expand(gated[:, sibling * width:(sibling + 1) * width], b, out, rank, accumulate=True, dot=dot)
         return
     blocks = [triton.cdiv(out.shape[1], BLOCK_N) for out in outs]
     sets = []
-    for b, out in zip([*lora_b, lora_b[-1]][:3], [*outs, outs[-1]][:3]):  # sibling 1 again stands in at S = 2
+    padding = MAX_SIBLINGS_PER_EXPAND - siblings  # the last sibling again stands in for the missing (never read)
+    for b, out in zip([*lora_b, *[lora_b[-1]] * padding], [*outs, *[outs[-1]] * padding]):
         sets += [b, b.stride(0), b.stride(1), out, out.stride(0), out.shape[1]]
+    weights, experts, scaling = gates if gates is not None else (gated, gated, 1.0)
     _dense_sibling_expand_kernel[(triton.cdiv(num_tokens, BLOCK_T), sum(blocks))](
         gated, gated.stride(0), num_tokens, rank, width, *sets, lora_b[0].stride(2), outs[0].stride(1),
-        blocks[0], sum(blocks[:2]), BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **dot, num_warps=4,
+        blocks[0], sum(blocks[:2]), weights, experts, scaling, GATE=gates is not None,
+        TOP_K=experts.shape[-1] if gates is not None else 1, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N,
+        # Gating in the loop: half-width column steps and 8 warps, as the gathered expand (no register spills).
+        BLOCK_K=BLOCK_K // 2 if gates is not None else BLOCK_K, **dot, num_warps=8 if gates is not None else 4,
     )
 
 

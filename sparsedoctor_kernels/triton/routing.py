@@ -185,11 +185,13 @@ def _route_forward_kernel(
 def _route_backward_kernel(
     grad_weights_ptr, grad_probs_mean_ptr, logits_ptr, stride_s, stride_t, experts_ptr, grad_logits_ptr,
     stride_grad_s, stride_grad_t, token_mask_ptr, num_counted_ptr, num_tokens, num_experts, tiles_per_program,
+    extra_ptr, stride_extra_s, stride_extra_t,
     TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_E: tl.constexpr, COMPUTE: tl.constexpr, SINGLE: tl.constexpr = False,
+    BLOCK_E: tl.constexpr, COMPUTE: tl.constexpr, SINGLE: tl.constexpr = False, EXTRA: tl.constexpr = False,
 ):
     """Each program takes `tiles_per_program` tiles of BLOCK_T tokens. SINGLE (one program per routing) counts
-    the masked tokens itself; otherwise the launcher counted them once into num_counted."""
+    the masked tokens itself; otherwise the launcher counted them once into num_counted. EXTRA: a gradient the
+    logits received from elsewhere, added to the routing's."""
     pid = tl.program_id(0)
     problem = tl.program_id(1).to(tl.int64)  # the routing of a batch
     grad_weights_ptr += problem * num_tokens * TOP_K
@@ -234,6 +236,9 @@ def _route_backward_kernel(
         # Softmax backward: dz = p * (dp - <p, dp>).
         grad_logits = probs * (grad_probs - tl.sum(grad_probs * probs, axis=1)[:, None])
         mask = row_ok[:, None] & col_ok[None, :]
+        if EXTRA:
+            extra_rows = extra_ptr + problem * stride_extra_s + rows[:, None] * stride_extra_t
+            grad_logits += tl.load(extra_rows + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
         tl.store(grad_logits_ptr + rows[:, None] * stride_grad_t + cols[None, :],
                  grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
@@ -319,8 +324,9 @@ def forward_without_statistics(logits: torch.Tensor, top_k: int, renormalize: bo
 
 
 def backward(grad_weights, grad_probs_mean, logits, experts, renormalize: bool,
-             token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """d loss / d logits, laid out as the logits are when they are dense (a transposed GEMM output stays so)."""
+             token_mask: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """d loss / d logits, laid out as the logits are when they are dense (a transposed GEMM output stays so);
+    `extra` (logits' shape, experts contiguous): a gradient the logits got from elsewhere, added in."""
     num_tokens, num_experts = logits.shape[-2:]
     num_problems, stride_s = _batch(logits)
     top_k = experts.shape[-1]
@@ -334,7 +340,9 @@ def backward(grad_weights, grad_probs_mean, logits, experts, renormalize: bool,
             grad_weights, grad_probs_mean, logits, stride_s, logits.stride(-2), experts, grad_logits,
             _batch(grad_logits)[1], grad_logits.stride(-2), token_mask if token_mask is not None else experts,
             num_counted, num_tokens, num_experts, tiles_per_program,
+            *((extra, _batch(extra)[1], extra.stride(-2)) if extra is not None else (logits, 0, 0)),
             TOP_K=top_k, RENORMALIZE=renormalize, HAS_MASK=token_mask is not None, BLOCK_T=block_t, BLOCK_E=block_e,
             COMPUTE=compute_type(compute_dtype(logits.dtype)), num_warps=num_warps(block_e), SINGLE=single,
+            EXTRA=extra is not None,
         )
     return grad_logits
