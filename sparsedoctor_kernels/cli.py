@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     from sparsedoctor_kernels.eval.command import positive_int
+    from sparsedoctor_kernels.eval.protocols import DEFAULT_PROTOCOL, PROTOCOLS
     from sparsedoctor_kernels.eval.runner import DEFAULT_MAX_NEW_TOKENS, THINKING_MAX_NEW_TOKENS
 
     evaluate = commands.add_parser("eval", help="evaluate on CMMLU-Med, CMB or CMExam, or score predictions")
@@ -218,6 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", help="a SparseDoctor adapter directory (save_adapter's output)")
     evaluate.add_argument("--tokenizer", help="tokenizer directory (default: the model's, or the run's)")
     evaluate.add_argument("--shots", type=int, default=0, choices=[0, 1, 2, 3, 4, 5])
+    evaluate.add_argument("--protocol", choices=list(PROTOCOLS),
+                          help="how prompts are written and scored, as a reference does it (docs/evaluation.md): "
+                          "lm-eval or cmmlu (the official script) for cmmlu-med, cmb, cmexam (their official "
+                          "prompts and answer reading), sparsedoctor (this library's, with --chat-template, "
+                          "--enable-thinking, --mode generate). Default: " + ", ".join(
+                              f"{name} for {benchmark}" for benchmark, name in DEFAULT_PROTOCOL.items())
+                          + "; sparsedoctor with any of those three flags")
+    evaluate.add_argument("--harness", choices=["lm-eval"],
+                          help="run lm-evaluation-harness itself (in process, lm-eval's HFLM on the loaded model, "
+                          "task files written for --data into the output directory); cmmlu-med")
+    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                          help="the model's dtype (default: bfloat16 on CUDA, float32 elsewhere)")
     evaluate.add_argument("--mode", default="logits", choices=["logits", "generate"],
                           help="logits: option-letter log-probs (multi-answer items are generated anyway); "
                           "generate: greedy generation, answer read after any <think> block (default: logits)")
@@ -244,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "else just printed")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.add_argument("--score", action="store_true", help="score --predictions instead of running a model")
-    evaluate.add_argument("--predictions", help="with --score: a predictions JSONL ({\"id\", \"prediction\"} lines)")
+    evaluate.add_argument("--predictions", help="with --score: a predictions JSONL ({\"id\", \"prediction\"} lines), "
+                          "or an lm-evaluation-harness samples file of a CMMLU subject (--log_samples)")
     evaluate.set_defaults(handler=_eval)
 
     from sparsedoctor_kernels.experiments.ablate import add_parser as add_ablate_parser

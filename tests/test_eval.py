@@ -185,7 +185,8 @@ def test_eval_command_runs_a_tiny_model_in_logits_mode(tmp_path, capsys):
     assert cli.main(["eval", "--benchmark", "cmmlu-med", "--data", str(CMMLU), "--model", "tiny", "--limit", "2",
                      "--shots", "1", "--output-dir", str(out), "--no-progress", "--batch-size", "5"]) == 0
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(records) == 14 and all(r["prediction"] in "ABCD" and r["method"] == "logits" for r in records)
+    # The default protocol for CMMLU-Med: lm-evaluation-harness's, the " A" continuations' log-likelihoods.
+    assert len(records) == 14 and all(r["prediction"] in "ABCD" and r["method"] == "loglikelihood" for r in records)
     report = json.loads((out / "report.json").read_text())
     assert report["n"] == 14 and report["correct"] == sum(r["correct"] for r in records)
     assert len(report["by_group"]) == 7  # --limit is per subject: all seven are there
@@ -198,7 +199,7 @@ def test_eval_command_generates_for_multi_answer_items_and_scores_files(tmp_path
     questions, key = write_cmb_fixture(tmp_path)
     out = tmp_path / "eval"
     assert cli.main(["eval", "--benchmark", "cmb", "--data", str(questions), "--answers", str(key), "--model",
-                     "tiny", "--output-dir", str(out), "--no-progress"]) == 0
+                     "tiny", "--output-dir", str(out), "--no-progress", "--protocol", "sparsedoctor"]) == 0
     records = {r["id"]: r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
     assert records["1"]["method"] == "logits" and records["2"]["method"] == "generate"
     assert set(records["2"]["prediction"]) <= set("ABCD")

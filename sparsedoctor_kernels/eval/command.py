@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import json
 import pathlib
+import re
 
 import torch
 
@@ -15,6 +16,7 @@ from sparsedoctor_kernels._util.files import write_atomically
 from sparsedoctor_kernels.eval.files import output_directory, read_text
 from sparsedoctor_kernels.eval.items import EvalDataError
 from sparsedoctor_kernels.eval.loaders import CMMLU_MED_SUBJECTS, load_benchmark, load_cmb_key_items
+from sparsedoctor_kernels.eval.protocols import DEFAULT_PROTOCOL, PROTOCOLS
 from sparsedoctor_kernels.eval.runner import (
     DEFAULT_MAX_NEW_TOKENS,
     THINKING_MAX_NEW_TOKENS,
@@ -73,10 +75,14 @@ def _user_error(flag: str, value):
         raise EvalDataError(f"{flag} {value}: cannot be loaded ({message})") from None
 
 
-def load_model(model: str, adapter: str | None, tokenizer_path: str | None, device: str, seed: int = 0):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(model: str, adapter: str | None, tokenizer_path: str | None, device: str, seed: int = 0,
+               dtype: str = "auto"):
     """(model, tokenizer): `tiny` or a local Hugging Face directory, loaded as train/loading.py loads them
-    (bfloat16 on CUDA, float32 elsewhere; EOS pads where there is no pad token), plus an optional SparseDoctor
-    adapter (SparseDoctorModel.from_pretrained), on `device`, in eval mode."""
+    (`dtype`, or for "auto" bfloat16 on CUDA and float32 elsewhere; EOS pads where there is no pad token), plus
+    an optional SparseDoctor adapter (SparseDoctorModel.from_pretrained), on `device`, in eval mode."""
     from sparsedoctor_kernels.model import SparseDoctorModel
     from sparsedoctor_kernels.train.loading import load_causal_lm, load_tokenizer
 
@@ -87,11 +93,13 @@ def load_model(model: str, adapter: str | None, tokenizer_path: str | None, devi
     with _user_error("--tokenizer" if tokenizer_path else "--model", tokenizer_path or model):
         tokenizer = load_tokenizer(model, tokenizer=tokenizer_path)
     with _user_error("--model", model):
-        base = load_causal_lm(model, tokenizer, device=device, seed=seed)
+        base = load_causal_lm(model, tokenizer, device=device, seed=seed, dtype=DTYPES.get(dtype))
     if adapter_dir is not None:
         check_adapter(adapter_dir)
         with _user_error("--adapter", adapter_dir):
             base = SparseDoctorModel.from_pretrained(base, adapter_dir)
+        if dtype in DTYPES:  # the adapter's parameters load in float32: the whole model in the asked dtype
+            base = base.to(DTYPES[dtype])
     return base.eval(), tokenizer
 
 
@@ -105,6 +113,11 @@ def _unscored_lines(result: dict) -> list[str]:
 
 def report_markdown(benchmark: str, result: dict, title: str) -> str:
     lines = [f"# {title}", "", f"overall accuracy: **{result['accuracy']:.4f}** ({result['correct']}/{result['n']})"]
+    if "acc_norm" in result:
+        lines.append(f"acc_norm (lm-eval's, by option length): **{result['acc_norm']:.4f}**")
+    if "protocol" in result:
+        lines.append(f"protocol: `{result['protocol']}` ({result['protocol_source']}), {result['shots']}-shot, "
+                     f"dtype {result['dtype']}")
     lines += _unscored_lines(result)
     if benchmark == "cmb":
         lines += ["", f"macro accuracy over exam types: **{result['macro_accuracy']:.4f}**", "",
@@ -144,11 +157,31 @@ def _check_eval_flags(args) -> None:
         check_adapter(args.adapter)
     if (args.device or "").startswith("cuda") and not torch.cuda.is_available():
         raise EvalDataError(f"--device {args.device}: CUDA is not available here")
+    protocol = resolve_protocol(args)
+    if args.harness and protocol not in ("lm-eval", "cmb", "cmexam"):
+        raise EvalDataError(f"--harness lm-eval runs lm-eval's own protocol (cmmlu-med), or the official one of cmb "
+                            f"and cmexam as an lm-eval task: not --protocol {protocol}")
+    if args.shots and protocol not in ("lm-eval", "cmmlu", "sparsedoctor"):
+        raise EvalDataError(f"--shots {args.shots}: protocol {protocol} is zero-shot")
     if args.enable_thinking and not args.chat_template:
         raise EvalDataError("--enable-thinking is passed to the chat template: it needs --chat-template")
     if args.enable_thinking and args.mode != "generate":
         raise EvalDataError("--enable-thinking needs --mode generate: in logits mode the option letters are scored "
                             "at the first assistant token, which a thinking model spends on <think>")
+
+
+def resolve_protocol(args) -> str:
+    """--protocol, or the benchmark's reference protocol; the library's own where its flags ask for it."""
+    own_flags = [flag for flag, on in (("--chat-template", args.chat_template), ("--enable-thinking",
+                 args.enable_thinking), ("--mode generate", args.mode == "generate")) if on]
+    protocol = args.protocol or ("sparsedoctor" if own_flags else DEFAULT_PROTOCOL[args.benchmark])
+    if protocol != "sparsedoctor" and own_flags:
+        raise EvalDataError(f"--protocol {protocol} fixes its prompt and scoring: {', '.join(own_flags)} belong "
+                            f"to --protocol sparsedoctor")
+    if not PROTOCOLS[protocol].applies_to(args.benchmark):
+        raise EvalDataError(f"--protocol {protocol} is for {', '.join(PROTOCOLS[protocol].benchmarks)}, not "
+                            f"{args.benchmark}")
+    return protocol
 
 
 def _limited(items: list, limit: int | None, per_subject: bool) -> list:
@@ -187,7 +220,79 @@ def max_new_tokens(args) -> int:
 def _eval_title(args) -> str:
     prompting = (", chat template" + (" (thinking)" if args.enable_thinking else "")) if args.chat_template else ""
     return f"{args.benchmark} ({args.split if args.benchmark == 'cmmlu-med' else 'test'}), model {args.model}" + (
-        f" + adapter {args.adapter}" if args.adapter else "") + f", {args.shots}-shot, {args.mode}{prompting}"
+        f" + adapter {args.adapter}" if args.adapter else "") + (
+        f", protocol {resolve_protocol(args)}" + (" (lm-evaluation-harness itself)" if args.harness else "")
+        + f", {args.shots}-shot" + (f", {args.mode}{prompting}" if resolve_protocol(args) == "sparsedoctor" else ""))
+
+
+def _described(result: dict, args, model) -> dict:
+    """The result with what produced it: protocol, its source, shots, dtype, model and adapter."""
+    protocol = resolve_protocol(args)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return {**result, "benchmark": args.benchmark, "protocol": protocol, "protocol_source": PROTOCOLS[protocol].source
+            + (" (run by lm-evaluation-harness)" if args.harness else ""), "shots": args.shots, "dtype": dtype,
+            "model": args.model, "adapter": args.adapter, "split": args.split if args.benchmark == "cmmlu-med"
+            else "test", "mode": args.mode, "chat_template": args.chat_template}
+
+
+def _acc_norm(records: list[dict]) -> float:
+    """lm-eval's acc_norm: the option whose log-likelihood per character of its continuation is largest."""
+    hits = []
+    for record in records:
+        scores = {letter: value / len(letter) for letter, value in record["log_probs"].items()}
+        best = max(scores.values())
+        hits.append(next(letter for letter, value in scores.items() if value == best) == record["answer"])
+    return sum(hits) / len(hits) if hits else 0.0
+
+
+def _records_from_harness(args, model, tokenizer, items: list, output: pathlib.Path) -> list[dict]:
+    """lm-evaluation-harness run on the model, its results and samples saved under output/lm-eval/, and its
+    picks as our records (CMMLU-Med: the log-likelihoods per letter included; CMB, CMExam: the reply and the
+    official protocol's reading of it)."""
+    from sparsedoctor_kernels.eval.harness import (
+        run_lm_eval,
+        sample_prediction,
+        write_cmmlu_tasks,
+        write_generation_task,
+    )
+
+    directory = output / "lm-eval" / "tasks"
+    if args.benchmark == "cmmlu-med":
+        subjects = list(dict.fromkeys(item.subject for item in items))
+        tasks = write_cmmlu_tasks(args.data, directory, subjects)
+        limit = args.limit
+    else:  # the items as loaded (answers merged, --limit applied) are the task's data
+        subjects = [""]
+        tasks = [write_generation_task(args.benchmark, items, directory, max_new_tokens=max_new_tokens(args))]
+        limit = None
+    results = run_lm_eval(model, tokenizer, tasks, directory, num_fewshot=args.shots, batch_size=args.batch_size,
+                          limit=limit)
+    protocol = PROTOCOLS[resolve_protocol(args)]
+    by_id = {item.id: item for item in items}
+    records = []
+    for task, subject in zip(tasks, subjects):
+        samples = results["samples"][task]
+        write_atomically(output / "lm-eval" / f"samples_{task}.jsonl", "".join(
+            json.dumps(sample, ensure_ascii=False, default=str) + "\n" for sample in samples))
+        for sample in samples:
+            if args.benchmark != "cmmlu-med":  # the task's rows are the items, in order
+                item = items[sample["doc_id"]]
+                reply = str(sample["filtered_resps"][0])
+                prediction = protocol.extract(reply, item)
+                records.append({"id": item.id, "subject": item.subject, "prediction": prediction,
+                                "answer": item.answer, "correct": prediction == item.answer, "method": "generate",
+                                "protocol": protocol.name, "output": reply})
+                continue
+            item = by_id[f"{subject}/{sample['doc_id']}"]
+            prediction = sample_prediction(sample)
+            log_probs = {letter: float(response[0]) for letter, response in zip(item.options, sample["filtered_resps"])}
+            records.append({"id": item.id, "subject": subject, "prediction": prediction, "answer": item.answer,
+                            "correct": prediction == item.answer, "method": "loglikelihood",
+                            "protocol": protocol.name, "log_probs": log_probs})
+    summary = {key: value for key, value in results.items() if key in ("results", "versions", "n-shot", "config")}
+    write_atomically(output / "lm-eval" / "results.json", json.dumps(summary, ensure_ascii=False, indent=2,
+                                                                      default=str) + "\n")
+    return records
 
 
 def _check_loaded(args, model, tokenizer) -> None:
@@ -212,14 +317,26 @@ def run_eval(args) -> int:
         if not items:
             raise EvalDataError(f"--data {args.data}: no questions to evaluate")
         shots = _few_shot_examples(args)
-        model, tokenizer = load_model(args.model, args.adapter, args.tokenizer, device, seed=args.seed)
+        model, tokenizer = load_model(args.model, args.adapter, args.tokenizer, device, seed=args.seed,
+                                      dtype=args.dtype)
         _check_loaded(args, model, tokenizer)
-        records = evaluate(model, tokenizer, args.benchmark, items, shots=shots, mode=args.mode,
-                           batch_size=args.batch_size, max_new_tokens=max_new_tokens(args),
-                           chat_template=args.chat_template, enable_thinking=args.enable_thinking,
-                           progress=not args.no_progress)
+        protocol = resolve_protocol(args)
+        if args.harness:
+            records = _records_from_harness(args, model, tokenizer, items, output)
+        else:
+            records = evaluate(model, tokenizer, args.benchmark, items, shots=shots, mode=args.mode,
+                               batch_size=args.batch_size, max_new_tokens=max_new_tokens(args),
+                               chat_template=args.chat_template, enable_thinking=args.enable_thinking,
+                               progress=not args.no_progress, protocol=protocol)
         scored = all(item.answer for item in items)
-        result = score(args.benchmark, items, {r["id"]: r["prediction"] for r in records}) if scored else None
+        result = None
+        if scored:
+            # A reference's own reading of a reply is final (CMB's exact string match); ours extracts letters.
+            exact = PROTOCOLS[protocol].extract is not None
+            result = _described(score(args.benchmark, items, {r["id"]: r["prediction"] for r in records},
+                                      exact=exact), args, model)
+            if protocol == "lm-eval":
+                result["acc_norm"] = _acc_norm(records)
         write_atomically(output / "predictions.jsonl",
                          "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
         if result is not None:
@@ -242,11 +359,35 @@ def _prediction_text(value, where: str) -> str:
     raise EvalDataError(f'{where}: "prediction" must be a string or a list of strings, got {type(value).__name__}')
 
 
-def _prediction_record(line: str, where: str) -> dict:
+_SAMPLES_FILE = re.compile(r"samples_(?:sparsedoctor_)?cmmlu_(?P<subject>[a-z_]+?)(?:_\d{4}-\d\d-\d\dT.*)?\.jsonl$")
+
+
+def _lm_eval_sample(record: dict, path, where: str) -> dict:
+    """An lm-evaluation-harness sample (`--log_samples`) as {"id", "prediction"}: of a CMMLU subject, the subject
+    from the file's name (samples_cmmlu_<subject>_<date>.jsonl) and the letter of the largest log-likelihood;
+    of the CMB / CMExam tasks `--harness lm-eval` writes, the item's id and the reply."""
+    from sparsedoctor_kernels.eval.harness import sample_prediction
+
+    doc = record.get("doc")
+    if isinstance(doc, dict) and "id" in doc and "answer" in doc:  # our CMB / CMExam task's: the reply's text
+        return {"id": doc["id"], "prediction": _prediction_text(record["filtered_resps"], where)}
+    named = _SAMPLES_FILE.search(pathlib.Path(path).name)
+    if named is None:
+        raise EvalDataError(f"{where}: an lm-evaluation-harness sample, but the file name does not say its task "
+                            f"(expected samples_cmmlu_<subject>_<date>.jsonl, as lm-eval writes it)")
+    try:
+        return {"id": f"{named['subject']}/{int(record['doc_id'])}", "prediction": sample_prediction(record)}
+    except (TypeError, ValueError, IndexError, KeyError) as error:
+        raise EvalDataError(f"{where}: unreadable lm-evaluation-harness sample ({error})") from None
+
+
+def _prediction_record(line: str, where: str, path=None) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise EvalDataError(f"{where}: malformed JSON ({error.msg})") from None
+    if isinstance(record, dict) and "doc_id" in record and "filtered_resps" in record and "id" not in record:
+        return _lm_eval_sample(record, path, where)
     if not isinstance(record, dict) or "id" not in record or "prediction" not in record:
         got = f"an object with keys {sorted(record)}" if isinstance(record, dict) else type(record).__name__
         raise EvalDataError(f'{where}: expected {{"id": ..., "prediction": "B"}}, got {got}')
@@ -255,7 +396,8 @@ def _prediction_record(line: str, where: str) -> dict:
 
 def read_predictions(path) -> dict[str, str]:
     """id -> the prediction as written (letters, or a model's text such as "答案：B"): `score` extracts the
-    answer with each item's option letters. Errors name the file and line; a UTF-8 BOM is accepted."""
+    answer with each item's option letters. Errors name the file and line; a UTF-8 BOM is accepted. An
+    lm-evaluation-harness samples file of a CMMLU subject gives each doc's pick by log-likelihood."""
     predictions: dict[str, str] = {}
     first_line: dict[str, int] = {}
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines() breaks at.
@@ -263,7 +405,7 @@ def read_predictions(path) -> dict[str, str]:
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        record = _prediction_record(line, where)
+        record = _prediction_record(line, where, path)
         item_id = str(record["id"])
         if item_id in first_line:
             raise EvalDataError(f"{where}: id {item_id} already has a prediction on line {first_line[item_id]}")
@@ -303,7 +445,10 @@ def run_score(args) -> int:
     """Score a predictions file; reports are written only where --output-dir says, else just printed."""
     if not args.predictions:
         raise EvalDataError("--score needs --predictions P.jsonl")
-    title = f"{args.benchmark}: {args.predictions}"
+    # The protocol is the file's: lm-eval's for its samples files, else whatever wrote the predictions.
+    lm_eval_samples = _SAMPLES_FILE.search(pathlib.Path(args.predictions).name) is not None
+    title = f"{args.benchmark}: {args.predictions}, protocol " + (
+        "lm-eval (its samples file)" if lm_eval_samples else "of the predictions file (answers read by letter sets)")
     with output_directory(args.output_dir) if args.output_dir else contextlib.nullcontext() as output:
         predictions = read_predictions(args.predictions)
         result = score(args.benchmark, _items_to_score(args), predictions)

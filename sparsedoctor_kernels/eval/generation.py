@@ -30,9 +30,9 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     return sorted(found)
 
 
-def last_logits_only(model) -> dict:
-    """`{"logits_to_keep": 1}` when the model's forward (for SparseDoctorModel, its base model's) takes it, else
-    {}: a prompt's logits at every position over a 150k vocabulary would take batch x length x 600 kB."""
+def last_logits_only(model, count: int = 1) -> dict:
+    """`{"logits_to_keep": count}` when the model's forward (for SparseDoctorModel, its base model's) takes it,
+    else {}: a prompt's logits at every position over a 150k vocabulary would take batch x length x 600 kB."""
     from sparsedoctor_kernels.model.wrapper import SparseDoctorModel
 
     inner = model.base_model if isinstance(model, SparseDoctorModel) else model
@@ -40,7 +40,7 @@ def last_logits_only(model) -> dict:
         parameters = inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):
         return {}
-    return {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    return {"logits_to_keep": count} if "logits_to_keep" in parameters else {}
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -46,9 +46,11 @@ def load_cmmlu(root, split: str = "test", subjects=None) -> list[MCQ]:
             answer = normalize_letters(row["Answer"])
             if len(answer) != 1 or answer not in "ABCD":
                 raise EvalDataError(f"{path}: row {index + 2}: answer {row['Answer']!r} is not one of A-D")
+            # The fields as written, for protocols that reproduce a reference's prompt byte for byte.
+            raw = {column: row[column] for column in ("Question", "A", "B", "C", "D")}
             items.append(MCQ(id=f"{subject}/{index}", question=row["Question"].strip(),
                              options={letter: row[letter].strip() for letter in "ABCD"}, answer=answer,
-                             subject=subject))
+                             subject=subject, meta={"raw": raw}))
     return items
 
 
@@ -111,6 +113,8 @@ def load_cmb(path, answers=None) -> list[MCQ]:
             raise EvalDataError(f"{where} (id {item_id}): answer letter(s) {sorted(unknown)} not among the "
                                 f"options {list(options)}")
         meta = {k: entry.get(k, "") for k in ("exam_type", "exam_class", "exam_subject", "question_type")}
+        meta["raw"] = {"Question": str(entry["question"])}
+        meta["raw_options"] = {str(k).strip().upper(): str(v) for k, v in entry["option"].items()}
         items.append(MCQ(id=item_id, question=str(entry["question"]).strip(), options=options, answer=answer,
                          subject=str(entry.get("exam_subject", "")), meta=meta))
     return items
@@ -146,6 +150,7 @@ def load_cmexam(path) -> list[MCQ]:
             raise EvalDataError(f"{where}: answer letter(s) {sorted(unknown)} not among the options {list(options)}")
         meta = {k: row.get(k, "") for k in ("Explanation", "Disease Group", "Clinical Department",
                                              "Medical Discipline", "Competency", "Difficulty level")}
+        meta["raw"] = {"Question": row["Question"], "Options": row["Options"]}
         items.append(MCQ(id=str(index), question=row["Question"].strip(), options=options, answer=answer,
                          subject=row.get("Clinical Department", "") or "", meta=meta))
     if skipped:

@@ -1,6 +1,7 @@
-"""Prompts as the field builds them: CMMLU's Chinese template (lm-evaluation-harness / OpenCompass style, with
-the subject's Chinese name and dev-split shots), CMB's answer-only prompt with its exam metadata, and CMExam's
-question plus options. Every prompt ends with "答案：", where the answer letter comes next. For chat models,
+"""The `sparsedoctor` protocol's prompts (this library's own, not a reference's: see eval/protocols.py for the
+references'): CMMLU's Chinese description with the subject's name and dev-split shots, CMB's answer-only
+instruction with its exam metadata, and CMExam's question plus options, every prompt ending with "答案：", where
+the answer letter comes next. For chat models,
 `chat_prompt` wraps a prompt as one user message in the tokenizer's chat template, with the assistant's turn
 opened (lm-evaluation-harness's --apply_chat_template): the answer letter comes first in that turn."""
 

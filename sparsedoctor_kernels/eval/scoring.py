@@ -32,7 +32,7 @@ def _warn_unscored(unknown_ids: list[str], missing: list[str], no_answer: list[s
         warnings.warn("score: " + "; ".join(parts), stacklevel=3)
 
 
-def _grade(items: list[MCQ], predictions: dict[str, str]) -> tuple[dict[str, bool], list[str]]:
+def _grade(items: list[MCQ], predictions: dict[str, str], exact: bool) -> tuple[dict[str, bool], list[str]]:
     """item id -> right, and the ids whose prediction holds no answer."""
     right, no_answer = {}, []
     for item in items:
@@ -41,22 +41,24 @@ def _grade(items: list[MCQ], predictions: dict[str, str]) -> tuple[dict[str, boo
         if item.id not in predictions:
             right[item.id] = False
             continue
-        letters = extract_answer(predictions[item.id], "".join(item.options) or None)
+        # exact: the prediction is the letters a reference's own reading gave, compared as its script does.
+        letters = predictions[item.id] if exact else extract_answer(predictions[item.id], "".join(item.options) or None)
         if not letters:
             no_answer.append(item.id)
         right[item.id] = letters == item.answer
     return right, no_answer
 
 
-def score(benchmark: str, items: list[MCQ], predictions: dict[str, str]) -> dict:
+def score(benchmark: str, items: list[MCQ], predictions: dict[str, str], *, exact: bool = False) -> dict:
     """`predictions` maps an item id to its prediction: letters ("B", "ac") or a model's text ("答案：B",
     "The answer is (C)"), read by `extract_answer` with the item's option letters. A prediction is right when
     its set of letters equals the answer's; missing or unreadable counts as wrong. Returns {"accuracy", "n",
     "correct", "by_group", "unknown_ids", "missing", "no_answer"} (the last three are counts, also warned
     about). `by_group`: per subject (CMMLU-Med) or clinical department (CMExam); for CMB, per exam_type the
-    macro-average of its exam_class accuracies, with the classes listed."""
+    macro-average of its exam_class accuracies, with the classes listed. `exact`: predictions are letters read
+    by a reference protocol's own rules, right only when equal to the answer as written (CMB's exact match)."""
     predictions = {str(key): value for key, value in predictions.items()}
-    right, no_answer = _grade(items, predictions)
+    right, no_answer = _grade(items, predictions, exact)
     unknown_ids = sorted(set(predictions) - set(right))
     missing = [item.id for item in items if item.id not in predictions]
     _warn_unscored(unknown_ids, missing, no_answer)
