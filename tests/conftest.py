@@ -70,6 +70,7 @@ def _temporary_files_under_pytest(tmp_path_factory):
         # a caller hands in a Triton cache to share on purpose (benchmarks/gpu_session.py, so that a GPU
         # session compiles each kernel once, not once per stage).
         patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(scratch / "torchinductor"))
+        patch.setenv("HF_DATASETS_CACHE", str(scratch / "hf-datasets"))  # lm-eval's datasets, if not told
         patch.setenv("TRITON_CACHE_DIR", os.environ.get("SPARSEDOCTOR_TEST_TRITON_CACHE") or str(scratch / "triton"))
         patch.setattr(tempfile, "tempdir", str(scratch))
         yield

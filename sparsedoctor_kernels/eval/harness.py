@@ -40,6 +40,12 @@ metadata:
 """
 
 
+def _cache_dir(directory: pathlib.Path) -> str:
+    """The `datasets` cache of the tasks' data, beside the task files (not the user's ~/.cache: what a run
+    converts stays with its outputs)."""
+    return json.dumps(str((directory / "datasets-cache").resolve()))
+
+
 def write_cmmlu_tasks(data_root, directory, subjects=None) -> list[str]:
     """lm-eval task files (YAML) for the CMMLU-Med subjects of `data_root` (CMMLU's layout: dev/ and test/ CSVs)
     written into `directory`; returns the task names. Pass the directory to lm-eval as `--include_path`."""
@@ -59,7 +65,8 @@ def write_cmmlu_tasks(data_root, directory, subjects=None) -> list[str]:
         (directory / f"{name}.yaml").write_text(
             f"include: _sparsedoctor_cmmlu_template_yaml\ntask: {name}\n"
             f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(files['test']))}\n"
-            f"    dev: {json.dumps(str(files['dev']))}\ndescription: \"{description}\"\n", encoding="utf-8")
+            f"    dev: {json.dumps(str(files['dev']))}\n  cache_dir: {_cache_dir(directory)}\n"
+            f"description: \"{description}\"\n", encoding="utf-8")
         names.append(name)
     return names
 
@@ -72,6 +79,7 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
+  cache_dir: {cache_dir}
 test_split: test
 output_type: generate_until
 doc_to_text: !function utils.doc_to_text
@@ -125,7 +133,8 @@ def write_generation_task(benchmark: str, items: list, directory, *, max_new_tok
         item.options, ensure_ascii=False), "answer": item.answer, "subject": item.subject, "meta": json.dumps(
         item.meta, ensure_ascii=False)}, ensure_ascii=False) + "\n" for item in items), encoding="utf-8")
     (directory / f"{name}.yaml").write_text(_GENERATION_TEMPLATE.format(
-        name=name, data=json.dumps(str(data.resolve())), max_new_tokens=max_new_tokens, benchmark=benchmark),
+        name=name, data=json.dumps(str(data.resolve())), max_new_tokens=max_new_tokens, benchmark=benchmark,
+        cache_dir=_cache_dir(directory)),
         encoding="utf-8")
     (directory / "utils.py").write_text(_GENERATION_UTILS.format(benchmark=benchmark), encoding="utf-8")
     return name
