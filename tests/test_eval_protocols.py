@@ -191,6 +191,7 @@ def test_every_report_names_its_protocol_shots_dtype_and_model(protocol, tmp_pat
     (["--protocol", "lm-eval", "--chat-template"], "belong to --protocol sparsedoctor"),
     (["--protocol", "cmb"], "is for cmb, not cmmlu-med"),
     (["--harness", "lm-eval", "--protocol", "cmmlu"], "runs lm-eval's own protocol"),
+    (["--harness", "lm-eval", "--split", "dev"], "evaluates the test split"),
 ])
 def test_protocol_flag_errors_are_one_line(flags, message, tmp_path, capsys):
     benchmark = [] if "--benchmark" in flags else ["--benchmark", "cmmlu-med"]
@@ -224,7 +225,40 @@ def test_cmb_and_cmexam_under_lm_evaluation_harness_agree_with_their_protocols(n
         assert json.loads((out / "report.json").read_text())["protocol"] == name
     assert [(r["id"], r["output"], r["prediction"]) for r in runs["ours"]] == [
         (r["id"], r["output"], r["prediction"]) for r in runs["harness"]]
-    samples = (tmp_path / "harness" / "lm-eval" / f"samples_sparsedoctor_{name}.jsonl").read_text().splitlines()
+    samples_file = tmp_path / "harness" / "lm-eval" / f"samples_sparsedoctor_{name}.jsonl"
+    # Its samples file scored again reads the replies as the run did (the official reading, exact match).
+    assert cli.main(["eval", "--benchmark", name, *data, "--score", "--predictions", str(samples_file),
+                     "--output-dir", str(tmp_path / "rescored")]) == 0
+    rescored = json.loads((tmp_path / "rescored" / "report.json").read_text())
+    assert rescored["correct"] == json.loads((tmp_path / "harness" / "report.json").read_text())["correct"]
+    samples = samples_file.read_text().splitlines()
     items = load_benchmark(name, data[1])
     protocol = get_protocol(name, name)
     assert [json.loads(line)["arguments"][0][0] for line in samples] == [protocol.prompt(i, []) for i in items]
+
+
+@needs_cmmlu
+@pytest.mark.slow
+def test_harness_runs_a_base_with_its_adapter(tmp_path):
+    """lm-eval's HFLM takes the SparseDoctorModel (base + adapter) as it is: its picks are `--protocol lm-eval`'s."""
+    pytest.importorskip("lm_eval")
+    from sparsedoctor_kernels.model import SparseDoctorConfig, apply_sparsedoctor
+    from sparsedoctor_kernels.model.tiny import tiny_qwen3
+    from sparsedoctor_kernels.train.loading import load_tokenizer
+
+    model = apply_sparsedoctor(tiny_qwen3(vocab_size=len(load_tokenizer("tiny")), seed=0),
+                               SparseDoctorConfig(num_experts=4, r=4))
+    with torch.no_grad():
+        for layer in model.adapted_modules().values():
+            layer.lora_b.normal_()  # an adapter that changes the outputs
+    model.save_pretrained(tmp_path / "adapter")
+    runs = {}
+    for run, extra in (("ours", []), ("harness", ["--harness", "lm-eval"])):
+        assert cli.main(["eval", "--benchmark", "cmmlu-med", "--data", str(CMMLU), "--subjects", "nutrition",
+                         "--limit", "3", "--adapter", str(tmp_path / "adapter"), "--output-dir", str(tmp_path / run),
+                         "--no-progress", *extra]) == 0
+        runs[run] = [json.loads(line) for line in (tmp_path / run / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in runs["ours"]] == [r["prediction"] for r in runs["harness"]]
+    for ours, theirs in zip(runs["ours"], runs["harness"]):
+        torch.testing.assert_close(torch.tensor(list(ours["log_probs"].values())),
+                                   torch.tensor(list(theirs["log_probs"].values())), rtol=0, atol=1e-4)

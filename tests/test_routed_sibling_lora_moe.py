@@ -168,3 +168,30 @@ def test_bad_arguments_are_named():
         sdk.routed_sibling_lora_moe(x, routers, lora_a, lora_b, 2, dropout=0.1, expert_input=x)
     with pytest.raises(ValueError, match="at least one sibling"):
         sdk.routed_sibling_lora_moe(x, [], [], [], 2)
+
+
+@needs_triton
+def test_triton_float64_dropout_and_token_splits(gen):
+    """float64 end to end with dropout (the kept elements scaled in float64), and enough tokens that the weight
+    gradients split their tokens across programs (partials summed in a fixed order)."""
+    num_tokens, d_in, top_k, scaling, p = 200, 12, 2, 0.8, 0.3
+    x, routers, lora_a, lora_b, outs = make_group(gen, num_tokens, d_in, (9, 6), 4, 5)
+    x64, r64, a64, b64, o64 = (leaves(t, torch.float64) for t in ([x], routers, lora_a, lora_b, outs))
+    produced = [o * 1.0 for o in o64]
+    torch.manual_seed(5)
+    result = sdk.routed_sibling_lora_moe(x64[0], r64, a64, b64, top_k, scaling=scaling, dropout=p, outs=produced,
+                                         backend="triton")
+    torch.manual_seed(5)
+    from sparsedoctor_kernels.ops.routed_sibling_lora_moe import _draw_seed
+    from sparsedoctor_kernels.triton.routed_sibling_lora_moe import keep_mask
+    keep = keep_mask(_draw_seed(torch.device("cpu")), num_tokens, d_in, p)
+    xb, rb, ab, bb, ob = (leaves(t, torch.float64) for t in ([x], routers, lora_a, lora_b, outs))
+    want_outs, *_ = brute_group(xb[0], rb, ab, bb, ob, top_k, scaling, keep, p, None)
+    for s, (got, want) in enumerate(zip(result.outs, want_outs)):
+        assert_close(got, want, torch.float64, name=f"outs[{s}]")
+    grads = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in want_outs]
+    sum((o * g).sum() for o, g in zip(result.outs, grads)).backward()
+    sum((o * g).sum() for o, g in zip(want_outs, grads)).backward()
+    for name, got, want in [("x", x64, xb), ("routers", r64, rb), ("lora_a", a64, ab), ("lora_b", b64, bb)]:
+        for s, (g, w) in enumerate(zip(got, want)):
+            assert_close(g.grad, w.grad, torch.float64, name=f"grad {name}[{s}]")

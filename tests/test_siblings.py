@@ -46,7 +46,7 @@ def test_groups_are_each_layers_qkv_and_gate_up():
     assert model.state_dict().keys() == plain.state_dict().keys()  # nothing of the groups is saved
 
 
-def test_a_projection_alone_forms_no_group():
+def test_a_projection_alone_forms_no_sibling_group():
     model = apply_sparsedoctor(tiny_qwen3(seed=0, num_layers=1),
                                SparseDoctorConfig(**ADAPTER, target_modules=("q_proj", "o_proj", "up_proj")))
     assert model.sibling_groups == []

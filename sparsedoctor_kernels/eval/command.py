@@ -14,7 +14,7 @@ import torch
 
 from sparsedoctor_kernels._util.files import write_atomically
 from sparsedoctor_kernels.eval.files import output_directory, read_text
-from sparsedoctor_kernels.eval.items import EvalDataError
+from sparsedoctor_kernels.eval.items import MCQ, EvalDataError
 from sparsedoctor_kernels.eval.loaders import CMMLU_MED_SUBJECTS, load_benchmark, load_cmb_key_items
 from sparsedoctor_kernels.eval.protocols import DEFAULT_PROTOCOL, PROTOCOLS
 from sparsedoctor_kernels.eval.runner import (
@@ -161,8 +161,9 @@ def _check_eval_flags(args) -> None:
     if args.harness and protocol not in ("lm-eval", "cmb", "cmexam"):
         raise EvalDataError(f"--harness lm-eval runs lm-eval's own protocol (cmmlu-med), or the official one of cmb "
                             f"and cmexam as an lm-eval task: not --protocol {protocol}")
-    if args.shots and protocol not in ("lm-eval", "cmmlu", "sparsedoctor"):
-        raise EvalDataError(f"--shots {args.shots}: protocol {protocol} is zero-shot")
+    if args.harness and args.split != "test":
+        raise EvalDataError("--harness lm-eval evaluates the test split (lm-eval's cmmlu tasks take their shots "
+                            "from dev): drop --split dev")
     if args.enable_thinking and not args.chat_template:
         raise EvalDataError("--enable-thinking is passed to the chat template: it needs --chat-template")
     if args.enable_thinking and args.mode != "generate":
@@ -359,6 +360,7 @@ def _prediction_text(value, where: str) -> str:
     raise EvalDataError(f'{where}: "prediction" must be a string or a list of strings, got {type(value).__name__}')
 
 
+_GENERATION_SAMPLES_FILE = re.compile(r"samples_sparsedoctor_(?P<benchmark>cmb|cmexam)(?:_.*)?\.jsonl$")
 _SAMPLES_FILE = re.compile(r"samples_(?:sparsedoctor_)?cmmlu_(?P<subject>[a-z_]+?)(?:_\d{4}-\d\d-\d\dT.*)?\.jsonl$")
 
 
@@ -369,8 +371,14 @@ def _lm_eval_sample(record: dict, path, where: str) -> dict:
     from sparsedoctor_kernels.eval.harness import sample_prediction
 
     doc = record.get("doc")
-    if isinstance(doc, dict) and "id" in doc and "answer" in doc:  # our CMB / CMExam task's: the reply's text
-        return {"id": doc["id"], "prediction": _prediction_text(record["filtered_resps"], where)}
+    if isinstance(doc, dict) and "id" in doc and "answer" in doc:  # our CMB / CMExam task's: the reply
+        reply = _prediction_text(record["filtered_resps"], where)
+        ours = _GENERATION_SAMPLES_FILE.search(pathlib.Path(path).name)
+        if ours is not None:  # read as the run did: the official protocol's reading
+            item = MCQ(id=str(doc["id"]), question=doc["question"], options=json.loads(doc["options"]),
+                       answer=doc["answer"], subject=doc["subject"], meta=json.loads(doc["meta"]))
+            reply = PROTOCOLS[ours["benchmark"]].extract(reply, item)
+        return {"id": str(doc["id"]), "prediction": reply}
     named = _SAMPLES_FILE.search(pathlib.Path(path).name)
     if named is None:
         raise EvalDataError(f"{where}: an lm-evaluation-harness sample, but the file name does not say its task "
@@ -445,13 +453,20 @@ def run_score(args) -> int:
     """Score a predictions file; reports are written only where --output-dir says, else just printed."""
     if not args.predictions:
         raise EvalDataError("--score needs --predictions P.jsonl")
-    # The protocol is the file's: lm-eval's for its samples files, else whatever wrote the predictions.
-    lm_eval_samples = _SAMPLES_FILE.search(pathlib.Path(args.predictions).name) is not None
-    title = f"{args.benchmark}: {args.predictions}, protocol " + (
-        "lm-eval (its samples file)" if lm_eval_samples else "of the predictions file (answers read by letter sets)")
+    # The protocol is the file's: lm-eval's for its samples files, the official one for the CMB / CMExam tasks'
+    # samples (their reading is final: exact match), else whatever wrote the predictions.
+    name = pathlib.Path(args.predictions).name
+    generated = _GENERATION_SAMPLES_FILE.search(name)
+    if generated is not None:
+        protocol = f"{generated['benchmark']} (its lm-eval samples file)"
+    elif _SAMPLES_FILE.search(name) is not None:
+        protocol = "lm-eval (its samples file)"
+    else:
+        protocol = "of the predictions file (answers read by letter sets)"
+    title = f"{args.benchmark}: {args.predictions}, protocol {protocol}"
     with output_directory(args.output_dir) if args.output_dir else contextlib.nullcontext() as output:
         predictions = read_predictions(args.predictions)
-        result = score(args.benchmark, _items_to_score(args), predictions)
+        result = score(args.benchmark, _items_to_score(args), predictions, exact=generated is not None)
         if output is not None:
             _write_report(output, args.benchmark, result, title)
     print(report_markdown(args.benchmark, result, title))

@@ -150,15 +150,14 @@ def run_lm_eval(model, tokenizer, tasks: list[str], include_path, *, num_fewshot
         from lm_eval.tasks import TaskManager
     except ImportError as error:
         raise EvalDataError(f"--harness lm-eval needs lm-evaluation-harness (pip install lm_eval): {error}") from None
-    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    from sparsedoctor_kernels.model import SparseDoctorModel
+
+    # lm-eval drives a transformers model (tie_weights, generation config...): a SparseDoctorModel's base model
+    # is one, its adapted layers in place (without gradients they compute the adapter's fused inference).
+    hf_model = model.base_model if isinstance(model, SparseDoctorModel) else model
+    wrapped = HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=batch_size)
     return simple_evaluate(model=wrapped, tasks=tasks, num_fewshot=num_fewshot, limit=limit, log_samples=True,
                            task_manager=TaskManager(include_path=str(include_path)), bootstrap_iters=0)
-
-
-def lm_eval_sample_predictions(samples: list[dict], task: str) -> dict[str, str]:
-    """Our item id -> the letter lm-eval's log-likelihoods pick, for one CMMLU-Med task's logged samples."""
-    subject = task.removeprefix(TASK_PREFIX).removeprefix("cmmlu_")
-    return {f"{subject}/{sample['doc_id']}": sample_prediction(sample) for sample in samples}
 
 
 def sample_prediction(sample: dict) -> str:

@@ -69,7 +69,9 @@ def _left_padded(tokenizer, prompts: list[_Prompt], device) -> tuple[torch.Tenso
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
-def _letter_token_ids(tokenizer, letters: str) -> list[int]:
+def _letter_token_ids(tokenizer, letters: str, protocol: str = "sparsedoctor") -> list[int]:
+    if protocol == "cmmlu":  # the official script: convert_tokens_to_ids("A") (the bare letter, no "▁")
+        return [tokenizer.convert_tokens_to_ids(letter) for letter in letters]
     ids = []
     for letter in letters:
         pieces = tokenizer(letter, add_special_tokens=False)["input_ids"]
@@ -188,11 +190,11 @@ def evaluate(model, tokenizer, benchmark: str, items: list[MCQ], *, shots: dict[
         else:
             by_method["generate" if mode == "generate" or item.multi_answer else "logits"].append(item)
     cut = 0
-    if by_method["loglikelihood"]:
-        records.update(_score_by_likelihood(model, tokenizer, protocol, by_method.pop("loglikelihood"), shots or {},
+    likelihood_items = by_method.pop("loglikelihood")
+    if likelihood_items:
+        records.update(_score_by_likelihood(model, tokenizer, protocol, likelihood_items, shots or {},
                                             batch_size=batch_size, max_length=max_length, device=device,
                                             progress=progress, label=f"{benchmark} ({protocol.name})"))
-    by_method.pop("loglikelihood", None)
     for method, chosen in by_method.items():
         if not chosen:
             continue
@@ -207,7 +209,7 @@ def evaluate(model, tokenizer, benchmark: str, items: list[MCQ], *, shots: dict[
                 log_probs = _next_token_log_probs(model, input_ids, attention_mask)
                 for row, prompt in enumerate(batch):
                     letters = "".join(prompt.item.options)
-                    scores = log_probs[row, _letter_token_ids(tokenizer, letters)].tolist()
+                    scores = log_probs[row, _letter_token_ids(tokenizer, letters, protocol.name)].tolist()
                     by_letter = dict(zip(letters, scores))
                     records[prompt.item.id] = {"prediction": _first_best(by_letter), "log_probs": by_letter}
                 continue

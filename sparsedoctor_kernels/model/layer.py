@@ -151,8 +151,9 @@ class ForwardContext:
 
 
 class LoraMoELinear(nn.Module):
-    # The benchmarks' alternatives replace `_route` and `_experts`; the fused inference call and the sibling
-    # group's shared pass are this class's own.
+    # The benchmarks' alternatives replace `_route` and `_experts` (and set `groups_siblings` and `fused_inference`
+    # False): the fused inference call and the group's pass (`routed_sibling_lora_moe`, which every projection
+    # takes, o_proj and down_proj as groups of one) call neither.
     fused_inference = True
     groups_siblings = True
 

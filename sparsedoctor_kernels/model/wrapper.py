@@ -67,6 +67,12 @@ class SparseDoctorModel(nn.Module):
         self.context.sibling_groups = [*self.sibling_groups, *singles]
 
     @property
+    def device(self) -> torch.device:
+        """The device of the base model's parameters (as `PreTrainedModel.device`: what lm-eval's HFLM and other
+        Hugging Face tools read)."""
+        return next(self.base_model.parameters()).device
+
+    @property
     def config(self):
         """The base model's Hugging Face config (what `Trainer` and generation utilities look for)."""
         return self.base_model.config

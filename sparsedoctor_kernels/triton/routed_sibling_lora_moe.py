@@ -65,8 +65,12 @@ def _dropout(x, seed_ptr, rows, depths, depth, p, scale, DROPOUT: tl.constexpr):
     """x's [rows, depths] tile with the call's dropout: element (t, d) kept where Philox(seed, t * depth + d)
     >= p, then scaled by 1 / (1 - p). The backward redraws the same numbers."""
     if DROPOUT:
-        offsets = (rows.to(tl.int64)[:, None] * depth + depths[None, :]).to(tl.int32)  # wraps past 2^31: fine
+        # Philox's 32-bit counter: the mask's numbers repeat past 2^32 elements of x (4.3e9: a million tokens of
+        # 4096 features), as torch's own 32-bit offsets would.
+        offsets = (rows.to(tl.int64)[:, None] * depth + depths[None, :]).to(tl.int32)
         keep = tl.rand(tl.load(seed_ptr), offsets) >= p
+        if x.dtype == tl.float64:
+            return tl.where(keep, x * scale, 0.0)
         return tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)  # one return type for both branches
     return x
 
@@ -471,12 +475,6 @@ def _splits(num_tokens: int, row_blocks: int, out_blocks: int) -> tuple[int, int
     splits = token_splits(num_tokens, row_blocks, out_blocks)
     tokens_per_split = triton.cdiv(triton.cdiv(num_tokens, splits), BLOCK_T) * BLOCK_T
     return triton.cdiv(num_tokens, tokens_per_split), tokens_per_split
-
-
-def draw_seed(device) -> torch.Tensor:
-    """The dropout's Philox seed, drawn from torch's generator of `device` (so torch.manual_seed and a
-    checkpoint's restored RNG state replay it), kept on the device: no host sync, one small launch."""
-    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
 
 
 @triton.jit
