@@ -116,3 +116,20 @@ def test_triton_groups_give_the_torch_model(monkeypatch):
     for name in ref_grads:
         torch.testing.assert_close(got_grads[name], ref_grads[name], rtol=1e-3, atol=1e-5,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.skipif("triton" not in cpu_backends("sibling_lora_moe"), reason="Triton cannot run here")
+@pytest.mark.slow
+def test_triton_dropout_replays_under_gradient_checkpointing(monkeypatch):
+    """The fused groups draw their dropout seed from torch's generator inside the layer: a checkpointed layer's
+    recomputation restores the generator and redraws the same seed, so loss and gradients equal the plain
+    run's (Triton, dropout 0.1, the kernels' Philox masks)."""
+    monkeypatch.setenv("SPARSEDOCTOR_BACKEND", "triton")
+    (plain, plain_grads), (checkpointed, checkpointed_grads) = (step(make(True, num_layers=1), c)
+                                                                for c in (False, True))
+    assert torch.equal(plain.loss, checkpointed.loss)
+    for name in plain_grads:
+        torch.testing.assert_close(checkpointed_grads[name], plain_grads[name], rtol=1e-5, atol=1e-7)
+    # Dropout really drew a mask: the same model without it gives another loss.
+    no_dropout, _ = step(make(True, num_layers=1, lora_dropout=0.0))
+    assert not torch.equal(no_dropout.loss, plain.loss)

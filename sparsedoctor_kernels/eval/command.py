@@ -114,7 +114,8 @@ def _unscored_lines(result: dict) -> list[str]:
 def report_markdown(benchmark: str, result: dict, title: str) -> str:
     lines = [f"# {title}", "", f"overall accuracy: **{result['accuracy']:.4f}** ({result['correct']}/{result['n']})"]
     if "acc_norm" in result:
-        lines.append(f"acc_norm (lm-eval's, by option length): **{result['acc_norm']:.4f}**")
+        lines.append(f"acc_norm (lm-eval's: log-likelihood per character of the option; the same picks as acc when "
+                     f"every option is one letter): **{result['acc_norm']:.4f}**")
     if "protocol" in result:
         lines.append(f"protocol: `{result['protocol']}` ({result['protocol_source']}), {result['shots']}-shot, "
                      f"dtype {result['dtype']}")
