@@ -195,3 +195,31 @@ def test_triton_float64_dropout_and_token_splits(gen):
     for name, got, want in [("x", x64, xb), ("routers", r64, rb), ("lora_a", a64, ab), ("lora_b", b64, bb)]:
         for s, (g, w) in enumerate(zip(got, want)):
             assert_close(g.grad, w.grad, torch.float64, name=f"grad {name}[{s}]")
+
+
+@needs_triton
+def test_triton_a_non_finite_token_stays_its_own(gen):
+    """A token whose input holds NaN (or inf) gets non-finite routing and outputs; every other token's outputs,
+    routing and input gradient are the brute force's, as in separate calls (tokens never mix in the forward)."""
+    num_tokens, d_in, top_k = 21, 10, 2
+    x, routers, lora_a, lora_b, outs = make_group(gen, num_tokens, d_in, (7, 5), 4, 3)
+    x[4, 2], x[9, 0] = float("nan"), float("inf")
+    bad = torch.zeros(num_tokens, dtype=torch.bool)
+    bad[[4, 9]] = True
+    x32, r32, a32, b32 = leaves([x]), leaves(routers), leaves(lora_a), leaves(lora_b)
+    result = sdk.routed_sibling_lora_moe(x32[0], r32, a32, b32, top_k, outs=[o.float() for o in outs],
+                                         backend="triton")
+    x64, r64, a64, b64 = (leaves(t, torch.float64) for t in ([x], routers, lora_a, lora_b))
+    good_x = x64[0].detach().clone()
+    good_x[bad] = 0.0  # the brute force on the finite tokens only (its sort has no rule for NaN)
+    good_x.requires_grad_()
+    want_outs, want_logits, want_weights, _, _ = brute_group(good_x, r64, a64, b64, [o.clone() for o in outs],
+                                                             top_k, 1.0, None, 0.0, None)
+    for s, (got, want) in enumerate(zip(result.outs, want_outs)):
+        assert not torch.isfinite(got[bad]).all(), s
+        assert_close(got[~bad], want[~bad], torch.float32, name=f"outs[{s}]")
+    assert_close(result.routing.weights[:, ~bad], want_weights[:, ~bad], torch.float32, name="weights")
+    grads = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in want_outs]
+    sum((o * g.float()).sum() for o, g in zip(result.outs, grads)).backward()
+    sum((o * g).sum() for o, g in zip(want_outs, grads)).backward()
+    assert_close(x32[0].grad[~bad], good_x.grad[~bad], torch.float32, scale=10, name="grad x")
