@@ -34,7 +34,7 @@ from sparsedoctor_kernels._validation import (
 from sparsedoctor_kernels.cost import resolve_strategy
 from sparsedoctor_kernels.ops.routing import Routing, route
 from sparsedoctor_kernels.ops.sibling_lora_moe import IMPLEMENTATIONS as SIBLING_BACKENDS
-from sparsedoctor_kernels.ops.sibling_lora_moe import _as_list, sibling_lora_moe
+from sparsedoctor_kernels.ops.sibling_lora_moe import _as_list, added_into, fresh_targets, sibling_lora_moe
 
 # The fused path's implementations (the other backends compose the ops).
 IMPLEMENTATIONS = {"triton": LazyImplementation("sparsedoctor_kernels.triton.routed_sibling_lora_moe")}
@@ -229,26 +229,15 @@ def routed_sibling_lora_moe(x: torch.Tensor, routers: Sequence[torch.Tensor], lo
     dense = resolve_strategy(strategy, backend, group_shape, x.dtype, device) == "dense"
     if backend == "triton" and dense and expert_input is None:
         lora_b = [b.contiguous() for b in lora_b]
-        targets = _targets(x, lora_a, lora_b, outs)
-        if IMPLEMENTATIONS["triton"].applies(siblings, num_experts, lora_b, [t for _, t in targets]):
-            return _fused(x, routers, lora_a, lora_b, top_k, scaling, float(dropout), outs, targets, token_mask,
-                          bool(renormalize), backend)
+        for s, out in enumerate(outs):
+            if out is not None:
+                require_writable_output(f"outs[{s}]", out, x=x, lora_a=lora_a[s], lora_b=lora_b[s])
+        fresh, targets = fresh_targets(x, lora_b, outs)
+        if IMPLEMENTATIONS["triton"].applies(siblings, num_experts, lora_b, targets):
+            return _fused(x, routers, lora_a, lora_b, top_k, scaling, float(dropout), outs, fresh, targets,
+                          token_mask, bool(renormalize), backend)
     return _composed(x, routers, lora_a, lora_b, top_k, scaling, float(dropout), outs, token_mask, renormalize,
                      expert_input, backend, strategy)
-
-
-def _targets(x, lora_a, lora_b, outs) -> list[tuple[bool, torch.Tensor]]:
-    """(fresh, target) per sibling: the out itself, or a new zero tensor to add into it afterwards where the
-    out is missing or is a view written under autograd (a function with several outputs cannot hand a view's
-    gradient to its base)."""
-    tracing = torch.compiler.is_compiling()  # the traced graph is functional: no view bookkeeping to mind
-    targets = []
-    for s, (out, b) in enumerate(zip(outs, lora_b)):
-        if out is not None:
-            require_writable_output(f"outs[{s}]", out, x=x, lora_a=lora_a[s], lora_b=b)
-        fresh = out is None or (not tracing and torch.is_grad_enabled() and out._is_view())
-        targets.append((fresh, x.new_zeros((x.shape[0], b.shape[1])) if fresh else out))
-    return targets
 
 
 def _draw_seed(device: torch.device) -> torch.Tensor:
@@ -257,26 +246,23 @@ def _draw_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
 
 
-def _fused(x, routers, lora_a, lora_b, top_k, scaling, p, outs, targets, token_mask, renormalize, backend):
+def _fused(x, routers, lora_a, lora_b, top_k, scaling, p, outs, fresh, targets, token_mask, renormalize, backend):
     siblings = len(lora_a)
     x = x.contiguous()
     routers = [r.contiguous() for r in routers]
     lora_a = [a.contiguous() for a in lora_a]
     token_mask = token_mask.contiguous() if token_mask is not None else None
     seed = _draw_seed(x.device) if p > 0 else torch.empty(1, dtype=torch.int64, device=x.device)
-    tensors = [t for _, t in targets]
-    if calls_directly(x, *routers, *lora_a, *lora_b, *tensors, token_mask):
+    if calls_directly(x, *routers, *lora_a, *lora_b, *targets, token_mask):
         logits, *routing, _ = IMPLEMENTATIONS[backend].forward_into(x, routers, lora_a, lora_b, top_k, float(scaling),
-                                                                    p, seed, renormalize, token_mask, tensors)
-        results = tensors
+                                                                    p, seed, renormalize, token_mask, targets)
+        results = targets
     else:
         *results, logits, weights, experts, counts, probs_mean = _RoutedSiblingsFunction.apply(
             x, seed, token_mask, top_k, float(scaling), p, renormalize, backend, siblings, *routers, *lora_a, *lora_b,
-            *tensors)
+            *targets)
         routing = (weights, experts, counts, probs_mean)
-    results = [out.add_(result) if fresh and out is not None else result
-               for (fresh, _), out, result in zip(targets, outs, results)]
-    return RoutedSiblings(results, logits, Routing(*routing))
+    return RoutedSiblings(added_into(outs, fresh, results), logits, Routing(*routing))
 
 
 def _composed(x, routers, lora_a, lora_b, top_k, scaling, p, outs, token_mask, renormalize, expert_input, backend,

@@ -151,11 +151,7 @@ def sibling_lora_moe(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Se
     for s, out in enumerate(outs):
         if out is not None:
             require_writable_output(f"outs[{s}]", out, x=x, lora_a=lora_a[s], lora_b=lora_b[s])
-    tracing = torch.compiler.is_compiling()  # the traced graph is functional: no view bookkeeping to mind
-    fresh = [out is None or (not tracing and torch.is_grad_enabled() and out._is_view()) for out in outs]
-    # A view written in place by a function with several outputs cannot hand its gradient to its base: such an
-    # out gets the delta computed fresh and added (one more pass over it, in this case alone).
-    targets = [x.new_zeros((x.shape[0], b.shape[1])) if new else out for new, b, out in zip(fresh, lora_b, outs)]
+    fresh, targets = fresh_targets(x, lora_b, outs)
     if calls_directly(x, stacked_a, *lora_b, *targets):
         IMPLEMENTATIONS[backend].forward_into(x, stacked_a, lora_b, stacked_weights, stacked_experts,
                                               float(scaling), targets)
@@ -163,5 +159,19 @@ def sibling_lora_moe(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Se
     else:
         results = list(_SiblingLoraMoEFunction.apply(x, stacked_a, stacked_weights, stacked_experts, float(scaling),
                                                      backend, siblings, *lora_b, *targets))
-    return [out.add_(result) if new and out is not None else result
-            for new, out, result in zip(fresh, outs, results)]
+    return added_into(outs, fresh, results)
+
+
+def fresh_targets(x: torch.Tensor, lora_b: list[torch.Tensor], outs: list) -> tuple[list[bool], list[torch.Tensor]]:
+    """(fresh, target) per sibling: the out itself, or a new zero tensor to add into it afterwards
+    (`added_into`) where the out is missing or is a view written under autograd: a view written in place by a
+    function with several outputs cannot hand its gradient to its base (one more pass over it, in that case
+    alone)."""
+    tracing = torch.compiler.is_compiling()  # the traced graph is functional: no view bookkeeping to mind
+    fresh = [out is None or (not tracing and torch.is_grad_enabled() and out._is_view()) for out in outs]
+    return fresh, [x.new_zeros((x.shape[0], b.shape[1])) if new else out for new, b, out in zip(fresh, lora_b, outs)]
+
+
+def added_into(outs: list, fresh: list[bool], results: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each result, added into its out where it was computed fresh (`fresh_targets`)."""
+    return [out.add_(result) if new and out is not None else result for new, out, result in zip(fresh, outs, results)]
